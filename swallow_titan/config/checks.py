@@ -1,0 +1,285 @@
+"""Checks of a parsed job config that need more than types: layouts, files, sizes.
+
+``check_job_config`` runs in ``swallow_titan.plan`` and before training
+starts, so a config that cannot work fails early, naming the file and key.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from swallow_titan.config.manager import ConfigError
+from swallow_titan.data.sources import DataSourceError, check_source, local_files
+from swallow_titan.data.tokenizer import (
+    Llama3Tokenizer,
+    TokenizerFileError,
+)
+from swallow_titan.model.args import FLAVORS, SwallowModelArgs
+
+FLOAT8_CONVERTER = "quantize.linear.float8"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a world of processes is split among the parallelisms."""
+
+    world_size: int
+    dp_replicate: int
+    dp_shard: int
+    cp: int
+    tp: int
+    pp: int
+
+    @property
+    def dp(self) -> int:
+        """Data-parallel degree: how many ranks read different data."""
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def fsdp_shards(self) -> int:
+        """Ranks one parameter is sharded over by FSDP (dp_shard x cp)."""
+        return self.dp_shard * self.cp
+
+
+def resolve_layout(config, world_size: int, source: str) -> Layout:
+    """Resolve ``data_parallel_shard_degree = -1`` and check the product."""
+    p = config.parallelism
+    fixed = {
+        "data_parallel_replicate_degree": p.data_parallel_replicate_degree,
+        "context_parallel_degree": p.context_parallel_degree,
+        "tensor_parallel_degree": p.tensor_parallel_degree,
+        "pipeline_parallel_degree": p.pipeline_parallel_degree,
+    }
+    for key, degree in fixed.items():
+        if degree < 1:
+            raise ConfigError(f"{source}: parallelism.{key}: must be >= 1, got {degree}")
+    others = 1
+    for degree in fixed.values():
+        others *= degree
+    dp_shard = p.data_parallel_shard_degree
+    if dp_shard == -1:
+        if world_size % others:
+            raise ConfigError(
+                f"{source}: parallelism: {world_size} processes cannot be split into "
+                f"replicate x cp x tp x pp = {others}; use a multiple of {others} GPUs"
+            )
+        dp_shard = world_size // others
+    elif dp_shard < 1:
+        raise ConfigError(
+            f"{source}: parallelism.data_parallel_shard_degree: must be -1 (use the "
+            f"remaining ranks) or >= 1, got {dp_shard}"
+        )
+    if dp_shard * others != world_size:
+        raise ConfigError(
+            f"{source}: parallelism: replicate({p.data_parallel_replicate_degree}) x "
+            f"shard({dp_shard}) x cp({p.context_parallel_degree}) x "
+            f"tp({p.tensor_parallel_degree}) x pp({p.pipeline_parallel_degree}) = "
+            f"{dp_shard * others}, but the job has {world_size} processes"
+        )
+    return Layout(
+        world_size=world_size,
+        dp_replicate=p.data_parallel_replicate_degree,
+        dp_shard=dp_shard,
+        cp=p.context_parallel_degree,
+        tp=p.tensor_parallel_degree,
+        pp=p.pipeline_parallel_degree,
+    )
+
+
+def global_batch_sequences(config, layout: Layout) -> int:
+    """Sequences per optimizer step (torchtitan's rule for -1)."""
+    if config.training.global_batch_size < 0:
+        return config.training.local_batch_size * layout.dp
+    return config.training.global_batch_size
+
+
+def grad_accum_steps(config, layout: Layout, source: str) -> int:
+    local = config.training.local_batch_size
+    if local < 1:
+        raise ConfigError(
+            f"{source}: training.local_batch_size: must be >= 1, got {local}"
+        )
+    global_batch = global_batch_sequences(config, layout)
+    per_microstep = local * layout.dp
+    if global_batch < per_microstep or global_batch % per_microstep:
+        raise ConfigError(
+            f"{source}: training.global_batch_size: {global_batch} sequences must be a "
+            f"multiple of local_batch_size x data-parallel degree = {local} x "
+            f"{layout.dp} = {per_microstep}"
+        )
+    return global_batch // per_microstep
+
+
+def model_args(config, source: str) -> SwallowModelArgs:
+    """The flavor's arguments (a copy), updated from the config."""
+    from dataclasses import replace
+
+    if config.model.flavor not in FLAVORS:
+        raise ConfigError(
+            f"{source}: model.flavor: unknown flavor {config.model.flavor!r}; "
+            f"expected one of {sorted(FLAVORS)}"
+        )
+    args = replace(FLAVORS[config.model.flavor])
+    args.update_from_config(config)
+    return args
+
+
+def check_structure(config, world_size: int, source: str) -> Layout:
+    """Checks that need no file: names, layouts, sizes. Returns the layout."""
+    from swallow_titan.train_spec import MODEL_NAME
+
+    if config.model.name != MODEL_NAME:
+        raise ConfigError(
+            f"{source}: model.name: swallow-titan trains {MODEL_NAME!r}, got "
+            f"{config.model.name!r}"
+        )
+    args = model_args(config, source)
+    layout = resolve_layout(config, world_size, source)
+    grad_accum_steps(config, layout, source)
+    _check_training(config, args, layout, source)
+    _check_sources(config, source)
+    _check_checkpoint(config, source)
+    _check_float8(config, source)
+    return layout
+
+
+def file_problems(config, source: str) -> list[str]:
+    """What the config names but the disk lacks: tokenizer, data, weights."""
+    problems = []
+    try:
+        _check_tokenizer(config, model_args(config, source), source)
+    except ConfigError as e:
+        problems.append(str(e))
+    checks = [(f"{source}: data.sources[{i}]", s) for i, s in enumerate(config.data.sources)]
+    if config.validation.enable:
+        from swallow_titan.validation import validation_source
+
+        checks.append((f"{source}: validation.dataset_path", validation_source(config)))
+    for where, data_source in checks:
+        if data_source.path:
+            try:
+                local_files(data_source, where)
+            except DataSourceError as e:
+                problems.append(str(e))
+    load_path = config.checkpoint.initial_load_path
+    if config.checkpoint.enable and load_path and not os.path.isdir(load_path):
+        problems.append(
+            f"{source}: checkpoint.initial_load_path: {load_path!r} is not a folder"
+        )
+    return problems
+
+
+def check_job_config(config, world_size: int, source: str) -> Layout:
+    """Everything a run needs before it starts; returns the layout."""
+    layout = check_structure(config, world_size, source)
+    problems = file_problems(config, source)
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return layout
+
+
+def _check_training(config, args: SwallowModelArgs, layout: Layout, source: str) -> None:
+    t = config.training
+    if t.steps < 1:
+        raise ConfigError(f"{source}: training.steps: must be >= 1, got {t.steps}")
+    if t.seq_len < 2:
+        raise ConfigError(f"{source}: training.seq_len: must be >= 2, got {t.seq_len}")
+    divisor = layout.tp * (2 * layout.cp if layout.cp > 1 else 1)
+    if t.seq_len % divisor:
+        raise ConfigError(
+            f"{source}: training.seq_len: {t.seq_len} must be divisible by "
+            f"tp x 2cp = {divisor}"
+        )
+    for name, heads in (("n_heads", args.n_heads), ("n_kv_heads", args.n_kv_heads)):
+        if heads % layout.tp:
+            raise ConfigError(
+                f"{source}: parallelism.tensor_parallel_degree: {layout.tp} does not "
+                f"divide the flavor's {name} = {heads}"
+            )
+    if args.attn_mask_type == "block_causal" and args.attn_type == "sdpa":
+        raise ConfigError(
+            f"{source}: model.attn_mask_type: 'block_causal' needs model.attn_type "
+            "'flex' or 'varlen' (SDPA has no document mask)"
+        )
+    if config.lr_scheduler.warmup_steps > t.steps:
+        raise ConfigError(
+            f"{source}: lr_scheduler.warmup_steps: {config.lr_scheduler.warmup_steps} "
+            f"exceeds training.steps = {t.steps}"
+        )
+    if not 0.0 <= config.lr_scheduler.min_lr_factor <= 1.0:
+        raise ConfigError(
+            f"{source}: lr_scheduler.min_lr_factor: must be in [0, 1], got "
+            f"{config.lr_scheduler.min_lr_factor}"
+        )
+    v = config.validation
+    if v.enable:
+        if v.seq_len > t.seq_len:
+            raise ConfigError(
+                f"{source}: validation.seq_len: {v.seq_len} exceeds training.seq_len "
+                f"= {t.seq_len} (the model's RoPE table has seq_len positions)"
+            )
+        if v.freq < 1:
+            raise ConfigError(f"{source}: validation.freq: must be >= 1, got {v.freq}")
+
+
+def _check_tokenizer(config, args: SwallowModelArgs, source: str) -> None:
+    try:
+        tokenizer = Llama3Tokenizer(config.model.hf_assets_path)
+    except (TokenizerFileError, OSError) as e:
+        raise ConfigError(f"{source}: model.hf_assets_path: {e}") from None
+    if tokenizer.get_vocab_size() > args.vocab_size:
+        raise ConfigError(
+            f"{source}: model.hf_assets_path: the tokenizer has "
+            f"{tokenizer.get_vocab_size():,} tokens but flavor "
+            f"{config.model.flavor!r} has vocab_size {args.vocab_size:,}"
+        )
+
+
+def _check_sources(config, source: str) -> None:
+    sources = config.data.sources
+    if not sources:
+        raise ConfigError(
+            f"{source}: data.sources: no [[data.sources]] entries; add at least one"
+        )
+    seen: set[str] = set()
+    for i, s in enumerate(sources):
+        where = f"{source}: data.sources[{i}]"
+        if s.name in seen:
+            raise ConfigError(f"{where}: name {s.name!r} is used twice")
+        seen.add(s.name)
+        try:
+            check_source(s, where)
+        except DataSourceError as e:
+            raise ConfigError(str(e)) from None
+    if config.validation.enable and not config.validation.dataset_path:
+        raise ConfigError(
+            f"{source}: validation.dataset_path: validation is enabled but names no "
+            "held-out files"
+        )
+
+
+def _check_checkpoint(config, source: str) -> None:
+    c = config.checkpoint
+    if not c.enable:
+        return
+    if c.interval < 1:
+        raise ConfigError(f"{source}: checkpoint.interval: must be >= 1, got {c.interval}")
+    if c.keep_latest_k == 1:
+        raise ConfigError(
+            f"{source}: checkpoint.keep_latest_k: 1 is not allowed (the newest may be "
+            "still writing); use 0 (keep all) or >= 2"
+        )
+
+
+def _check_float8(config, source: str) -> None:
+    if FLOAT8_CONVERTER not in config.model.converters:
+        return
+    from swallow_titan import DEVICE_TYPE
+
+    f8 = config.quantize.linear.float8
+    if DEVICE_TYPE == "cpu" and not f8.emulate:
+        raise ConfigError(
+            f"{source}: model.converters: float8 needs an SM89+ GPU; on CPU set "
+            "quantize.linear.float8.emulate = true (for testing only)"
+        )

@@ -1,0 +1,92 @@
+"""swallow-titan's TOML sections, merged into torchtitan's ``JobConfig``.
+
+torchtitan merges a custom ``JobConfig`` dataclass into its own (see
+``ConfigManager._merge_configs``): sections that exist in both are merged field
+by field, new sections are added. This module is that custom ``JobConfig``;
+``swallow_titan.config.manager`` always merges it, and stock torchtitan can use
+it through ``--job.custom_config_module swallow_titan.config.sections``.
+
+No ``from __future__ import annotations`` here: torchtitan and tyro read the
+field types at run time.
+"""
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass
+class DataSource:
+    """One ``[[data.sources]]`` entry: where documents come from and their share."""
+
+    name: str = ""
+    """Unique name, used in logs, metrics and the data state of checkpoints."""
+
+    weight: float = 1.0
+    """Share of training tokens (weights are normalised over all sources)."""
+
+    domain: str = "any"
+    """Label for metrics and reports, e.g. ja, en, code or math."""
+
+    path: str = ""
+    """Local files: a path or glob of .jsonl, .jsonl.gz, .json or .parquet."""
+
+    hf_dataset: str = ""
+    """A Hugging Face hub dataset id (read with streaming); excludes ``path``."""
+
+    hf_config: str = ""
+    """Hub dataset configuration name, if the dataset has several."""
+
+    split: str = "train"
+    """Dataset split to read."""
+
+    revision: str = ""
+    """Hub revision (branch, tag or commit) to pin."""
+
+    text_field: str = "text"
+    """Field of each record that holds the document text."""
+
+    max_epochs: float = 0.0
+    """Stop the source after this many passes; 0 means repeat without limit."""
+
+
+@dataclass
+class Data:
+    """``[data]``: the training document sources and how they are packed."""
+
+    sources: list[DataSource] = field(default_factory=list)
+    """The ``[[data.sources]]`` entries."""
+
+    seed: int = 1234
+    """Seed of the data order (mixture and shuffling)."""
+
+    reset_position_ids: bool = False
+    """Give the model position ids that restart at every document (Megatron's
+    --reset-position-ids). Pair with ``[model] attn_mask_type = "block_causal"``
+    to also block attention across documents."""
+
+
+@dataclass
+class Model:
+    """Additions to torchtitan's ``[model]`` section."""
+
+    attn_type: Literal["sdpa", "flex", "varlen"] = "sdpa"
+    """Attention implementation; "flex" or "varlen" are needed for document masking."""
+
+    attn_mask_type: Literal["causal", "block_causal"] = "causal"
+    """"block_causal" masks attention across documents (needs flex or varlen)."""
+
+
+@dataclass
+class Checkpoint:
+    """Changed defaults of torchtitan's ``[checkpoint]`` section."""
+
+    last_save_model_only: bool = False
+    """torchtitan saves only the model at the last step by default, and a run
+    extended later cannot resume from that; swallow-titan saves everything."""
+
+
+@dataclass
+class JobConfig:
+    data: Data = field(default_factory=Data)
+    model: Model = field(default_factory=Model)
+    checkpoint: Checkpoint = field(default_factory=Checkpoint)

@@ -1,0 +1,1 @@
+"""Data path: tokenizer -> sources -> mixture -> packer -> dataloader."""

@@ -1,0 +1,118 @@
+"""Make torchtitan run on a machine without a GPU.
+
+torchtitan 0.2.2 picks its device once, at import time, with
+``torch._utils._get_available_device_type() or "cuda"``, and several of its
+modules copy ``device_type``/``device_module`` by name. On a CPU-only machine
+that yields "cuda" and the trainer fails on its first ``set_device``. This module
+must therefore run before the first ``import torchtitan``; ``swallow_titan``'s
+package ``__init__`` imports it first for that reason.
+
+On CPU it also supplies the memory calls torchtitan's metrics expect from a
+device module (``torch.cpu`` lacks them). Peak memory on CPU is the process's
+peak resident set size, so the "memory" metric stays meaningful.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+import types
+from dataclasses import dataclass
+
+import torch
+import torch._utils
+
+_CPU_DEVICE_NAME = "cpu"
+
+
+def gpu_available() -> bool:
+    """Whether an accelerator torchtitan knows how to drive is present."""
+    return torch._utils._get_available_device_type() not in (None, "cpu")
+
+
+@dataclass(frozen=True)
+class _CpuProperties:
+    name: str
+    total_memory: int
+
+
+def _total_host_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _peak_rss_bytes() -> int:
+    # ru_maxrss is in KiB on Linux.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _cpu_memory_stats(device: object = None) -> dict[str, int]:
+    peak = _peak_rss_bytes()
+    return {
+        "active_bytes.all.peak": peak,
+        "reserved_bytes.all.peak": peak,
+        "num_alloc_retries": 0,
+        "num_ooms": 0,
+    }
+
+
+class _CpuDeviceModule(types.ModuleType):
+    """``torch.cpu`` plus the ``torch.cuda`` calls torchtitan makes on its device module.
+
+    Given to torchtitan only (as ``torchtitan.tools.utils.device_module``); torch
+    itself keeps the real ``torch.cpu``.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("swallow_titan_cpu_device")
+        for name, fn in _cpu_shims().items():
+            setattr(self, name, fn)
+
+    def __getattr__(self, name: str):
+        return getattr(torch.cpu, name)
+
+
+def _cpu_shims() -> dict:
+    return {
+        "get_device_name": lambda device=None: _CPU_DEVICE_NAME,
+        "get_device_properties": lambda device=None: _CpuProperties(
+            _CPU_DEVICE_NAME, _total_host_memory()
+        ),
+        # Peak RSS cannot be reset; report the process peak instead.
+        "reset_peak_memory_stats": lambda device=None: None,
+        "empty_cache": lambda: None,
+        "memory_stats": _cpu_memory_stats,
+        "max_memory_allocated": lambda device=None: _peak_rss_bytes(),
+        # torch.cpu.current_device() returns "cpu"; torchtitan passes the result
+        # to barrier(device_ids=[...]), which needs an index.
+        "current_device": lambda: 0,
+    }
+
+
+def _report_cpu() -> str:
+    return "cpu"
+
+
+def prepare_device() -> str:
+    """Select the device type torchtitan will use and return it.
+
+    Idempotent. Raises if torchtitan was imported earlier on a CPU-only machine,
+    because its device choice can no longer be changed then.
+    """
+    if gpu_available():
+        return torch._utils._get_available_device_type()
+    if "torchtitan.tools.utils" in sys.modules:
+        imported = sys.modules["torchtitan.tools.utils"].device_type
+        if imported != "cpu":
+            raise RuntimeError(
+                "torchtitan was imported before swallow_titan on a machine without "
+                f"a GPU, so it picked device type {imported!r}. Import swallow_titan "
+                "first."
+            )
+    torch._utils._get_available_device_type = _report_cpu
+    import torchtitan.tools.utils as titan_utils
+
+    # Modules importing `device_module` by name do so later, and get this one.
+    if not isinstance(titan_utils.device_module, _CpuDeviceModule):
+        titan_utils.device_module = _CpuDeviceModule()
+    return "cpu"

@@ -1,0 +1,44 @@
+"""Apply torchtitan's parallelisms to the model, plus what CPU training needs.
+
+torchtitan's ``parallelize_llama`` applies tensor parallel, activation
+checkpointing, torch.compile and FSDP2/HSDP as the TOML asks. It also sets
+FSDP's gradient divide factor to 1 (the loss is already normalised by the
+global token count), and FSDP then reduces gradients with
+``ReduceOp.PREMUL_SUM(1.0)``, which gloo lacks. With a divide factor of 1 a
+plain SUM is the same arithmetic, so on gloo we force SUM.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch.distributed.fsdp import FSDPModule
+from torchtitan.distributed import ParallelDims
+from torchtitan.models.llama3.infra.parallelize import parallelize_llama
+
+
+def uses_gloo() -> bool:
+    return (
+        torch.distributed.is_initialized()
+        and torch.distributed.get_backend() == "gloo"
+    )
+
+
+def force_sum_reduction(model: nn.Module) -> int:
+    """Make every FSDP module reduce gradients with SUM; returns how many."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_force_sum_reduction_for_comms(True)
+            count += 1
+    return count
+
+
+def parallelize_swallow(
+    model: nn.Module, parallel_dims: ParallelDims, job_config
+) -> nn.Module:
+    """TrainSpec ``parallelize_fn``: torchtitan's llama3 recipe, gloo-safe."""
+    model = parallelize_llama(model, parallel_dims, job_config)
+    if parallel_dims.fsdp_enabled and uses_gloo():
+        force_sum_reduction(model)
+    return model

@@ -1,0 +1,288 @@
+"""Check a config and print the run it describes, without training.
+
+    python -m swallow_titan.plan CONFIG [--ngpu N] [--nnodes M] [--json] [--section.key value ...]
+
+Prints parameter count, FLOPs per token, the parallel layout, batch sizes and
+gradient accumulation, steps and tokens, the learning rate along the schedule,
+the data mixture in tokens and an estimate of per-GPU memory. Structural
+errors (unknown key, wrong type, impossible layout) stop it with a message
+naming the file and key; files the config names but the disk lacks are listed
+as problems after the plan, and make the exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass
+
+import swallow_titan  # noqa: F401  (device selection before torchtitan loads)
+import torch
+from torchtitan.components.lr_scheduler import build_lr_schedulers
+from torchtitan.models.llama3.model.model import Transformer
+
+from swallow_titan.config.checks import (
+    Layout,
+    check_structure,
+    file_problems,
+    global_batch_sequences,
+    grad_accum_steps,
+    model_args,
+)
+from swallow_titan.config.manager import ConfigError, SwallowConfigManager
+from swallow_titan.model.args import SwallowModelArgs
+
+GIB = 1024**3
+
+# Bytes of activations kept per token per layer in bf16 for a Llama block,
+# as multiples of the model width, by activation-checkpointing mode. Without
+# AC a block keeps about 16 x dim for attention (norm, q/k/v, output, the
+# residual) and 10 x ffn_dim for the SwiGLU MLP; selective op-level AC keeps
+# about half (every other matmul output); full AC keeps only the block input.
+_ACT_FACTORS = {"none": 1.0, "selective": 0.5, "memory_budget": 0.5, "full": 0.0}
+
+
+@dataclass
+class MemoryEstimate:
+    """Approximate per-GPU memory in GiB (the largest pipeline stage)."""
+
+    parameters: float
+    gradients: float
+    optimizer: float
+    gathered_params: float
+    activations: float
+    logits: float
+
+    @property
+    def total(self) -> float:
+        return sum(asdict(self).values())
+
+
+def estimate_memory(
+    args: SwallowModelArgs, config, layout: Layout, n_params: int
+) -> MemoryEstimate:
+    """Rough per-GPU memory of one training step for this layout.
+
+    Parameters, gradients and AdamW's two moments are kept in the training
+    dtype and sharded over FSDP, TP and PP; FSDP gathers two blocks at a time
+    in the mixed-precision dtype; activations follow the AC mode; the output
+    layer's logits are materialised in bf16 and fp32 with an fp32 gradient.
+    """
+    bytes_param = 4 if config.training.dtype == "float32" else 2
+    bytes_compute = 2 if config.training.mixed_precision_param == "bfloat16" else 4
+    shards = layout.fsdp_shards * layout.tp * layout.pp
+    per_gpu = n_params / shards
+    ffn = _ffn_dim(args)
+    block_params = 4 * args.dim * args.dim * (1 + (args.n_kv_heads or args.n_heads) / args.n_heads) / 2
+    block_params += 3 * args.dim * ffn
+    gathered = 2 * block_params / layout.tp * bytes_compute
+    tokens = config.training.local_batch_size * config.training.seq_len / layout.cp
+    layers = -(-args.n_layers // layout.pp)
+    full_block = (16 * args.dim + 10 * ffn) * bytes_compute / 2 / layout.tp
+    mode = config.activation_checkpoint.mode
+    kept = full_block * _ACT_FACTORS.get(mode, 1.0) + 2 * args.dim * bytes_compute
+    # Plus one block's full activations while it is recomputed in backward.
+    activations = tokens * (layers * kept + full_block)
+    logits = tokens * args.vocab_size / layout.tp * (bytes_compute + 4 + 4)
+    return MemoryEstimate(
+        parameters=per_gpu * bytes_param / GIB,
+        gradients=per_gpu * bytes_param / GIB,
+        optimizer=per_gpu * 2 * bytes_param / GIB,
+        gathered_params=gathered / GIB,
+        activations=activations / GIB,
+        logits=logits / GIB,
+    )
+
+
+def _ffn_dim(args: SwallowModelArgs) -> int:
+    hidden = int(2 * 4 * args.dim / 3)
+    if args.ffn_dim_multiplier is not None:
+        hidden = int(args.ffn_dim_multiplier * hidden)
+    return args.multiple_of * ((hidden + args.multiple_of - 1) // args.multiple_of)
+
+
+def count_params_and_flops(args: SwallowModelArgs, seq_len: int) -> tuple[int, int]:
+    """torchtitan's parameter count and FLOPs/token, on a meta-device model."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    return args.get_nparams_and_flops(model, seq_len)
+
+
+def lr_at_steps(config, steps: list[int]) -> dict[int, float]:
+    """The LR torchtitan's scheduler gives at each (1-based) step."""
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=config.optimizer.lr)
+    schedulers = build_lr_schedulers(
+        [optimizer], config.lr_scheduler, config.training.steps
+    )
+    factor = schedulers.schedulers[0].lr_lambdas[0]
+    return {s: config.optimizer.lr * factor(s - 1) for s in steps}
+
+
+def output_paths(config) -> dict[str, str]:
+    dump = config.job.dump_folder
+    return {
+        "dump_folder": dump,
+        "tensorboard": os.path.join(dump, config.metrics.save_tb_folder)
+        if config.metrics.enable_tensorboard
+        else "",
+        "checkpoints": os.path.join(dump, config.checkpoint.folder)
+        if config.checkpoint.enable
+        else "",
+    }
+
+
+def build_plan(config, ngpu: int, nnodes: int, source: str) -> dict:
+    """The plan as one JSON-able dict (raises ConfigError on structural errors)."""
+    world_size = ngpu * nnodes
+    layout = check_structure(config, world_size, source)
+    args = model_args(config, source)
+    seq_len = config.training.seq_len
+    n_params, flops = count_params_and_flops(args, seq_len)
+    accum = grad_accum_steps(config, layout, source)
+    global_seqs = global_batch_sequences(config, layout)
+    steps = config.training.steps
+    warmup = config.lr_scheduler.warmup_steps
+    lr_points = lr_at_steps(config, [1, max(warmup, 1), max((steps + 1) // 2, 1), steps])
+    total_tokens = steps * global_seqs * seq_len
+    weights = sum(s.weight for s in config.data.sources)
+    memory = estimate_memory(args, config, layout, n_params)
+    opt = config.optimizer
+    return {
+        "config": source,
+        "model": {"name": config.model.name, "flavor": config.model.flavor},
+        "params": n_params,
+        "params_non_embedding": n_params - args.vocab_size * args.dim,
+        "flops_per_token": flops,
+        "layout": {**asdict(layout), "dp": layout.dp, "ngpu": ngpu, "nnodes": nnodes},
+        "local_batch_size": config.training.local_batch_size,
+        "seq_len": seq_len,
+        "grad_accum_steps": accum,
+        "global_batch_sequences": global_seqs,
+        "global_batch_tokens": global_seqs * seq_len,
+        "steps": steps,
+        "total_tokens": total_tokens,
+        "lr": opt.lr,
+        "min_lr": opt.lr * config.lr_scheduler.min_lr_factor,
+        "warmup_steps": warmup,
+        "lr_decay": config.lr_scheduler.decay_type,
+        "lr_at_step": {str(k): v for k, v in lr_points.items()},
+        "weight_decay": opt.weight_decay,
+        "grad_clip": config.training.max_norm,
+        "adam_betas": [opt.beta1, opt.beta2],
+        "adam_eps": opt.eps,
+        "optimizer": opt.name,
+        "dtype": {
+            "params": config.training.dtype,
+            "compute": config.training.mixed_precision_param,
+            "reduce": config.training.mixed_precision_reduce,
+        },
+        "compile": config.compile.enable,
+        "float8": "quantize.linear.float8" in config.model.converters,
+        "activation_checkpoint": config.activation_checkpoint.mode,
+        "sources": [
+            {
+                "name": s.name,
+                "domain": s.domain,
+                "share": s.weight / weights,
+                "tokens": round(total_tokens * s.weight / weights),
+            }
+            for s in config.data.sources
+        ],
+        "memory_gib": {**asdict(memory), "total": memory.total},
+        "outputs": output_paths(config),
+        "problems": file_problems(config, source),
+    }
+
+
+def format_plan(plan: dict) -> str:
+    L = plan["layout"]
+    m = plan["memory_gib"]
+    lines = [
+        f"plan of {plan['config']}",
+        f"  model         {plan['model']['flavor']}: {plan['params']:,} parameters "
+        f"({plan['params_non_embedding']:,} without the embedding), "
+        f"{plan['flops_per_token'] / 1e9:.2f} GFLOP/token",
+        f"  layout        {L['nnodes']} node(s) x {L['ngpu']} = {L['world_size']} ranks: "
+        f"dp_replicate {L['dp_replicate']} x dp_shard {L['dp_shard']} x cp {L['cp']} x "
+        f"tp {L['tp']} x pp {L['pp']}",
+        f"  batch         local {plan['local_batch_size']} x dp {L['dp']} x grad-accum "
+        f"{plan['grad_accum_steps']} = {plan['global_batch_sequences']:,} sequences x "
+        f"{plan['seq_len']:,} = {plan['global_batch_tokens']:,} tokens/step",
+        f"  run           {plan['steps']:,} steps = {plan['total_tokens']:,} tokens "
+        f"({plan['total_tokens'] / 1e9:.1f}B)",
+        f"  optimizer     {plan['optimizer']} lr {plan['lr']:g} -> min {plan['min_lr']:g}, "
+        f"warm-up {plan['warmup_steps']:,} steps, {plan['lr_decay']} decay, betas "
+        f"{tuple(plan['adam_betas'])}, eps {plan['adam_eps']:g}, weight decay "
+        f"{plan['weight_decay']:g}, clip {plan['grad_clip']:g}",
+        "  lr            "
+        + ", ".join(f"step {k}: {v:.3g}" for k, v in plan["lr_at_step"].items()),
+        f"  precision     params {plan['dtype']['params']}, compute "
+        f"{plan['dtype']['compute']}, reduce {plan['dtype']['reduce']}; float8 "
+        f"{'on' if plan['float8'] else 'off'}; compile "
+        f"{'on' if plan['compile'] else 'off'}; AC {plan['activation_checkpoint']}",
+        "  data mixture",
+        *(
+            f"    {s['name']:<24} {s['domain']:<6} {100 * s['share']:5.1f}%  "
+            f"{s['tokens'] / 1e9:8.2f}B tokens"
+            for s in plan["sources"]
+        ),
+        f"  memory/GPU    ~{m['total']:.1f} GiB: params {m['parameters']:.1f}, grads "
+        f"{m['gradients']:.1f}, optimizer {m['optimizer']:.1f}, gathered params "
+        f"{m['gathered_params']:.1f}, activations {m['activations']:.1f}, logits "
+        f"{m['logits']:.1f} (estimate)",
+        *output_lines(plan["outputs"]),
+    ]
+    if plan["problems"]:
+        lines.append("problems (the run will not start until they are fixed):")
+        lines.extend(f"  - {p}" for p in plan["problems"])
+    return "\n".join(lines)
+
+
+def output_lines(outputs: dict[str, str]) -> list[str]:
+    return [
+        f"  outputs       {outputs['dump_folder']}",
+        f"  tensorboard   {outputs['tensorboard'] or 'off'}"
+        + (f"  (tensorboard --logdir {outputs['tensorboard']})" if outputs["tensorboard"] else ""),
+        f"  checkpoints   {outputs['checkpoints'] or 'off'}",
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m swallow_titan.plan", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("config", help="TOML config file")
+    parser.add_argument("--ngpu", type=int, default=8, help="processes per node (default 8)")
+    parser.add_argument("--nnodes", type=int, default=1, help="nodes (default 1)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument(
+        "--outputs",
+        action="store_true",
+        help="print only where logs and checkpoints go (used by run_train.sh)",
+    )
+    args, overrides = parser.parse_known_args(argv)
+    if args.ngpu < 1 or args.nnodes < 1:
+        parser.error("--ngpu and --nnodes must be >= 1")
+    try:
+        manager = SwallowConfigManager()
+        config = manager.parse_args(["--job.config_file", args.config, *overrides])
+        plan = build_plan(config, args.ngpu, args.nnodes, args.config)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(plan, indent=2))
+    elif args.outputs:
+        print("\n".join(output_lines(plan["outputs"])))
+        for problem in plan["problems"]:
+            print(f"config error: {problem}", file=sys.stderr)
+    else:
+        print(format_plan(plan))
+    return 1 if plan["problems"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
