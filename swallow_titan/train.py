@@ -40,7 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     trainer: Trainer | None = None
     try:
         trainer = Trainer(config)
-        trainer.train()
+        if config.checkpoint.create_seed_checkpoint:
+            # Unsharded initial weights at step 0, for runs that must start alike.
+            trainer.checkpointer.save(curr_step=0, last_step=True)
+            logger.info("Created seed checkpoint")
+        else:
+            trainer.train()
     finally:
         if trainer is not None:
             trainer.close()

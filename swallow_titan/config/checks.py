@@ -137,10 +137,16 @@ def check_structure(config, world_size: int, source: str) -> Layout:
     args = model_args(config, source)
     layout = resolve_layout(config, world_size, source)
     grad_accum_steps(config, layout, source)
+    if config.checkpoint.create_seed_checkpoint and (
+        world_size != 1 or not config.checkpoint.enable
+    ):
+        raise ConfigError(
+            f"{source}: checkpoint.create_seed_checkpoint: needs 1 process and "
+            "checkpoint.enable = true"
+        )
     _check_training(config, args, layout, source)
     _check_sources(config, source)
     _check_checkpoint(config, source)
-    _check_float8(config, source)
     return layout
 
 
@@ -171,8 +177,9 @@ def file_problems(config, source: str) -> list[str]:
 
 
 def check_job_config(config, world_size: int, source: str) -> Layout:
-    """Everything a run needs before it starts; returns the layout."""
+    """Everything a run on this machine needs before it starts; returns the layout."""
     layout = check_structure(config, world_size, source)
+    _check_float8(config, source)
     problems = file_problems(config, source)
     if problems:
         raise ConfigError("\n".join(problems))
