@@ -1,8 +1,16 @@
 """Training entry point: ``torchrun ... -m swallow_titan.train --job.config_file X``.
 
 Parses and checks the config (errors name the file and key and stop the run
-before any process group is created), then runs torchtitan's Trainer with the
-``swallow`` TrainSpec. ``run_train.sh`` wraps this with torchrun.
+before any process group is created), then runs :class:`SwallowTrainer`
+(torchtitan's Trainer plus the numerical guard, pre-emption handling and
+atomic checkpoints) with the ``swallow`` TrainSpec. ``run_train.sh`` wraps
+this with torchrun.
+
+Exit status of each process: 0 when the run finished or stopped on SIGTERM
+after writing its checkpoint (restart the same command to continue),
+2 for a config error, 3 when the ``[guard]`` policy stopped the run on
+NaN/Inf, 4 when the checkpoint folder holds no usable checkpoint. torchrun
+itself exits 1 when any process failed and names each one's status.
 """
 
 from __future__ import annotations
@@ -13,11 +21,17 @@ import sys
 import swallow_titan  # noqa: F401  (selects the device before torchtitan loads)
 import torch
 from torchtitan.tools.logging import init_logger, logger
-from torchtitan.train import Trainer
 
 import swallow_titan.train_spec  # noqa: F401  (registers the "swallow" TrainSpec)
+from swallow_titan.checkpoint.atomic import CheckpointError
 from swallow_titan.config.checks import check_job_config
 from swallow_titan.config.manager import ConfigError, SwallowConfigManager
+from swallow_titan.guard import NonfiniteError
+from swallow_titan.trainer import SwallowTrainer
+
+EXIT_CONFIG_ERROR = 2
+EXIT_NONFINITE = 3
+EXIT_NO_USABLE_CHECKPOINT = 4
 
 
 def parse_config(argv: list[str]):
@@ -36,16 +50,22 @@ def main(argv: list[str] | None = None) -> int:
         config = parse_config(argv)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
-        return 2
-    trainer: Trainer | None = None
+        return EXIT_CONFIG_ERROR
+    trainer: SwallowTrainer | None = None
     try:
-        trainer = Trainer(config)
+        trainer = SwallowTrainer(config)
         if config.checkpoint.create_seed_checkpoint:
             # Unsharded initial weights at step 0, for runs that must start alike.
             trainer.checkpointer.save(curr_step=0, last_step=True)
             logger.info("Created seed checkpoint")
         else:
             trainer.train()
+    except NonfiniteError as e:
+        logger.error(f"Stopped: {e}")
+        return EXIT_NONFINITE
+    except CheckpointError as e:
+        logger.error(f"Cannot resume: {e}")
+        return EXIT_NO_USABLE_CHECKPOINT
     finally:
         if trainer is not None:
             trainer.close()

@@ -2,15 +2,14 @@
 
 Importing this module registers the spec. Model, optimizer, LR schedule and
 loss are torchtitan's llama3 components; parallelisation adds the gloo fix
-(``model/parallelize.py``); tokenizer, dataloader and validator are
-swallow-titan's (``data/``, ``validation.py``).
+(``model/parallelize.py``); tokenizer, dataloader, validator and metrics are
+swallow-titan's (``data/``, ``validation.py``, ``metrics.py``).
 """
 
 from __future__ import annotations
 
 from torchtitan.components.loss import build_cross_entropy_loss
 from torchtitan.components.lr_scheduler import build_lr_schedulers
-from torchtitan.components.metrics import build_metrics_processor
 from torchtitan.components.optimizer import build_optimizers
 from torchtitan.distributed.pipeline_parallel import pipeline_llm
 from torchtitan.models.llama3.model.model import Transformer
@@ -23,6 +22,7 @@ from torchtitan.protocols.train_spec import (
 
 from swallow_titan.data.dataloader import build_dataloader
 from swallow_titan.data.tokenizer import build_tokenizer
+from swallow_titan.metrics import build_metrics_processor
 from swallow_titan.model.args import FLAVORS
 from swallow_titan.model.parallelize import parallelize_swallow
 from swallow_titan.validation import build_validator

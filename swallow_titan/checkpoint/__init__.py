@@ -1,0 +1,1 @@
+"""Checkpoints: crash-safe DCP writes and resume (``atomic``, ``integrity``, ``rng``)."""
