@@ -19,7 +19,7 @@ building, parallelism, forward/backward, the dataloader loop — is inherited):
   this attempt, and shortens process-group timeouts after the first step of
   every attempt (torchtitan: only after step 1, so never on resume).
 - Checkpoints are written by :class:`AtomicCheckpointManager` and include the
-  random generators; the guard's counters are part of ``train_state``.
+  random generators and the guard's counters.
 """
 
 from __future__ import annotations
@@ -49,6 +49,9 @@ from swallow_titan.guard import (
     state_is_finite,
 )
 from swallow_titan.preemption import PreemptionSignal
+
+# Checkpoint entry of the guard's counters (skipped steps).
+GUARD = "guard"
 
 # A loss function may report its z-loss term here (the kernels' fused
 # cross-entropy does); it is logged as train/z_loss when present.
@@ -91,10 +94,15 @@ class SwallowTrainer(Trainer):
             model_parts=self.model_parts,
             optimizers=self.optimizers,
             lr_schedulers=self.lr_schedulers,
-            states={"train_state": self, RNG: RngState(rank, device_type)},
+            states={
+                "train_state": self,
+                RNG: RngState(rank, device_type),
+                GUARD: self.guard,
+            },
             checkpoint_config=config.checkpoint,
             sd_adapter=adapter,
             base_folder=config.job.dump_folder,
+            optional_entries=(RNG, GUARD),
             publish_delay_s=config.debug.checkpoint_publish_delay_s,
         )
 
@@ -234,9 +242,14 @@ class SwallowTrainer(Trainer):
                     )
                 if stop:
                     self.preempted = True
+                    saved = self.checkpointer.will_save(self.step, False, forced=True)
                     logger.warning(
-                        f"Stopped after step {self.step} on "
-                        f"{self._stop_reason()}; the next start resumes from step-{self.step}"
+                        f"Stopped after step {self.step} on {self._stop_reason()}; "
+                        + (
+                            f"the next start resumes from step-{self.step}"
+                            if saved
+                            else "checkpointing is off, nothing was saved"
+                        )
                     )
                     break
         if dist.is_initialized():
@@ -261,15 +274,6 @@ class SwallowTrainer(Trainer):
             self.checkpointer.save_now(self.step)
         else:
             self.checkpointer.save(self.step, last_step=last_step)
-
-    # ------------------------------------------------------------------ state
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), **self.guard.state_dict()}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        self.guard.load_state_dict(state_dict)
 
     def close(self) -> None:
         if hasattr(self, "preemption"):

@@ -20,7 +20,11 @@ from torchtitan.components.lr_scheduler import build_lr_schedulers
 from torchtitan.components.optimizer import OptimizersContainer
 from torchtitan.config.job_config import Checkpoint, LRScheduler
 
-from swallow_titan.checkpoint.atomic import AtomicCheckpointManager, CheckpointError
+from swallow_titan.checkpoint.atomic import (
+    AtomicCheckpointManager,
+    CheckpointError,
+    load_entry_if_present,
+)
 from swallow_titan.checkpoint.integrity import (
     MANIFEST_NAME,
     checkpoint_problems,
@@ -28,7 +32,7 @@ from swallow_titan.checkpoint.integrity import (
     deleting_name,
     staging_name,
 )
-from swallow_titan.checkpoint.rng import RNG, RngState, load_rng_state
+from swallow_titan.checkpoint.rng import RNG, RngState
 
 # torchtitan's own step discovery and pruning look for this anywhere in a name.
 TORCHTITAN_STEP_PATTERN = r"step-(\d+)"
@@ -50,7 +54,13 @@ class Progress:
 class Job:
     """A model, optimizer, LR schedule and an AtomicCheckpointManager over ``folder``."""
 
-    def __init__(self, folder, keep_latest_k: int = 0, publish_delay_s: float = 0.0):
+    def __init__(
+        self,
+        folder,
+        keep_latest_k: int = 0,
+        publish_delay_s: float = 0.0,
+        extra: dict[str, Progress] | None = None,
+    ):
         torch.manual_seed(0)
         self.model = torch.nn.Linear(8, 8)
         self.optimizers = OptimizersContainer([self.model], torch.optim.AdamW, {"lr": 1e-2})
@@ -60,12 +70,13 @@ class Job:
             model_parts=[self.model],
             optimizers=self.optimizers,
             lr_schedulers=build_lr_schedulers(self.optimizers, LRScheduler(warmup_steps=1), 10),
-            states={"train_state": self.progress, RNG: RngState(rank=0)},
+            states={"train_state": self.progress, RNG: RngState(rank=0), **(extra or {})},
             checkpoint_config=Checkpoint(
                 enable=True, folder="checkpoint", interval=1, keep_latest_k=keep_latest_k
             ),
             sd_adapter=None,
             base_folder=str(folder),
+            optional_entries=(RNG, *(extra or {})),
             publish_delay_s=publish_delay_s,
         )
         self.folder = folder / "checkpoint"
@@ -257,5 +268,18 @@ def test_a_rank_without_saved_generator_state_keeps_its_own(tmp_path):
     torch.manual_seed(5)
     expected = torch.rand(2).tolist()
     torch.manual_seed(5)
-    assert load_rng_state(RngState(rank=1), str(job.folder / "step-1")) is False
+    assert load_entry_if_present(RNG, RngState(rank=1), str(job.folder / "step-1")) is False
     assert torch.rand(2).tolist() == expected
+
+
+def test_a_checkpoint_without_an_optional_entry_still_loads(tmp_path, caplog):
+    # Written before the entry existed (e.g. by an older version).
+    Job(tmp_path).train_and_save(1)
+    added = Progress()
+    added.step = 7
+    resumed = Job(tmp_path, extra={"guard": added})
+    with caplog.at_level(logging.WARNING):
+        assert resumed.manager.load()
+    assert resumed.progress.step == 1
+    assert added.step == 7  # kept its own state
+    assert any("no 'guard' entry" in r.message for r in caplog.records)

@@ -18,8 +18,10 @@ What changes compared to torchtitan 0.2.2 (``components/checkpoint.py``):
   deletes the newest complete one or the one this run resumed from, and
   moves a folder out of the way (rename) before deleting it, so a kill
   during deletion never leaves a half-deleted ``step-N``.
-- **Random generators** of every rank are saved and restored
-  (:mod:`swallow_titan.checkpoint.rng`).
+- **Optional entries.** The random generators of every rank
+  (:mod:`swallow_titan.checkpoint.rng`) and the numerical guard's counters
+  are saved and restored when the checkpoint has them, so checkpoints
+  written before they existed, or by a job of another size, still load.
 - ``save_now`` writes a full, synchronous checkpoint at any step (pre-emption).
 """
 
@@ -33,6 +35,7 @@ from concurrent.futures import Future
 from typing import Any
 
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse
 from torchtitan.components.checkpoint import AsyncMode, CheckpointManager
 from torchtitan.tools.logging import logger
@@ -48,7 +51,7 @@ from swallow_titan.checkpoint.integrity import (
     staging_name,
     write_manifest,
 )
-from swallow_titan.checkpoint.rng import RNG, load_rng_state
+from swallow_titan.checkpoint.rng import RNG
 
 
 class CheckpointError(RuntimeError):
@@ -76,8 +79,17 @@ def _from_rank0(value: Any) -> Any:
 class AtomicCheckpointManager(CheckpointManager):
     """CheckpointManager whose checkpoints appear complete or not at all."""
 
-    def __init__(self, *args: Any, publish_delay_s: float = 0.0, **kwargs: Any):
+    def __init__(
+        self,
+        *args: Any,
+        optional_entries: tuple[str, ...] = (RNG,),
+        publish_delay_s: float = 0.0,
+        **kwargs: Any,
+    ):
+        """torchtitan's arguments, plus ``optional_entries``: the names in
+        ``states`` restored only when a checkpoint holds them."""
         super().__init__(*args, **kwargs)
+        self.optional_entries = optional_entries
         self.resumed_from: int | None = None
         # Test hook ([debug] checkpoint_publish_delay_s): a window in which the
         # checkpoint is fully written but not yet published.
@@ -285,12 +297,14 @@ class AtomicCheckpointManager(CheckpointManager):
         from_hf: bool,
         from_quantized: bool,
     ) -> None:
-        # The RNG entry is per rank: loaded on its own so that a job that
-        # changed size still resumes (ranks without an entry keep their seed).
-        rng = state_dict.pop(RNG, None)
+        optional = {k: state_dict.pop(k) for k in self.optional_entries if k in state_dict}
         super().dcp_load(state_dict, checkpoint_id, from_hf, from_quantized)
-        if rng is not None:
-            load_rng_state(rng, checkpoint_id)
+        for name, entry in optional.items():
+            if not load_entry_if_present(name, entry, checkpoint_id):
+                logger.warning(
+                    f"{checkpoint_id} has no '{name}' entry for rank {_rank()} (written by "
+                    "an older version or a job of another size); it keeps its current state"
+                )
 
     def close(self) -> None:
         # An async save still in flight must finish (and be published) before
@@ -301,3 +315,18 @@ class AtomicCheckpointManager(CheckpointManager):
             except Exception as e:
                 logger.error(f"The last asynchronous checkpoint save failed: {e}")
         super().close()
+
+
+def load_entry_if_present(name: str, entry: Any, checkpoint_id: str) -> bool:
+    """Load the Stateful ``entry`` from a DCP checkpoint if it holds all its keys.
+
+    Collective (DCP plans the load across ranks): every rank calls it, also
+    one that finds nothing for itself (it then loads nothing). Returns
+    whether ``entry`` was restored.
+    """
+    from torch.distributed.checkpoint import FileSystemReader
+
+    stored = FileSystemReader(checkpoint_id).read_metadata().state_dict_metadata
+    present = all(f"{name}.{key}" in stored for key in entry.state_dict())
+    dcp.load({name: entry} if present else {}, checkpoint_id=checkpoint_id)
+    return present

@@ -6,8 +6,8 @@ but not the random generators: a resumed run restarts them from
 noise, random data augmentation) would then differ from an uninterrupted run.
 ``RngState`` saves Python's, NumPy's, torch's CPU and the accelerator's
 generators of every rank under its own key (``rng.rank_<r>``) and restores
-them on resume. A rank without an entry (the job grew) keeps its seeded state
-and says so.
+them on resume (an optional entry: a rank without one, e.g. because the job
+grew, keeps its seeded state; see ``AtomicCheckpointManager.dcp_load``).
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch.distributed.checkpoint.stateful import Stateful
-from torchtitan.tools.logging import logger
 
 RNG = "rng"
 
@@ -63,24 +62,3 @@ class RngState(Stateful):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.restore(pickle.loads(state_dict[self.key]))
 
-
-def load_rng_state(rng: RngState, checkpoint_id: str) -> bool:
-    """Restore ``rng`` from a DCP checkpoint if it holds this rank's entry.
-
-    Collective (DCP's load plans across ranks): every rank calls it, also a
-    rank that finds no entry for itself (it then loads nothing). Returns
-    whether the state was restored.
-    """
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import FileSystemReader
-
-    stored = FileSystemReader(checkpoint_id).read_metadata().state_dict_metadata
-    present = f"{RNG}.{rng.key}" in stored
-    dcp.load({RNG: rng} if present else {}, checkpoint_id=checkpoint_id)
-    if not present:
-        logger.warning(
-            f"{checkpoint_id} has no random-generator state for rank {rng.rank} "
-            "(written by an older version or a smaller job); this rank keeps its "
-            "seeded generators"
-        )
-    return present
