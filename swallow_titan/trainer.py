@@ -42,6 +42,7 @@ from torchtitan.train import Trainer
 
 from swallow_titan.checkpoint.atomic import AtomicCheckpointManager
 from swallow_titan.checkpoint.rng import RNG, RngState
+from swallow_titan.data.dataloader import Batch
 from swallow_titan.guard import (
     NonfiniteError,
     NonfiniteGuard,
@@ -56,9 +57,6 @@ GUARD = "guard"
 # A loss function may report its z-loss term here (the kernels' fused
 # cross-entropy does); it is logged as train/z_loss when present.
 Z_LOSS_ATTRIBUTE = "last_z_loss"
-
-Batch = tuple[dict[str, torch.Tensor], torch.Tensor]
-
 
 def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
