@@ -23,7 +23,7 @@ import torch
 from torchtitan.tools.logging import init_logger, logger
 
 import swallow_titan.train_spec  # noqa: F401  (registers the "swallow" TrainSpec)
-from swallow_titan.checkpoint.atomic import CheckpointError
+from swallow_titan.checkpoint.manager import CheckpointError
 from swallow_titan.config.checks import check_job_config
 from swallow_titan.config.manager import ConfigError, SwallowConfigManager
 from swallow_titan.guard import NonfiniteError

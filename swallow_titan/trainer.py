@@ -40,7 +40,7 @@ from torchtitan.tools.profiling import maybe_enable_memory_snapshot, maybe_enabl
 from torchtitan.tools.utils import device_type
 from torchtitan.train import Trainer
 
-from swallow_titan.checkpoint.atomic import AtomicCheckpointManager
+from swallow_titan.checkpoint.manager import AtomicCheckpointManager
 from swallow_titan.checkpoint.rng import RNG, RngState
 from swallow_titan.data.dataloader import Batch
 from swallow_titan.guard import (

@@ -20,7 +20,7 @@ from torchtitan.components.lr_scheduler import build_lr_schedulers
 from torchtitan.components.optimizer import OptimizersContainer
 from torchtitan.config.job_config import Checkpoint, LRScheduler
 
-from swallow_titan.checkpoint.atomic import (
+from swallow_titan.checkpoint.manager import (
     AtomicCheckpointManager,
     CheckpointError,
     load_entry_if_present,

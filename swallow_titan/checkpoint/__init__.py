@@ -1,1 +1,1 @@
-"""Checkpoints: crash-safe DCP writes and resume (``atomic``, ``integrity``, ``rng``)."""
+"""Checkpoints: crash-safe DCP writes and resume (``manager``, ``integrity``, ``rng``)."""
