@@ -60,7 +60,7 @@ def run_export(args: argparse.Namespace) -> int:
             dtype=args.dtype,
             max_shard_size=args.max_shard_size,
             tokenizer_path=args.tokenizer,
-            title=args.push_to_hub,
+            repo_id=args.push_to_hub,
             overwrite=args.overwrite,
         )
     except INPUT_ERRORS as e:

@@ -47,7 +47,7 @@ def test_dcp_to_hf_is_the_export(converted, tmp_path):
     assert convert.main(["dcp-to-hf", str(converted), str(tmp_path / "a"), "--dtype", "float32"]) == 0
     assert export.main([str(converted), str(tmp_path / "b"), "--dtype", "float32"]) == 0
     for name in exported_files(tmp_path / "a"):
-        if name != "README.md":  # the card's title is the folder name
+        if name != "README.md":  # the card names its own folder
             assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     assert EXPORT_FILES <= exported_files(tmp_path / "a")
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import os
+import subprocess
 import json
 import logging
 import re
@@ -15,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torchtitan.models.llama3.model.model import Transformer
 
-from hf_models import ODD_CONFIG, TINY_TOKENIZER, save_random_llama
+from hf_models import ODD_CONFIG, TINY_TOKENIZER, as_transformers4_config, save_random_llama
 from swallow_titan.checkpoint import hf_export
 from swallow_titan.checkpoint.atomic import OutputFolderError
 from swallow_titan.checkpoint.dcp_reader import DCPCheckpoint
@@ -90,6 +92,19 @@ def test_logits_after_the_training_time_hf_load_equal_transformers(hf_fp32):
     with torch.no_grad():
         ours = model(ids)
     assert (ours - transformers_logits(hf_fp32, ids)).abs().max() < 1e-4
+
+
+def test_hub_spelling_of_config_json_imports_to_the_same_logits(tmp_path):
+    # rope_theta + rope_scaling, as in the Hub's Llama-3.1 files (transformers 4).
+    source = save_random_llama(tmp_path / "hf", ODD_CONFIG, tokenizer=None)
+    as_transformers4_config(source)
+    assert "rope_parameters" not in read_hf_config(source)
+    model = our_model(source)
+    load_hf_weights([model], source, model.model_args)
+    ids = tokens(ODD_CONFIG["vocab_size"])
+    with torch.no_grad():
+        ours = model(ids)
+    assert (ours - transformers_logits(source, ids)).abs().max() < 1e-4
 
 
 def all_tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -254,3 +269,37 @@ def test_shard_sizes_read_like_transformers(text, size):
 def test_shards_fill_in_order_and_a_large_tensor_stands_alone():
     sizes = [("a", 40), ("b", 40), ("c", 40), ("big", 500), ("d", 10)]
     assert plan_shards(sizes, 100) == [["a", "b"], ["c"], ["big"], ["d"]]
+
+
+TRANSFORMERS4_LOAD = """
+import io, logging, sys, torch, transformers
+from transformers import AutoModelForCausalLM
+assert transformers.__version__.startswith("4."), transformers.__version__
+log = io.StringIO()
+handler = logging.StreamHandler(log)
+handler.setLevel(logging.WARNING)
+logging.getLogger("transformers").addHandler(handler)
+model, info = AutoModelForCausalLM.from_pretrained(sys.argv[1], output_loading_info=True)
+assert not any(info.values()), info
+assert log.getvalue() == "", log.getvalue()
+ids = torch.load(sys.argv[2])
+with torch.no_grad():
+    torch.save(model.eval()(ids).logits, sys.argv[3])
+"""
+
+
+@pytest.mark.skipif(
+    not os.environ.get("SWALLOW_TRANSFORMERS4_PYTHON"),
+    reason="set SWALLOW_TRANSFORMERS4_PYTHON to a python with transformers 4.x and torch",
+)
+def test_transformers4_loads_the_export_with_the_same_logits(export_fp32, tmp_path):
+    ids = tokens(ODD_CONFIG["vocab_size"])
+    torch.save(ids, tmp_path / "ids.pt")
+    proc = subprocess.run(
+        [os.environ["SWALLOW_TRANSFORMERS4_PYTHON"], "-c", TRANSFORMERS4_LOAD,
+         str(export_fp32), str(tmp_path / "ids.pt"), str(tmp_path / "logits.pt")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    logits4 = torch.load(tmp_path / "logits.pt")
+    assert (logits4 - transformers_logits(export_fp32, ids)).abs().max() < 1e-5

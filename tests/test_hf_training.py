@@ -140,7 +140,7 @@ def test_second_start_resumes_and_never_reads_the_hf_folder(hf_run, hf_tiny):
         hidden.rename(hf_tiny)
     assert (
         f"Start rule: resuming from the run's own checkpoint {dump}/checkpoint/step-2; "
-        f"[hf] load_path = '{hf_tiny}' not read"
+        f"hf.load_path = '{hf_tiny}' not read"
     ) in result.output
     assert "Hugging Face weights" not in result.output
     assert sorted(result.losses) == [3]

@@ -141,13 +141,15 @@ def export_hf(
     dtype: str = "bfloat16",
     max_shard_size: str = "5GB",
     tokenizer_path: str | Path | None = None,
-    title: str | None = None,
+    repo_id: str | None = None,
     overwrite: bool = False,
 ) -> ExportResult:
     """Write a Hub-ready folder for a checkpoint (see the module docstring).
 
     ``checkpoint`` is a run's checkpoint folder (latest step unless ``step``)
-    or one DCP checkpoint. Every input is checked before anything is written.
+    or one DCP checkpoint; ``repo_id`` (the Hub repository it is meant for)
+    names the model in its card. Every input is checked before anything is
+    written.
     """
     if dtype not in EXPORT_DTYPES:
         raise ExportError(f"dtype {dtype!r}: expected one of {sorted(EXPORT_DTYPES)}")
@@ -222,8 +224,13 @@ def export_hf(
             source = tokenizer_root if tokenizer_root.is_file() else tokenizer_root / relative
             (staging / relative).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, staging / relative)
+        description = (record.job_config or {}).get("job", {}).get("description")
         card = render_model_card(
-            record, summary, title=title or out_dir.name, dtype=dtype
+            record,
+            summary,
+            title=repo_id or description or out_dir.name,
+            model_id=repo_id or str(out_dir.resolve()),
+            dtype=dtype,
         )
         (staging / MODEL_CARD_FILE).write_text(card)
     logger.info(

@@ -54,7 +54,18 @@ def _loss(value: LoggedValue | None) -> str:
 
 
 def _value(v: Any) -> str:
-    return NOT_RECORDED if v is None else f"`{v}`"
+    if v is None:
+        return NOT_RECORDED
+    return f"`{v:g}`" if isinstance(v, float) else f"`{v}`"
+
+
+def _rope(config: dict[str, Any]) -> str:
+    scaling = config.get("rope_scaling")
+    text = f"RoPE theta {config.get('rope_theta'):g}"
+    if not scaling:
+        return text + ", no scaling"
+    details = ", ".join(f"{k} {v}" for k, v in scaling.items() if k != "rope_type")
+    return text + f", {scaling.get('rope_type')} scaling ({details})"
 
 
 def _front_matter(record: RunRecord, languages: list[str]) -> list[str]:
@@ -126,9 +137,9 @@ def _data_mixture(job: dict[str, Any] | None, source_tokens: dict[str, int] | No
 
 
 def render_model_card(
-    record: RunRecord, summary: TrainingSummary, *, title: str, dtype: str
+    record: RunRecord, summary: TrainingSummary, *, title: str, model_id: str, dtype: str
 ) -> str:
-    """The README.md of an export."""
+    """The README.md of an export; ``model_id`` is what ``from_pretrained`` takes."""
     job = record.job_config
     languages = sorted(
         {
@@ -154,7 +165,7 @@ def render_model_card(
         f"size {config.get('hidden_size')}, {config.get('num_attention_heads')} attention heads, "
         f"{config.get('num_key_value_heads')} KV heads, FFN {config.get('intermediate_size')}, "
         f"vocabulary {config.get('vocab_size'):,}",
-        f"- RoPE theta {config.get('rope_theta')}, scaling: {config.get('rope_scaling') or 'none'}",
+        f"- {_rope(config)}",
         f"- Weights: `{dtype}`",
         f"- Base model: {base}",
         "",
@@ -177,8 +188,8 @@ def render_model_card(
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         "",
-        f'model = AutoModelForCausalLM.from_pretrained("{title}")',
-        f'tokenizer = AutoTokenizer.from_pretrained("{title}")',
+        f'model = AutoModelForCausalLM.from_pretrained("{model_id}")',
+        f'tokenizer = AutoTokenizer.from_pretrained("{model_id}")',
         "```",
         "",
     ]

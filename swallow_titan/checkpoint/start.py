@@ -71,7 +71,7 @@ def decide_start(config) -> StartDecision:
         not_read = [
             f"{name} = {path!r}"
             for name, path in (
-                ("[hf] load_path", hf_path),
+                ("hf.load_path", hf_path),
                 ("checkpoint.initial_load_path", dcp_path),
             )
             if path
@@ -101,7 +101,7 @@ def decide_start(config) -> StartDecision:
     return StartDecision(
         "random",
         "",
-        f"Start rule: {where} and no [hf] load_path or checkpoint.initial_load_path; "
+        f"Start rule: {where} and no hf.load_path or checkpoint.initial_load_path; "
         "starting from random initial weights",
     )
 

@@ -307,19 +307,19 @@ def _check_hf(config, source: str) -> None:
     c, hf = config.checkpoint, config.hf
     if c.initial_load_in_hf:
         raise ConfigError(
-            f"{source}: checkpoint.initial_load_in_hf: use [hf] load_path = <HF folder> "
+            f"{source}: checkpoint.initial_load_in_hf: use hf.load_path = <HF folder> "
             "instead (it checks config.json against the flavor and is never skipped "
             "silently)"
         )
     if c.last_save_in_hf:
         raise ConfigError(
-            f"{source}: checkpoint.last_save_in_hf: use [hf] export_at_end = true instead "
+            f"{source}: checkpoint.last_save_in_hf: use hf.export_at_end = true instead "
             "(a Hub-ready folder beside the checkpoints; torchtitan's HF last save has no "
             "config.json and cannot be resumed)"
         )
     if hf.load_path and c.initial_load_path:
         raise ConfigError(
-            f"{source}: [hf] load_path and checkpoint.initial_load_path both name starting "
+            f"{source}: hf.load_path and checkpoint.initial_load_path both name starting "
             "weights; keep one"
         )
     if c.initial_load_path and not c.initial_load_model_only:
@@ -330,22 +330,22 @@ def _check_hf(config, source: str) -> None:
         )
     if hf.export_at_end and not c.enable:
         raise ConfigError(
-            f"{source}: [hf] export_at_end: exports the last checkpoint, so it needs "
+            f"{source}: hf.export_at_end: exports the last checkpoint, so it needs "
             "checkpoint.enable = true"
         )
     if hf.push_to_hub and not hf.export_at_end:
         raise ConfigError(
-            f"{source}: [hf] push_to_hub: uploads the end-of-run export; set "
-            "[hf] export_at_end = true (or push later with python -m swallow_titan.export)"
+            f"{source}: hf.push_to_hub: uploads the end-of-run export; set "
+            "hf.export_at_end = true (or push later with python -m swallow_titan.export)"
         )
     try:
         parse_size(hf.export_max_shard_size)
     except ExportError as e:
-        raise ConfigError(f"{source}: [hf] export_max_shard_size: {e}") from None
+        raise ConfigError(f"{source}: hf.export_max_shard_size: {e}") from None
 
 
 def _hf_load_path_problems(config, source: str) -> list[str]:
-    """``[hf] load_path`` must match the flavor - unless the run resumes and never reads it."""
+    """``hf.load_path`` must match the flavor - unless the run resumes and never reads it."""
     path = config.hf.load_path
     if not path:
         return []
@@ -353,11 +353,11 @@ def _hf_load_path_problems(config, source: str) -> list[str]:
     if config.checkpoint.enable and checkpoint_steps(folder):
         return []
     if not os.path.isdir(path):
-        return [f"{source}: [hf] load_path: {path!r} is not a folder"]
+        return [f"{source}: hf.load_path: {path!r} is not a folder"]
     try:
         args = model_args(config, source)
         check_hf_config_matches_flavor(path, args, config.model.flavor)
         check_hf_tensors(list_safetensors(path), args, path)
     except (HFConfigError, HFWeightsError) as e:
-        return [f"{source}: [hf] load_path: {e}"]
+        return [f"{source}: hf.load_path: {e}"]
     return []
