@@ -13,6 +13,7 @@ from torchtitan.models.llama3.model.model import Transformer
 from helpers import run_training
 from hf_models import TINY_FLAVOR_CONFIG, save_random_llama
 from swallow_titan.checkpoint.dcp_reader import DCPCheckpoint
+from swallow_titan.checkpoint.hf_import import convert_hf_to_dcp
 from swallow_titan.data.dataloader import source_token_counts
 from swallow_titan.model.args import FLAVORS
 
@@ -111,6 +112,20 @@ def test_model_card_reports_base_recipe_data_steps_and_losses(hf_run):
     assert f"Final validation loss: {result.validation_losses[2]:.4f} (step 2" in card
 
 
+def test_a_run_starts_from_the_hf_to_dcp_output_as_from_the_hf_folder(hf_run, hf_tiny, tmp_path):
+    _, from_hf = hf_run
+    converted = convert_hf_to_dcp(hf_tiny, tmp_path / "converted")
+    result = run_training(
+        tmp_path / "run",
+        "--training.steps", "2",
+        "--optimizer.lr", str(LR),
+        "--checkpoint.enable", "true",
+        "--checkpoint.initial_load_path", str(converted),
+    ).check()
+    assert f"loading model weights from checkpoint.initial_load_path = {converted}" in result.output
+    assert result.losses == pytest.approx(from_hf.losses, rel=1e-5)
+
+
 @pytest.mark.distributed
 def test_two_process_fsdp_run_imports_and_exports_like_one_process(hf_run, hf_tiny, tmp_path):
     _, single = hf_run
@@ -128,6 +143,22 @@ def test_two_process_fsdp_run_imports_and_exports_like_one_process(hf_run, hf_ti
     assert sorted(one) == sorted(two)
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-5)
+
+
+@pytest.mark.distributed
+def test_tensor_parallel_run_loads_the_hf_weights_like_one_process(hf_run, hf_tiny, tmp_path):
+    _, single = hf_run
+    result = run_training(
+        tmp_path / "tp",
+        *hf_run_args(hf_tiny),
+        "--parallelism.tensor_parallel_degree", "2",
+        "--parallelism.data_parallel_shard_degree", "1",
+        "--training.local_batch_size", "8",
+        nproc=2,
+    ).check()
+    assert "Tensor Parallelism to the model" in result.output
+    assert result.losses == pytest.approx(single.losses, rel=1e-4)
+    assert (tmp_path / "tp" / "hf" / "step-2" / "model.safetensors.index.json").is_file()
 
 
 def test_second_start_resumes_and_never_reads_the_hf_folder(hf_run, hf_tiny):

@@ -152,14 +152,20 @@ def start_run(trainer, config) -> StartDecision:
 def run_record_for(trainer, config) -> RunRecord:
     """The record of this run: model config, tokenizer, recipe, where its logs are."""
     previous = read_run_record(checkpoint_folder(config))
+    # A converted DCP start (hf-to-dcp) carries the base model in its own record.
+    origin = (
+        read_run_record(config.checkpoint.initial_load_path)
+        if config.checkpoint.initial_load_path
+        else None
+    )
     base_config = None
     if config.hf.load_path and os.path.isfile(os.path.join(config.hf.load_path, "config.json")):
         base_config = read_hf_config(config.hf.load_path)
     max_positions = None
-    if base_config is not None:
-        max_positions = base_config.get("max_position_embeddings")
-    elif previous is not None:
-        max_positions = previous.hf_config.get("max_position_embeddings")
+    for known in (base_config, origin and origin.hf_config, previous and previous.hf_config):
+        if known and known.get("max_position_embeddings"):
+            max_positions = known["max_position_embeddings"]
+            break
     tokenizer = trainer.tokenizer
     hf_config = hf_config_from_model_args(
         trainer.model_args,
@@ -168,11 +174,13 @@ def run_record_for(trainer, config) -> RunRecord:
         dtype="bfloat16",
         max_position_embeddings=max_positions,
     )
-    base_model = config.hf.base_model or (
-        (base_config or {}).get("_name_or_path") or config.hf.load_path
+    base_model = (
+        config.hf.base_model
+        or (base_config or {}).get("_name_or_path")
+        or config.hf.load_path
+        or (origin.base_model if origin else "")
+        or (previous.base_model if previous else "")
     )
-    if not base_model and previous is not None:
-        base_model = previous.base_model
     config_file = config.job.config_file or ""
     layout = resolve_layout(config, int(os.environ.get("WORLD_SIZE", "1")), config_file)
     dump = Path(config.job.dump_folder)

@@ -333,6 +333,11 @@ def _check_hf(config, source: str) -> None:
             f"{source}: hf.export_at_end: exports the last checkpoint, so it needs "
             "checkpoint.enable = true"
         )
+    if hf.export_at_end and c.load_only:
+        raise ConfigError(
+            f"{source}: hf.export_at_end: checkpoint.load_only = true saves no checkpoint "
+            "to export; export an existing one with python -m swallow_titan.export"
+        )
     if hf.push_to_hub and not hf.export_at_end:
         raise ConfigError(
             f"{source}: hf.push_to_hub: uploads the end-of-run export; set "
