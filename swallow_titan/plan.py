@@ -131,6 +131,9 @@ def output_paths(config) -> dict[str, str]:
         "checkpoints": os.path.join(dump, config.checkpoint.folder)
         if config.checkpoint.enable
         else "",
+        "hf_export": os.path.join(dump, config.hf.export_folder)
+        if config.hf.export_at_end
+        else "",
     }
 
 
@@ -254,6 +257,7 @@ def output_lines(outputs: dict[str, str]) -> list[str]:
         f"  tensorboard   {outputs['tensorboard'] or 'off'}"
         + (f"  (tensorboard --logdir {outputs['tensorboard']})" if outputs["tensorboard"] else ""),
         f"  checkpoints   {outputs['checkpoints'] or 'off'}",
+        f"  hf export     {outputs.get('hf_export') or 'off'}",
     ]
 
 

@@ -8,9 +8,10 @@ this with torchrun.
 
 Exit status of each process: 0 when the run finished or stopped on SIGTERM
 after writing its checkpoint (restart the same command to continue),
-2 for a config error, 3 when the ``[guard]`` policy stopped the run on
-NaN/Inf, 4 when the checkpoint folder holds no usable checkpoint. torchrun
-itself exits 1 when any process failed and names each one's status.
+2 for a config error, 3 when the Hub upload of the final export failed,
+4 when the ``[guard]`` policy stopped the run on NaN/Inf, 5 when the
+checkpoint folder holds checkpoints but none is usable. torchrun itself
+exits 1 when any process failed and names each one's status.
 """
 
 from __future__ import annotations
@@ -23,15 +24,20 @@ import torch
 from torchtitan.tools.logging import init_logger, logger
 
 import swallow_titan.train_spec  # noqa: F401  (registers the "swallow" TrainSpec)
+from swallow_titan.checkpoint.final_export import export_at_end
+from swallow_titan.checkpoint.hub import HubPushError
 from swallow_titan.checkpoint.manager import CheckpointError
+from swallow_titan.checkpoint.start import start_run
 from swallow_titan.config.checks import check_job_config
 from swallow_titan.config.manager import ConfigError, SwallowConfigManager
 from swallow_titan.guard import NonfiniteError
+from swallow_titan.profiling import install_cpu_profiler
 from swallow_titan.trainer import SwallowTrainer
 
 EXIT_CONFIG_ERROR = 2
-EXIT_NONFINITE = 3
-EXIT_NO_USABLE_CHECKPOINT = 4
+EXIT_PUSH_ERROR = 3
+EXIT_NONFINITE = 4
+EXIT_NO_USABLE_CHECKPOINT = 5
 
 
 def parse_config(argv: list[str]):
@@ -45,6 +51,7 @@ def parse_config(argv: list[str]):
 
 def main(argv: list[str] | None = None) -> int:
     init_logger()
+    install_cpu_profiler()
     argv = sys.argv[1:] if argv is None else argv
     try:
         config = parse_config(argv)
@@ -52,14 +59,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     trainer: SwallowTrainer | None = None
+    trained_step = 0
     try:
         trainer = SwallowTrainer(config)
+        # HF interop (issue 5): resume, else [hf] load_path, else initial_load_path
+        # (logged rule); writes the run record that exports read.
+        start_run(trainer, config)
         if config.checkpoint.create_seed_checkpoint:
             # Unsharded initial weights at step 0, for runs that must start alike.
             trainer.checkpointer.save(curr_step=0, last_step=True)
             logger.info("Created seed checkpoint")
         else:
             trainer.train()
+            if not trainer.preempted:  # a pre-empted run is not finished: no export
+                trained_step = trainer.step
     except NonfiniteError as e:
         logger.error(f"Stopped: {e}")
         return EXIT_NONFINITE
@@ -72,6 +85,13 @@ def main(argv: list[str] | None = None) -> int:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     logger.info("Training finished")
+    # HF interop (issue 5): [hf] export_at_end, on rank 0 from the last checkpoint.
+    if config.hf.export_at_end and trained_step and os.environ.get("RANK", "0") == "0":
+        try:
+            export_at_end(config, trained_step)
+        except HubPushError as e:
+            print(f"push error: {e}", file=sys.stderr)
+            return EXIT_PUSH_ERROR
     return 0
 
 

@@ -36,8 +36,8 @@ from torchtitan.components.dataloader import DataloaderExhaustedError
 from torchtitan.components.loss import IGNORE_INDEX
 from torchtitan.distributed import utils as dist_utils
 from torchtitan.tools.logging import logger
-from torchtitan.tools.profiling import maybe_enable_memory_snapshot, maybe_enable_profiling
 from torchtitan.tools.utils import device_type
+import torchtitan.train as titan_train
 from torchtitan.train import Trainer
 
 from swallow_titan.checkpoint.manager import AtomicCheckpointManager
@@ -208,11 +208,13 @@ class SwallowTrainer(Trainer):
             self.metrics_processor.start(first_step)
         logger.info(f"Training starts at step {first_step} of {config.training.steps}")
 
+        # Looked up on torchtitan.train, where swallow_titan.profiling installs
+        # its CPU-capable profiler.
         with (
-            maybe_enable_profiling(
+            titan_train.maybe_enable_profiling(
                 config.profiling, global_step=self.step, base_folder=config.job.dump_folder
             ) as torch_profiler,
-            maybe_enable_memory_snapshot(
+            titan_train.maybe_enable_memory_snapshot(
                 config.profiling, global_step=self.step, base_folder=config.job.dump_folder
             ) as memory_profiler,
         ):

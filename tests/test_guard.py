@@ -85,7 +85,7 @@ def test_stop_policy_exits_with_an_error_and_writes_no_checkpoint(tmp_path):
         "--checkpoint.interval", "2",
     )
     assert result.returncode != 0
-    assert re.search(r"exitcode\s*:\s*3\b", result.output)  # torchrun's failure report
+    assert re.search(r"exitcode\s*:\s*4\b", result.output)  # torchrun's failure report
     assert 'step 2: the loss and gradient norm is NaN or Inf; stopping' in result.output
     assert sorted(result.losses) == [1]  # step 2 was not logged as taken
     assert not (tmp_path / "run" / "checkpoint" / "step-2").exists()

@@ -135,10 +135,46 @@ class Debug:
 
 
 @dataclass
+class HF:
+    """``[hf]``: start from Hugging Face weights, export Hub-ready weights at the end."""
+
+    load_path: str = ""
+    """A Hugging Face model folder (config.json + *.safetensors [+ index]) that a
+    new run starts from. Read only when the run's checkpoint folder holds no
+    checkpoint; otherwise the run resumes from its own checkpoint (both logged).
+    config.json must match the flavor."""
+
+    base_model: str = ""
+    """Hub id of the starting model for the exported model card, e.g.
+    "meta-llama/Llama-3.1-8B-Instruct"."""
+
+    export_at_end: bool = False
+    """After the last step, export the final checkpoint as a Hub-ready folder
+    (needs checkpoint.enable)."""
+
+    export_folder: str = "hf"
+    """Where exports go, relative to job.dump_folder: <export_folder>/step-<N>."""
+
+    export_dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    """Data type of the exported weights."""
+
+    export_max_shard_size: str = "5GB"
+    """Largest safetensors file of the export, e.g. "5GB" or "500MB"."""
+
+    push_to_hub: str = ""
+    """Hub repository id to upload the export to (token from HF_TOKEN or
+    `huggingface-cli login`); empty: no upload."""
+
+    push_private: bool = False
+    """Create the Hub repository as private."""
+
+
+@dataclass
 class JobConfig:
     data: Data = field(default_factory=Data)
     model: Model = field(default_factory=Model)
     checkpoint: Checkpoint = field(default_factory=Checkpoint)
+    hf: HF = field(default_factory=HF)
     validation: Validation = field(default_factory=Validation)
     guard: Guard = field(default_factory=Guard)
     debug: Debug = field(default_factory=Debug)
