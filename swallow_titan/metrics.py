@@ -10,7 +10,7 @@
   continuous across restarts. (torchtitan makes a new timestamped run per
   restart.) Other torchtitan backends (W&B) are kept.
 - Scalars at every log step (tag names in :data:`SCALARS` and the README):
-  loss, z-loss when the loss function reports one, gradient norm, learning
+  loss, z-loss when the kernels' loss computes one, gradient norm, learning
   rate, tokens seen, skipped steps, tokens/s and TFLOP/s per GPU, MFU against
   the GPU's dense bf16 peak (none on CPU or on a GPU not in
   :func:`dense_bf16_peak_flops`), step time, data wait, peak memory, and

@@ -54,12 +54,28 @@ from swallow_titan.preemption import PreemptionSignal
 # Checkpoint entry of the guard's counters (skipped steps).
 GUARD = "guard"
 
-# A loss function may report its z-loss term here (the kernels' fused
-# cross-entropy does); it is logged as train/z_loss when present.
-Z_LOSS_ATTRIBUTE = "last_z_loss"
-
 def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _z_loss_per_token(mesh: Any) -> float | None:
+    """z-loss per token over all data-parallel ranks since the last log step.
+
+    Read from the kernels' meter (``swallow_titan.loss.Z_LOSS``: training
+    forwards add their z-loss sum and counted tokens; ``take()`` returns and
+    resets them) when that module exists and a z-loss is on; else None.
+    """
+    try:
+        from swallow_titan.loss import Z_LOSS
+    except ImportError:
+        return None
+    taken = Z_LOSS.take()
+    if taken is None:
+        return None
+    z_sum, tokens = taken
+    total = dist_utils.dist_sum(z_sum, mesh)
+    counted = dist_utils.dist_sum(tokens.float(), mesh)
+    return total / max(counted, 1.0)
 
 
 class SwallowTrainer(Trainer):
@@ -120,7 +136,7 @@ class SwallowTrainer(Trainer):
         else:
             global_tokens = local_tokens.float()
 
-        losses, z_losses = [], []
+        losses = []
         for inputs, labels in microbatches:
             inputs = {k: v.to(self.device) for k, v in inputs.items()}
             loss = self.forward_backward_step(
@@ -129,9 +145,6 @@ class SwallowTrainer(Trainer):
                 global_valid_tokens=global_tokens,
             )
             losses.append(loss.detach())
-            z_loss = getattr(self.loss_fn, Z_LOSS_ATTRIBUTE, None)
-            if z_loss is not None:
-                z_losses.append(torch.as_tensor(z_loss).detach())
         loss = _full(torch.stack(losses).sum())
 
         grad_norm = _full(
@@ -154,7 +167,7 @@ class SwallowTrainer(Trainer):
         self.lr_schedulers.step()
 
         if self.metrics_processor.should_log(self.step):
-            self._log_step(loss, grad_norm, lr, local_tokens, global_tokens, z_losses)
+            self._log_step(loss, grad_norm, lr, local_tokens, global_tokens)
         return stop
 
     def _agree(self, *flags: torch.Tensor | bool) -> list[bool]:
@@ -173,7 +186,6 @@ class SwallowTrainer(Trainer):
         lr: float,
         local_tokens: torch.Tensor,
         global_tokens: Any,
-        z_losses: list[torch.Tensor],
     ) -> None:
         dims = self.parallel_dims
         mesh = dims.get_optional_mesh("loss") if dims.dp_cp_enabled else None
@@ -189,8 +201,9 @@ class SwallowTrainer(Trainer):
             "train/tokens_seen": tokens_seen,
             "train/skipped_steps": self.guard.skipped_steps,
         }
-        if z_losses:
-            extra["train/z_loss"] = dist_utils.dist_mean(torch.stack(z_losses).mean(), mesh)
+        z_loss = _z_loss_per_token(mesh)
+        if z_loss is not None:
+            extra["train/z_loss"] = z_loss
         if hasattr(self.dataloader, "metrics"):
             extra.update(self.dataloader.metrics())
         self.metrics_processor.log(

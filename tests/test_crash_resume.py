@@ -150,7 +150,8 @@ def test_async_checkpoints_are_published_complete(uninterrupted, tmp_path):
     folder = tmp_path / "run"
     result = run_training(folder, *RESUMABLE, "--checkpoint.async_mode", "async").check()
     assert result.losses == reference
-    assert sorted(os.listdir(folder / "checkpoint")) == ["step-4", "step-6", "step-8"]
+    assert _published(folder) == ["step-4", "step-6", "step-8"]
+    assert not [n for n in os.listdir(folder / "checkpoint") if n.startswith(".")]
     for name in _published(folder):
         assert (folder / "checkpoint" / name / MANIFEST_NAME).is_file()
         assert checkpoint_problems(str(folder / "checkpoint" / name)) == []
