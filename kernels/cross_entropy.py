@@ -45,7 +45,7 @@ import triton.language as tl
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-from kernels.runtime import autotune_configs, check_device
+from kernels.runtime import check_device, triton_kernel
 
 # Bytes one chunk of logits and logit gradients may take by default.
 CHUNK_BUDGET_BYTES = 512 * 2**20
@@ -157,19 +157,16 @@ def _flce_local(
 # Triton kernel: one program per row of a logits chunk
 
 
-def _row_configs() -> list[triton.Config]:
-    return autotune_configs(
-        [
-            triton.Config({"BLOCK_V": b}, num_warps=w)
-            for b in (2048, 4096, 8192)
-            for w in (8, 16)
-        ],
-        triton.Config({"BLOCK_V": 1024}, num_warps=4),
-    )
-
-
-@triton.autotune(configs=_row_configs(), key=["V", "DO_LSE", "DO_GRAD"])
-@triton.jit
+@triton_kernel(
+    key=["V", "DO_LSE", "DO_GRAD"],
+    gpu_configs=[
+        triton.Config({"BLOCK_M": 1, "BLOCK_V": b}, num_warps=w)
+        for b in (2048, 4096, 8192)
+        for w in (8, 16)
+    ],
+    # The interpreter pays per operation: many rows and a wide block per step.
+    interpreter_config=triton.Config({"BLOCK_M": 32, "BLOCK_V": 2048}, num_warps=4),
+)
 def _ce_rows_kernel(
     LOGITS,
     DLOGITS,
@@ -178,17 +175,20 @@ def _ce_rows_kernel(
     TARGET_LOGIT,
     stride_l,
     stride_dl,
+    M,
     V,
     vocab_start,
     ignore_index,
     z_loss,
     DO_LSE: tl.constexpr,
     DO_GRAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    logits_row = LOGITS + row * stride_l
-    target = tl.load(TARGETS + row)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    logits_rows = LOGITS + rows[:, None] * stride_l
+    target = tl.load(TARGETS + rows, mask=row_ok, other=ignore_index)
     local_target = target - vocab_start
     counted = target != ignore_index
     in_shard = counted & (local_target >= 0) & (local_target < V)
@@ -196,32 +196,38 @@ def _ce_rows_kernel(
         # Online log-sum-exp, one running (max, sum) per lane. The finite
         # initial max keeps lanes that only ever see padding at exp(...) = 0
         # instead of exp(-inf - -inf) = nan.
-        run_max = tl.full([BLOCK_V], -1e30, dtype=tl.float32)
-        run_sum = tl.zeros([BLOCK_V], dtype=tl.float32)
+        run_max = tl.full([BLOCK_M, BLOCK_V], -1e30, dtype=tl.float32)
+        run_sum = tl.zeros([BLOCK_M, BLOCK_V], dtype=tl.float32)
         for start in range(0, V, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
-            x = tl.load(logits_row + cols, mask=cols < V, other=float("-inf"))
+            mask = row_ok[:, None] & (cols < V)[None, :]
+            x = tl.load(logits_rows + cols[None, :], mask=mask, other=float("-inf"))
             new_max = tl.maximum(run_max, x)
             run_sum = run_sum * tl.exp(run_max - new_max) + tl.exp(x - new_max)
             run_max = new_max
-        row_max = tl.max(run_max, axis=0)
-        lse = row_max + tl.log(tl.sum(run_sum * tl.exp(run_max - row_max), axis=0))
-        t_logit = tl.load(logits_row + local_target, mask=in_shard, other=0.0)
-        tl.store(LSE + row, lse)
-        tl.store(TARGET_LOGIT + row, t_logit)
+        row_max = tl.max(run_max, axis=1)
+        sum_exp = tl.sum(run_sum * tl.exp(run_max - row_max[:, None]), axis=1)
+        # Rows past the end hold no logits; keep them finite.
+        lse = tl.where(row_ok, row_max + tl.log(tl.where(row_ok, sum_exp, 1.0)), 0.0)
+        t_logit = tl.load(
+            LOGITS + rows * stride_l + local_target, mask=row_ok & in_shard, other=0.0
+        )
+        tl.store(LSE + rows, lse, mask=row_ok)
+        tl.store(TARGET_LOGIT + rows, t_logit, mask=row_ok)
     else:
-        lse = tl.load(LSE + row)
+        lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
     if DO_GRAD:
         # d(lse - x_t + z lse^2)/dx_j = softmax_j * (1 + 2 z lse) - [j == t]
         scale = tl.where(counted, 1.0 + 2.0 * z_loss * lse, 0.0)
-        dl_row = DLOGITS + row * stride_dl
+        dl_rows = DLOGITS + rows[:, None] * stride_dl
         for start in range(0, V, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
-            mask = cols < V
-            x = tl.load(logits_row + cols, mask=mask, other=0.0)
-            grad = tl.exp(x - lse) * scale
-            grad = tl.where(in_shard & (cols == local_target), grad - 1.0, grad)
-            tl.store(dl_row + cols, grad.to(DLOGITS.dtype.element_ty), mask=mask)
+            mask = row_ok[:, None] & (cols < V)[None, :]
+            x = tl.load(logits_rows + cols[None, :], mask=mask, other=0.0)
+            grad = tl.exp(x - lse[:, None]) * scale[:, None]
+            is_target = in_shard[:, None] & (cols[None, :] == local_target[:, None])
+            grad = tl.where(is_target, grad - 1.0, grad)
+            tl.store(dl_rows + cols[None, :], grad.to(DLOGITS.dtype.element_ty), mask=mask)
 
 
 # ---------------------------------------------------------------------------
@@ -261,7 +267,7 @@ def _launch_rows(
     rows, vocab = logits.shape
     if rows == 0:
         return
-    _ce_rows_kernel[(rows,)](
+    _ce_rows_kernel[lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]),)](
         logits,
         dlogits,
         targets,
@@ -269,6 +275,7 @@ def _launch_rows(
         target_logit,
         logits.stride(0),
         dlogits.stride(0),
+        rows,
         vocab,
         vocab_start,
         ignore_index,

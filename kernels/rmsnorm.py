@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
-from kernels.runtime import autotune_configs, check_device, num_programs
+from kernels.runtime import check_device, num_programs, triton_kernel
 
 # The widest row one program normalises (Llama-3 8B/70B use 4096/8192).
 MAX_HIDDEN = 65536
@@ -70,15 +70,18 @@ def rms_norm(
 # Triton kernels
 
 
-def _warps_configs() -> list[triton.Config]:
-    return autotune_configs(
-        [triton.Config({}, num_warps=w) for w in (4, 8, 16)],
-        triton.Config({}, num_warps=4),
-    )
+# One row per program is right for Llama widths on a GPU; the interpreter pays
+# per operation, not per element, so it gets many rows per program.
+_GPU_CONFIGS = [
+    triton.Config({"BLOCK_M": m}, num_warps=w)
+    for m, w in ((1, 4), (1, 8), (1, 16), (2, 8), (4, 8))
+]
+_CPU_CONFIG = triton.Config({"BLOCK_M": 32}, num_warps=4)
 
 
-@triton.autotune(configs=_warps_configs(), key=["N", "HAS_RESIDUAL"])
-@triton.jit
+@triton_kernel(
+    key=["N", "HAS_RESIDUAL"], gpu_configs=_GPU_CONFIGS, interpreter_config=_CPU_CONFIG
+)
 def _rms_norm_fwd_kernel(
     X,
     R,
@@ -90,32 +93,40 @@ def _rms_norm_fwd_kernel(
     stride_r,
     stride_y,
     stride_h,
+    M,
     N,
     eps,
     HAS_RESIDUAL: tl.constexpr,
+    BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
+    # int64 rows: offsets into large activations overflow int32.
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
-    mask = cols < N
-    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    row_ok = rows < M
+    mask = row_ok[:, None] & (cols < N)[None, :]
+    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
+    x = x.to(tl.float32)
     if HAS_RESIDUAL:
-        r = tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+        r = tl.load(R + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0)
         # Round the sum to the storage dtype first: the norm must see the same
         # residual stream that the next block will read.
-        h = (x + r).to(H.dtype.element_ty)
-        tl.store(H + row * stride_h + cols, h, mask=mask)
+        h = (x + r.to(tl.float32)).to(H.dtype.element_ty)
+        tl.store(H + rows[:, None] * stride_h + cols[None, :], h, mask=mask)
         x = h.to(tl.float32)
-    mean_sq = tl.sum(x * x, axis=0) / N
+    mean_sq = tl.sum(x * x, axis=1) / N
     rstd = 1.0 / tl.sqrt(mean_sq + eps)
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    y = x * rstd * w
-    tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
-    tl.store(RSTD + row, rstd)
+    w = tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)
+    y = x * rstd[:, None] * w[None, :]
+    tl.store(
+        Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask
+    )
+    tl.store(RSTD + rows, rstd, mask=row_ok)
 
 
-@triton.autotune(configs=_warps_configs(), key=["N", "HAS_DH"])
-@triton.jit
+@triton_kernel(
+    key=["N", "HAS_DH"], gpu_configs=_GPU_CONFIGS, interpreter_config=_CPU_CONFIG
+)
 def _rms_norm_bwd_kernel(
     DY,
     X,
@@ -132,33 +143,45 @@ def _rms_norm_bwd_kernel(
     N,
     rows_per_program,
     HAS_DH: tl.constexpr,
+    BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
+    # Persistent: each program takes a contiguous range of rows and keeps its
+    # share of the weight gradient in fp32 registers.
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
-    mask = cols < N
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    col_ok = cols < N
+    w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
     dw = tl.zeros([BLOCK_N], dtype=tl.float32)
-    # int64 row index: offsets of large activations overflow int32.
     row_start = pid.to(tl.int64) * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, M)
-    for row64 in range(row_start, row_end):
-        x = tl.load(X + row64 * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + row64 * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.load(RSTD + row64)
-        x_hat = x * rstd
-        w_dy = w * dy
+    for start in range(row_start, row_end, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        row_ok = rows < row_end
+        mask = row_ok[:, None] & col_ok[None, :]
+        x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
+        dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0)
+        x = x.to(tl.float32)
+        dy = dy.to(tl.float32)
+        rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
+        x_hat = x * rstd[:, None]
+        w_dy = w[None, :] * dy
         # d/dx of x * rstd(x): rstd * (w_dy - x_hat * mean(x_hat * w_dy))
-        c = tl.sum(x_hat * w_dy, axis=0) / N
-        dx = (w_dy - x_hat * c) * rstd
+        c = tl.sum(x_hat * w_dy, axis=1) / N
+        dx = (w_dy - x_hat * c[:, None]) * rstd[:, None]
         if HAS_DH:
             # Gradient reaching the residual output of the fused variant.
-            dx += tl.load(DH + row64 * stride_dh + cols, mask=mask, other=0.0).to(
-                tl.float32
+            dh = tl.load(
+                DH + rows[:, None] * stride_dh + cols[None, :], mask=mask, other=0.0
             )
-        tl.store(DX + row64 * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
-        dw += dy * x_hat
-    tl.store(DW_PARTIAL + pid * N + cols, dw, mask=mask)
+            dx += dh.to(tl.float32)
+        tl.store(
+            DX + rows[:, None] * stride_dx + cols[None, :],
+            dx.to(DX.dtype.element_ty),
+            mask=mask,
+        )
+        dw += tl.sum(dy * x_hat, axis=0)
+    tl.store(DW_PARTIAL + pid * N + cols, dw, mask=col_ok)
 
 
 # ---------------------------------------------------------------------------
@@ -203,7 +226,7 @@ def _forward(
     else:
         r2 = h = x2  # unused by the kernel
     if m > 0:
-        _rms_norm_fwd_kernel[(m,)](
+        _rms_norm_fwd_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)](
             x2,
             r2,
             weight,
@@ -214,6 +237,7 @@ def _forward(
             r2.stride(0),
             y.stride(0),
             h.stride(0),
+            m,
             n,
             eps,
             HAS_RESIDUAL=residual is not None,
