@@ -22,8 +22,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Shard
 from torchtitan.components.dataloader import BaseDataLoader
 from torchtitan.components.loss import IGNORE_INDEX, build_cross_entropy_loss
 from torchtitan.components.metrics import MetricsProcessor
@@ -88,10 +87,34 @@ class SwallowLoss:
         loss = self.cross_entropy(logits, labels)
         if self.z_loss == 0:
             return loss, None
-        lse = torch.logsumexp(logits.flatten(0, 1).float(), dim=-1)
+        if isinstance(loss, DTensor):
+            # Tensor parallel's loss_parallel returns a replicated DTensor.
+            loss = loss.full_tensor()
+        lse = _logsumexp_over_vocab(logits)
         counted = labels.flatten() != IGNORE_INDEX
         z_sum = self.z_loss * torch.where(counted, lse * lse, 0.0).sum()
         return loss + z_sum, z_sum
+
+
+def _logsumexp_over_vocab(logits: torch.Tensor) -> torch.Tensor:
+    """fp32 logsumexp of ``[batch, seq, vocab]`` logits per token, ``[batch * seq]``.
+
+    Vocabulary-sharded DTensor logits (tensor parallel with loss_parallel) are
+    reduced per shard first and only the per-shard results are gathered; DTensor's
+    own logsumexp would gather the whole logits on every rank.
+    """
+    if not isinstance(logits, DTensor):
+        return torch.logsumexp(logits.flatten(0, 1).float(), dim=-1)
+    if logits.device_mesh.ndim != 1 or logits.placements[0] not in (
+        Shard(-1),
+        Shard(logits.ndim - 1),
+    ):
+        return torch.logsumexp(logits.full_tensor().flatten(0, 1).float(), dim=-1)
+    local = torch.logsumexp(logits.to_local().flatten(0, 1).float(), dim=-1)
+    per_shard = DTensor.from_local(
+        local.unsqueeze(-1), logits.device_mesh, [Shard(1)], run_check=False
+    )
+    return torch.logsumexp(per_shard, dim=-1).full_tensor()
 
 
 def build_swallow_loss(job_config, **kwargs) -> SwallowLoss:
