@@ -8,7 +8,7 @@
 #   NNODES        number of nodes (default 1)
 #   NODE_RANK     this node's rank (default 0; ignored with RDZV_ENDPOINT)
 #   MASTER_ADDR   rank-0 host (default localhost)
-#   MASTER_PORT   rank-0 port (default 29500)
+#   MASTER_PORT   rank-0 port (default 29500; a single node without it picks a free port)
 #   RDZV_ENDPOINT host:port of a c10d rendezvous (multi-node, e.g. under SLURM);
 #                 replaces MASTER_ADDR/MASTER_PORT/NODE_RANK
 #   RDZV_ID       rendezvous job id (default: $SLURM_JOB_ID or "swallow")
@@ -16,7 +16,7 @@
 set -euo pipefail
 
 if [[ $# -lt 1 || "$1" == -h || "$1" == --help ]]; then
-    sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,/^set -euo/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'
     exit 0
 fi
 CONFIG="$1"
@@ -35,7 +35,10 @@ NNODES="${NNODES:-1}"
 # Where this run writes (the same resolution the trainer does, overrides included).
 "$PYTHON" -m swallow_titan.plan "$CONFIG" --ngpu "$NGPU" --nnodes "$NNODES" --outputs "$@" || exit $?
 
-if [[ -n "${RDZV_ENDPOINT:-}" ]]; then
+if [[ "$NNODES" == 1 && -z "${RDZV_ENDPOINT:-}" && -z "${MASTER_PORT:-}" ]]; then
+    # One node: let torchrun find a free local port.
+    LAUNCH=(--standalone --nproc_per_node "$NGPU")
+elif [[ -n "${RDZV_ENDPOINT:-}" ]]; then
     LAUNCH=(--nnodes "$NNODES" --nproc_per_node "$NGPU"
             --rdzv_backend c10d --rdzv_endpoint "$RDZV_ENDPOINT"
             --rdzv_id "${RDZV_ID:-${SLURM_JOB_ID:-swallow}}")

@@ -212,7 +212,7 @@ def format_plan(plan: dict) -> str:
         f"{plan['grad_accum_steps']} = {plan['global_batch_sequences']:,} sequences x "
         f"{plan['seq_len']:,} = {plan['global_batch_tokens']:,} tokens/step",
         f"  run           {plan['steps']:,} steps = {plan['total_tokens']:,} tokens "
-        f"({plan['total_tokens'] / 1e9:.1f}B)",
+        f"({_tokens(plan['total_tokens'])})",
         f"  optimizer     {plan['optimizer']} lr {plan['lr']:g} -> min {plan['min_lr']:g}, "
         f"warm-up {plan['warmup_steps']:,} steps, {plan['lr_decay']} decay, betas "
         f"{tuple(plan['adam_betas'])}, eps {plan['adam_eps']:g}, weight decay "
@@ -225,8 +225,8 @@ def format_plan(plan: dict) -> str:
         f"{'on' if plan['compile'] else 'off'}; AC {plan['activation_checkpoint']}",
         "  data mixture",
         *(
-            f"    {s['name']:<24} {s['domain']:<6} {100 * s['share']:5.1f}%  "
-            f"{s['tokens'] / 1e9:8.2f}B tokens"
+            f"    {s['name']:<32} {s['domain']:<6} {100 * s['share']:5.1f}%  "
+            f"{_tokens(s['tokens']):>8} tokens"
             for s in plan["sources"]
         ),
         f"  memory/GPU    ~{m['total']:.1f} GiB: params {m['parameters']:.1f}, grads "
@@ -239,6 +239,13 @@ def format_plan(plan: dict) -> str:
         lines.append("problems (the run will not start until they are fixed):")
         lines.extend(f"  - {p}" for p in plan["problems"])
     return "\n".join(lines)
+
+
+def _tokens(n: int) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(n)
 
 
 def output_lines(outputs: dict[str, str]) -> list[str]:

@@ -18,6 +18,7 @@ from torchtitan.train import Trainer
 import swallow_titan.train_spec  # noqa: F401  (registers the "swallow" TrainSpec)
 from swallow_titan.config.checks import check_job_config
 from swallow_titan.config.manager import ConfigError, SwallowConfigManager
+from swallow_titan.profiling import install_cpu_profiler
 
 
 def parse_config(argv: list[str]):
@@ -31,6 +32,7 @@ def parse_config(argv: list[str]):
 
 def main(argv: list[str] | None = None) -> int:
     init_logger()
+    install_cpu_profiler()
     argv = sys.argv[1:] if argv is None else argv
     try:
         config = parse_config(argv)
@@ -40,7 +42,12 @@ def main(argv: list[str] | None = None) -> int:
     trainer: Trainer | None = None
     try:
         trainer = Trainer(config)
-        trainer.train()
+        if config.checkpoint.create_seed_checkpoint:
+            # Unsharded initial weights at step 0, for runs that must start alike.
+            trainer.checkpointer.save(curr_step=0, last_step=True)
+            logger.info("Created seed checkpoint")
+        else:
+            trainer.train()
     finally:
         if trainer is not None:
             trainer.close()

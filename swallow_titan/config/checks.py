@@ -137,10 +137,16 @@ def check_structure(config, world_size: int, source: str) -> Layout:
     args = model_args(config, source)
     layout = resolve_layout(config, world_size, source)
     grad_accum_steps(config, layout, source)
+    if config.checkpoint.create_seed_checkpoint and (
+        world_size != 1 or not config.checkpoint.enable
+    ):
+        raise ConfigError(
+            f"{source}: checkpoint.create_seed_checkpoint: needs 1 process and "
+            "checkpoint.enable = true"
+        )
     _check_training(config, args, layout, source)
     _check_sources(config, source)
     _check_checkpoint(config, source)
-    _check_float8(config, source)
     _check_kernels(config, layout, source)
     return layout
 
@@ -172,8 +178,10 @@ def file_problems(config, source: str) -> list[str]:
 
 
 def check_job_config(config, world_size: int, source: str) -> Layout:
-    """Everything a run needs before it starts; returns the layout."""
+    """Everything a run on this machine needs before it starts; returns the layout."""
     layout = check_structure(config, world_size, source)
+    _check_float8(config, source)
+    _check_kernels_device(config, source)
     problems = file_problems(config, source)
     if problems:
         raise ConfigError("\n".join(problems))
@@ -287,13 +295,41 @@ def _check_float8(config, source: str) -> None:
 
 
 def _check_kernels(config, layout: Layout, source: str) -> None:
+    from swallow_titan.model.transformer import FUSED_LOSS
+
+    k = config.kernels
+    if k.z_loss < 0:
+        raise ConfigError(f"{source}: kernels.z_loss: must be >= 0, got {k.z_loss}")
+    if k.loss != FUSED_LOSS:
+        return
+    # The labels reach the output layer through the input dict: torchtitan hands
+    # it to the first pipeline stage only and does not shard it for context
+    # parallel.
+    for name, degree in (
+        ("pipeline_parallel_degree", layout.pp),
+        ("context_parallel_degree", layout.cp),
+    ):
+        if degree > 1:
+            raise ConfigError(
+                f"{source}: kernels.loss: {FUSED_LOSS!r} does not support "
+                f'parallelism.{name} = {degree}; use loss = "torch" or degree 1'
+            )
+    if FLOAT8_CONVERTER in config.model.converters and not any(
+        "output" in fqn for fqn in config.quantize.linear.float8.filter_fqns
+    ):
+        raise ConfigError(
+            f"{source}: quantize.linear.float8.filter_fqns: with kernels.loss = "
+            f"{FUSED_LOSS!r} the output layer computes the loss and must stay in "
+            'high precision; add "output" to filter_fqns'
+        )
+
+
+def _check_kernels_device(config, source: str) -> None:
     from kernels.runtime import interpreting
     from swallow_titan import DEVICE_TYPE
     from swallow_titan.model.transformer import FUSED_LOSS, TRITON_NORM
 
     k = config.kernels
-    if k.z_loss < 0:
-        raise ConfigError(f"{source}: kernels.z_loss: must be >= 0, got {k.z_loss}")
     uses_triton = k.rmsnorm == TRITON_NORM or k.loss == FUSED_LOSS
     if uses_triton and DEVICE_TYPE == "cpu" and not interpreting():
         raise ConfigError(
@@ -301,21 +337,3 @@ def _check_kernels(config, layout: Layout, source: str) -> None:
             "for Triton; on CPU set TRITON_INTERPRET=1 in the environment (slow, for "
             'testing) or use rmsnorm = "torch" and loss = "torch"'
         )
-    if k.loss != FUSED_LOSS:
-        return
-    # The labels reach the output layer through the input dict: torchtitan hands
-    # it to the first pipeline stage only and does not shard it for context
-    # parallel.
-    for name, degree in (("pipeline_parallel_degree", layout.pp), ("context_parallel_degree", layout.cp)):
-        if degree > 1:
-            raise ConfigError(
-                f"{source}: kernels.loss: {FUSED_LOSS!r} does not support "
-                f"parallelism.{name} = {degree}; use loss = \"torch\" or degree 1"
-            )
-    if FLOAT8_CONVERTER in config.model.converters:
-        if not any("output" in fqn for fqn in config.quantize.linear.float8.filter_fqns):
-            raise ConfigError(
-                f"{source}: quantize.linear.float8.filter_fqns: with kernels.loss = "
-                f"{FUSED_LOSS!r} the output layer computes the loss and must stay in "
-                'high precision; add "output" to filter_fqns'
-            )

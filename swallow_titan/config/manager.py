@@ -154,7 +154,7 @@ class SwallowConfigManager(ConfigManager):
 
     def parse_args(self, args: list[str] | None = None) -> Any:
         args = list(sys.argv[1:] if args is None else args)
-        return super().parse_args(args)
+        return super().parse_args(_bool_values_to_flags(args, self.config_cls))
 
     def _maybe_load_toml(self, args: list[str]) -> dict[str, Any] | None:
         path = _config_file_arg(args)
@@ -171,6 +171,45 @@ class SwallowConfigManager(ConfigManager):
 
     def _dict_to_dataclass(self, cls: type, data: dict[str, Any]) -> Any:
         return _Checker(self.config_file or "<config>").to_dataclass(cls, data, "")
+
+
+def _bool_paths(cls: type, prefix: str = "") -> set[str]:
+    """Dotted names of every bool field in a config dataclass tree."""
+    paths = set()
+    for name, tp in typing.get_type_hints(cls).items():
+        if tp is bool:
+            paths.add(prefix + name)
+        elif dataclasses.is_dataclass(tp):
+            paths |= _bool_paths(tp, f"{prefix}{name}.")
+    return paths
+
+
+def _bool_values_to_flags(args: list[str], cls: type) -> list[str]:
+    """Accept ``--section.flag true|false`` as well as tyro's flag spelling.
+
+    tyro takes booleans as ``--section.flag`` / ``--section.no-flag``; people
+    (and TOML habits) write ``--section.flag false``.
+    """
+    bools = _bool_paths(cls)
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        key, eq, value = arg.partition("=")
+        path = key[2:].replace("-", "_") if key.startswith("--") else ""
+        if path in bools:
+            if not eq and i + 1 < len(args) and args[i + 1].lower() in ("true", "false"):
+                value, eq = args[i + 1], "="
+                i += 1
+            if eq:
+                if value.lower() not in ("true", "false"):
+                    raise ConfigError(f"--{path}: expected true or false, got {value!r}")
+                section, _, name = path.rpartition(".")
+                prefix = f"--{section}." if section else "--"
+                arg = f"{prefix}{name}" if value.lower() == "true" else f"{prefix}no_{name}"
+        out.append(arg)
+        i += 1
+    return out
 
 
 def _config_file_arg(args: list[str]) -> str | None:

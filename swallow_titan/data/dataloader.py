@@ -68,6 +68,21 @@ class GlobalStreamDataLoader(BaseDataLoader):
             inputs["positions"] = torch.stack([w.positions for w in windows])[:, :-1]
         return inputs, tokens[:, 1:]
 
+    def metrics(self) -> dict[str, float]:
+        """Per-source data metrics for logging: tokens taken, share, epoch.
+
+        Keys are ``data/<source name>/<metric>``; the values describe the global
+        stream up to the last batch this loader produced.
+        """
+        progress = self.stream.source_progress()
+        total = max(sum(p.tokens for p in progress.values()), 1)
+        out: dict[str, float] = {}
+        for name, p in progress.items():
+            out[f"data/{name}/tokens"] = p.tokens
+            out[f"data/{name}/share"] = p.tokens / total
+            out[f"data/{name}/epoch"] = p.epoch + 1
+        return out
+
     def state_dict(self) -> dict[str, Any]:
         # Identical on every rank; DCP stores it once.
         state = {"stream": self.stream.state_dict(), "batches": self.batches_yielded}
@@ -84,6 +99,16 @@ class GlobalStreamDataLoader(BaseDataLoader):
         state = pickle.loads(state_dict[_STATE_KEY])
         self.stream.load_state_dict(state["stream"])
         self.batches_yielded = state["batches"]
+
+
+def source_token_counts(state_dict: dict[str, Any]) -> dict[str, int]:
+    """Tokens taken from each source, read from a checkpoint's dataloader state.
+
+    ``state_dict`` is what ``GlobalStreamDataLoader.state_dict`` returned (the
+    checkpoint's "dataloader" entry); used by reports such as the model card.
+    """
+    state = pickle.loads(state_dict[_STATE_KEY])
+    return {name: p["tokens"] for name, p in state["stream"]["sources"].items()}
 
 
 def build_dataloader(

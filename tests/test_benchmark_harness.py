@@ -1,0 +1,34 @@
+"""The throughput benchmark's CPU smoke mode runs the same harness end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from helpers import REPO
+
+pytestmark = pytest.mark.slow
+
+SMOKE_CONFIGS = "stock,bf16"
+
+
+def test_cpu_smoke_reports_every_configuration_and_a_profile(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/throughput.py", "--cpu-smoke",
+         "--configs", SMOKE_CONFIGS, "--out", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "throughput.json").read_text())
+    results = {r["name"]: r for r in report["results"]}
+    assert list(results) == SMOKE_CONFIGS.split(",")
+    for r in results.values():
+        assert r["ok"] and r["tokens_per_s"] > 0 and r["steps_measured"] == 2
+        assert r["peak_memory_gib"] > 0
+    assert results["stock"]["vs_stock"] == pytest.approx(1.0)
+    assert report["top_kernels"], "the profiled run produced no operator table"
+    assert "vs stock" in proc.stdout and "top" in proc.stdout
+    assert (tmp_path / "throughput.log").stat().st_size > 0

@@ -1,0 +1,111 @@
+"""End-to-end training on CPU: loss falls, parallel layouts agree, resume is exact."""
+
+from __future__ import annotations
+
+import pytest
+
+from helpers import run_training
+
+pytestmark = pytest.mark.slow
+
+
+def test_tiny_model_trains_and_loss_falls(tmp_path):
+    result = run_training(
+        tmp_path / "run",
+        "--training.steps", "12",
+        "--optimizer.lr", "3e-3",
+        "--checkpoint.enable", "true",
+        "--checkpoint.interval", "6",
+        "--metrics.enable_tensorboard", "true",
+    ).check()
+    losses = result.losses
+    assert sorted(losses) == list(range(1, 13))
+    first = losses[1]
+    last = sum(losses[s] for s in (10, 11, 12)) / 3
+    assert last < first - 1.0, losses
+    # A checkpoint and TensorBoard events were written.
+    assert (tmp_path / "run" / "checkpoint" / "step-12" / ".metadata").is_file()
+    assert list((tmp_path / "run" / "tb").rglob("events.out.tfevents.*"))
+
+
+@pytest.fixture(scope="module")
+def seed_checkpoint(tmp_path_factory):
+    """Unsharded initial weights shared by the layout-parity runs."""
+    folder = tmp_path_factory.mktemp("seed")
+    run_training(
+        folder,
+        "--checkpoint.enable", "true",
+        "--checkpoint.create_seed_checkpoint", "true",
+    ).check()
+    path = folder / "checkpoint" / "step-0"
+    assert (path / ".metadata").is_file()
+    return path
+
+
+def _from_seed(seed_checkpoint) -> list[str]:
+    return [
+        "--checkpoint.enable", "true",
+        "--checkpoint.initial_load_path", str(seed_checkpoint),
+        "--checkpoint.initial_load_model_only", "true",
+        "--checkpoint.load_only", "true",
+        "--training.steps", "4",
+    ]
+
+
+@pytest.fixture(scope="module")
+def single_process_losses(seed_checkpoint, tmp_path_factory):
+    # local 4 x 2 accumulation steps = the same 8 sequences per step as 2 ranks x 4.
+    result = run_training(
+        tmp_path_factory.mktemp("single"), *_from_seed(seed_checkpoint)
+    ).check()
+    assert sorted(result.losses) == [1, 2, 3, 4]
+    return result.losses
+
+
+@pytest.mark.distributed
+def test_fsdp2_two_processes_match_one_process(
+    seed_checkpoint, single_process_losses, tmp_path
+):
+    result = run_training(
+        tmp_path / "fsdp",
+        *_from_seed(seed_checkpoint),
+        "--parallelism.data_parallel_shard_degree", "2",
+        nproc=2,
+    ).check()
+    assert "Applied FSDP to the model" in result.output
+    assert result.losses == pytest.approx(single_process_losses, rel=1e-4)
+
+
+@pytest.mark.distributed
+def test_tensor_parallel_two_processes_match_one_process(
+    seed_checkpoint, single_process_losses, tmp_path
+):
+    result = run_training(
+        tmp_path / "tp",
+        *_from_seed(seed_checkpoint),
+        "--parallelism.tensor_parallel_degree", "2",
+        "--parallelism.data_parallel_shard_degree", "1",
+        "--training.local_batch_size", "8",
+        nproc=2,
+    ).check()
+    assert "Tensor Parallelism to the model" in result.output
+    assert result.losses == pytest.approx(single_process_losses, rel=1e-4)
+
+
+def test_restart_from_checkpoint_continues_with_the_same_losses(tmp_path):
+    common = [
+        "--checkpoint.enable", "true",
+        "--checkpoint.interval", "3",
+        "--lr_scheduler.total_steps", "6",
+    ]
+    full = run_training(tmp_path / "full", *common, "--training.steps", "6").check()
+
+    # The same run, stopped after its step-3 checkpoint, then started again
+    # with the same folder and more steps.
+    resumed_dir = tmp_path / "resumed"
+    first = run_training(resumed_dir, *common, "--training.steps", "3").check()
+    second = run_training(resumed_dir, *common, "--training.steps", "6").check()
+
+    assert "Loading the checkpoint" in second.output
+    assert sorted(second.losses) == [4, 5, 6]
+    assert {**first.losses, **second.losses} == pytest.approx(full.losses, rel=1e-6)
