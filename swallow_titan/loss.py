@@ -144,6 +144,12 @@ class LabelsInInputs(BaseDataLoader):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.loader.load_state_dict(state_dict)
 
+    def __getattr__(self, name: str) -> Any:
+        # Anything else (e.g. the data pipeline's metrics()) is the wrapped loader's.
+        if name == "loader":
+            raise AttributeError(name)
+        return getattr(self.loader, name)
+
 
 def build_training_dataloader(
     dp_world_size: int, dp_rank: int, tokenizer, job_config, **kwargs

@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import pytest
 
-from tests.train_run import run_training
+from helpers import run_training
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
+# On top of helpers.FAST (seq 64, no checkpoint/validation/TensorBoard, seed).
 SMALL_RUN = [
     "--training.steps", "3",
     "--lr_scheduler.warmup_steps", "1",
     "--training.local_batch_size", "2",
     "--training.global_batch_size", "4",
-    "--training.seq_len", "64",
     "--kernels.z_loss", "1e-4",
 ]
 KERNELS_ON = ["--kernels.rmsnorm", "triton", "--kernels.loss", "fused_linear_ce"]
@@ -34,11 +34,11 @@ def _assert_same_losses(on: dict[int, float], off: dict[int, float]) -> None:
 
 def test_fsdp2_losses_match_with_kernels_on_and_off(tmp_path):
     fsdp = ["--parallelism.data_parallel_shard_degree", "2"]
-    off = run_training(tmp_path / "off", SMALL_RUN + fsdp, nproc=2)
+    off = run_training(tmp_path / "off", *SMALL_RUN, *fsdp, nproc=2).check()
     on = run_training(
-        tmp_path / "on", SMALL_RUN + fsdp + KERNELS_ON, nproc=2, env=INTERPRETER
-    )
-    _assert_same_losses(on, off)
+        tmp_path / "on", *SMALL_RUN, *fsdp, *KERNELS_ON, nproc=2, env=INTERPRETER
+    ).check()
+    _assert_same_losses(on.losses, off.losses)
 
 
 def test_tensor_parallel_losses_match_with_kernels_on_and_off(tmp_path):
@@ -48,8 +48,8 @@ def test_tensor_parallel_losses_match_with_kernels_on_and_off(tmp_path):
         "--parallelism.tensor_parallel_degree", "2",
         "--parallelism.data_parallel_shard_degree", "1",
     ]
-    off = run_training(tmp_path / "off", SMALL_RUN + tp, nproc=2)
+    off = run_training(tmp_path / "off", *SMALL_RUN, *tp, nproc=2).check()
     on = run_training(
-        tmp_path / "on", SMALL_RUN + tp + KERNELS_ON, nproc=2, env=INTERPRETER
-    )
-    _assert_same_losses(on, off)
+        tmp_path / "on", *SMALL_RUN, *tp, *KERNELS_ON, nproc=2, env=INTERPRETER
+    ).check()
+    _assert_same_losses(on.losses, off.losses)
