@@ -45,7 +45,7 @@ import triton.language as tl
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-from kernels.runtime import check_device, triton_kernel
+from kernels.runtime import autotune_configs, check_device
 
 # Bytes one chunk of logits and logit gradients may take by default.
 CHUNK_BUDGET_BYTES = 512 * 2**20
@@ -157,16 +157,19 @@ def _flce_local(
 # Triton kernel: one program per row of a logits chunk
 
 
-@triton_kernel(
+@triton.autotune(
+    configs=autotune_configs(
+        gpu=[
+            triton.Config({"BLOCK_M": 1, "BLOCK_V": b}, num_warps=w)
+            for b in (2048, 4096, 8192)
+            for w in (8, 16)
+        ],
+        # The interpreter pays per operation: many rows and a wide block per step.
+        interpreter=triton.Config({"BLOCK_M": 32, "BLOCK_V": 2048}, num_warps=4),
+    ),
     key=["V", "DO_LSE", "DO_GRAD"],
-    gpu_configs=[
-        triton.Config({"BLOCK_M": 1, "BLOCK_V": b}, num_warps=w)
-        for b in (2048, 4096, 8192)
-        for w in (8, 16)
-    ],
-    # The interpreter pays per operation: many rows and a wide block per step.
-    interpreter_config=triton.Config({"BLOCK_M": 32, "BLOCK_V": 2048}, num_warps=4),
 )
+@triton.jit
 def _ce_rows_kernel(
     LOGITS,
     DLOGITS,

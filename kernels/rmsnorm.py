@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
-from kernels.runtime import check_device, num_programs, triton_kernel
+from kernels.runtime import autotune_configs, check_device, num_programs
 
 # The widest row one program normalises (Llama-3 8B/70B use 4096/8192).
 MAX_HIDDEN = 65536
@@ -72,16 +72,17 @@ def rms_norm(
 
 # One row per program is right for Llama widths on a GPU; the interpreter pays
 # per operation, not per element, so it gets many rows per program.
-_GPU_CONFIGS = [
-    triton.Config({"BLOCK_M": m}, num_warps=w)
-    for m, w in ((1, 4), (1, 8), (1, 16), (2, 8), (4, 8))
-]
-_CPU_CONFIG = triton.Config({"BLOCK_M": 32}, num_warps=4)
-
-
-@triton_kernel(
-    key=["N", "HAS_RESIDUAL"], gpu_configs=_GPU_CONFIGS, interpreter_config=_CPU_CONFIG
+_CONFIGS = autotune_configs(
+    gpu=[
+        triton.Config({"BLOCK_M": m}, num_warps=w)
+        for m, w in ((1, 4), (1, 8), (1, 16), (2, 8), (4, 8))
+    ],
+    interpreter=triton.Config({"BLOCK_M": 32}, num_warps=4),
 )
+
+
+@triton.autotune(configs=_CONFIGS, key=["N", "HAS_RESIDUAL"])
+@triton.jit
 def _rms_norm_fwd_kernel(
     X,
     R,
@@ -124,9 +125,8 @@ def _rms_norm_fwd_kernel(
     tl.store(RSTD + rows, rstd, mask=row_ok)
 
 
-@triton_kernel(
-    key=["N", "HAS_DH"], gpu_configs=_GPU_CONFIGS, interpreter_config=_CPU_CONFIG
-)
+@triton.autotune(configs=_CONFIGS, key=["N", "HAS_DH"])
+@triton.jit
 def _rms_norm_bwd_kernel(
     DY,
     X,

@@ -325,13 +325,13 @@ def _check_kernels(config, layout: Layout, source: str) -> None:
 
 
 def _check_kernels_device(config, source: str) -> None:
-    from kernels.runtime import interpreting
+    from kernels import runtime
     from swallow_titan import DEVICE_TYPE
     from swallow_titan.model.transformer import FUSED_LOSS, TRITON_NORM
 
     k = config.kernels
     uses_triton = k.rmsnorm == TRITON_NORM or k.loss == FUSED_LOSS
-    if uses_triton and DEVICE_TYPE == "cpu" and not interpreting():
+    if uses_triton and DEVICE_TYPE == "cpu" and not runtime.INTERPRET:
         raise ConfigError(
             f"{source}: kernels: rmsnorm = {k.rmsnorm!r}, loss = {k.loss!r} need a GPU "
             "for Triton; on CPU set TRITON_INTERPRET=1 in the environment (slow, for "
