@@ -407,10 +407,10 @@ def _setup_flce(ctx, inputs, output) -> None:
     ctx.save_for_backward(dh, dw)
     ctx.grads = (grad_hidden, grad_weight)
     ctx.dtypes = (hidden.dtype, weight.dtype)
+    ctx.consumed = False
 
 
 def _backward_flce(ctx, g_loss, _g_z, _g_dh, _g_dw):
-    dh, dw = ctx.saved_tensors
     grad_hidden, grad_weight = ctx.grads
     h_dtype, w_dtype = ctx.dtypes
     if ctx.needs_input_grad[0] and not grad_hidden or (
@@ -421,8 +421,24 @@ def _backward_flce(ctx, g_loss, _g_z, _g_dh, _g_dw):
             "forward computes; it was run without grad enabled or with inputs that "
             "did not require grad"
         )
-    d_hidden = (dh * g_loss).to(h_dtype) if grad_hidden else None
-    d_weight = (dw * g_loss).to(w_dtype) if grad_weight else None
+    if ctx.consumed:
+        raise RuntimeError(
+            "fused_linear_cross_entropy: a second backward through the same forward "
+            "is not supported (its gradients were scaled in place by the first)"
+        )
+    dh, dw = ctx.saved_tensors
+    # Eager: scale the precomputed gradients in place, so the weight gradient
+    # is not held twice. Traced graphs (compile, opcheck) see fake or functional
+    # tensor subclasses and get the out-of-place form.
+    in_place = type(dh) is torch.Tensor and not torch.compiler.is_compiling()
+    ctx.consumed = in_place
+
+    def scaled(grad: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        grad = grad.mul_(g_loss) if in_place else grad * g_loss
+        return grad.to(dtype)
+
+    d_hidden = scaled(dh, h_dtype) if grad_hidden else None
+    d_weight = scaled(dw, w_dtype) if grad_weight else None
     return d_hidden, d_weight, None, None, None, None, None, None, None, None
 
 

@@ -194,3 +194,12 @@ def test_mismatched_targets_are_refused():
     hidden, weight, targets = _inputs(4, 8, 10, torch.float32)
     with pytest.raises(ValueError, match="3 targets for 4 tokens"):
         fused_linear_cross_entropy(hidden, weight, targets[:3])
+
+
+def test_second_backward_through_one_forward_is_refused():
+    # The precomputed gradients are scaled in place by the first backward.
+    hidden, weight, targets = _inputs(4, 8, 10, torch.float32)
+    loss, _ = fused_linear_cross_entropy(hidden, weight, targets)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward"):
+        loss.backward()
