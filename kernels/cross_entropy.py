@@ -38,6 +38,8 @@ partial sum that DTensor reduces. See :func:`fused_linear_cross_entropy`.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as dist
 import triton
@@ -244,9 +246,24 @@ def _gemm_dtype(t: torch.Tensor) -> torch.dtype:
 
 def _chunk_logits(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """fp32 logits of one chunk (a bf16/fp16 GEMM with fp32 output on a GPU)."""
+    global _MM_OUT_DTYPE
     if h.dtype == torch.float32:
         return h @ w.t()
-    return torch.mm(h, w.t(), out_dtype=torch.float32)
+    if _MM_OUT_DTYPE:
+        try:
+            return torch.mm(h, w.t(), out_dtype=torch.float32)
+        except (RuntimeError, NotImplementedError, TypeError) as e:
+            _MM_OUT_DTYPE = False
+            warnings.warn(
+                f"fused_linear_cross_entropy: torch.mm(..., out_dtype=float32) is not "
+                f"available ({e}); logits are rounded to {h.dtype} before the fp32 "
+                "log-sum-exp, as eager PyTorch does"
+            )
+    return torch.mm(h, w.t()).float()
+
+
+# Whether this torch offers a bf16/fp16 GEMM with fp32 output (CUDA, torch >= 2.8).
+_MM_OUT_DTYPE = True
 
 
 def default_chunk_tokens(vocab: int, gemm_dtype: torch.dtype) -> int:
