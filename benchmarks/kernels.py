@@ -174,7 +174,8 @@ def _leaf(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
 
 
 def _rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual.float() - expected.float()).norm() / expected.float().norm().clamp(min=1e-30)).item()
+    diff = (actual.float() - expected.float()).norm()
+    return (diff / expected.float().norm().clamp(min=1e-30)).item()
 
 
 def check_rms_norm(kernels, sizes: Sizes) -> list[str]:
@@ -248,7 +249,10 @@ def check_loss(kernels, sizes: Sizes) -> list[str]:
     loss, _ = kernels.fused_linear_cross_entropy(hs, ws, all_ignored, IGNORE, 1e-4)
     loss.backward()
     ok = loss.item() == 0 and not hs.grad.any() and not ws.grad.any()
-    out.append(f"{'ok  ' if ok else 'FAIL'} fused linear+CE, every target ignored: loss {loss.item()}")
+    out.append(
+        f"{'ok  ' if ok else 'FAIL'} fused linear+CE, every target ignored: "
+        f"loss {loss.item()}"
+    )
     return out
 
 
@@ -310,7 +314,10 @@ def bench_rms_norm(kernels, sizes: Sizes, copy_gbps: float, compile_: bool) -> l
         gbps = add_norm_bytes / ms / 1e6
         rows.append(Row(f"add+rmsnorm [{m}x{n}]", name, ms, f"{gbps:,.0f} GB/s",
                         ratio=f"{gbps / copy_gbps:.0%} of copy"))
-    for ours, base in (("ours (Triton)", "torch.compile"), ("ours, fused residual", "torch.compile add+norm")):
+    for ours, base in (
+        ("ours (Triton)", "torch.compile"),
+        ("ours, fused residual", "torch.compile add+norm"),
+    ):
         if base in times:
             row = next(r for r in rows if r.variant == ours)
             row.ratio += f", {times[base] / times[ours]:.2f}x vs compile"
@@ -351,14 +358,18 @@ def bench_loss(kernels, sizes: Sizes, tokens: int, compile_: bool) -> list[Row]:
                 h, w, t, reduction="sum", ignore_index=IGNORE, options=options
             ),
         ))
-    variants.append(("ours (fused, Triton)", lambda h, w, t: kernels.fused_linear_cross_entropy(h, w, t)[0]))
+    variants.append(
+        ("ours (fused, Triton)", lambda h, w, t: kernels.fused_linear_cross_entropy(h, w, t)[0])
+    )
 
     rows: list[Row] = []
     dlogits = torch.empty(tokens, v, device=dev, dtype=dt)
     with torch.no_grad():
         gemm_ms = time_ms(lambda: _bare_gemms(h, w, dlogits), sizes)
     del dlogits
-    rows.append(Row(section, "3 bare GEMMs (floor)", gemm_ms, f"{flops / gemm_ms / 1e9:,.0f} TFLOP/s"))
+    rows.append(
+        Row(section, "3 bare GEMMs (floor)", gemm_ms, f"{flops / gemm_ms / 1e9:,.0f} TFLOP/s")
+    )
     memory: dict[str, float | None] = {}
     for name, fn in variants:
 
