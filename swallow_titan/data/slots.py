@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from torchtitan.tools.logging import logger
 
 from swallow_titan.config.sections import DataSource
 from swallow_titan.data.lane import DEFAULT_BLOCK_DOCS, Lane, LaneState
@@ -80,6 +81,7 @@ def build_stream_spec(
         files = source_files(source)
         check_text_field(source, files)
         lanes.append(plan_lanes(files, global_batch, source.name))
+        _log_sharding(source, files, lanes[-1])
     return StreamSpec(
         sources=list(sources),
         lanes=lanes,
@@ -89,6 +91,21 @@ def build_stream_spec(
         seed=seed,
         block_docs=block_docs,
         max_chars=max_chars,
+    )
+
+
+def _log_sharding(source: DataSource, files, lanes: list[LaneSpec]) -> None:
+    units = {u for lane in lanes for u in lane.units}
+    shared = max(lane.stride for lane in lanes)
+    logger.info(
+        f"data source '{source.name}': {len(files)} file(s) -> {len(units)} read "
+        f"unit(s) for {len(lanes)} slots"
+        + (
+            f"; up to {shared} slots share a unit and each reads it (decompresses "
+            "and splits lines) once: give the source more files to avoid that"
+            if shared > 1
+            else "; every unit is read by one slot only"
+        )
     )
 
 

@@ -208,6 +208,19 @@ def check_source(source: DataSource, where: str = "[[data.sources]]") -> None:
         raise DataSourceError(f"{where} '{source.name}': text_field must not be empty")
 
 
+def check_data_options(data, where: str) -> None:
+    """Check the ``[data]`` options that are not per source."""
+    if data.shuffle_block_docs < 0:
+        raise DataSourceError(
+            f"{where}.shuffle_block_docs: must be >= 0 (0 = keep the files' order), "
+            f"got {data.shuffle_block_docs}"
+        )
+    if data.max_document_chars < 1:
+        raise DataSourceError(
+            f"{where}.max_document_chars: must be >= 1, got {data.max_document_chars}"
+        )
+
+
 def open_source(source: DataSource, skip: int = 0) -> Iterator[str]:
     """Iterate the document texts of ``source`` file by file, after skipping
     ``skip`` documents. Bad records are left out (the training loader counts
