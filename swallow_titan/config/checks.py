@@ -18,7 +18,12 @@ from swallow_titan.checkpoint.hf_weights import (
     list_safetensors,
 )
 from swallow_titan.config.manager import ConfigError
-from swallow_titan.data.sources import DataSourceError, check_source, local_files
+from swallow_titan.data.sources import (
+    DataSourceError,
+    check_data_options,
+    check_source,
+    local_files,
+)
 from swallow_titan.data.tokenizer import (
     Llama3Tokenizer,
     TokenizerFileError,
@@ -269,6 +274,10 @@ def _check_sources(config, source: str) -> None:
             check_source(s, where)
         except DataSourceError as e:
             raise ConfigError(str(e)) from None
+    try:
+        check_data_options(config.data, f"{source}: data")
+    except DataSourceError as e:
+        raise ConfigError(str(e)) from None
     if config.validation.enable and not config.validation.dataset_path:
         raise ConfigError(
             f"{source}: validation.dataset_path: validation is enabled but names no "

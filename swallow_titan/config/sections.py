@@ -48,6 +48,11 @@ class DataSource:
     max_epochs: float = 0.0
     """Stop the source after this many passes; 0 means repeat without limit."""
 
+    num_tokens: float = 0.0
+    """The source's size in tokens as the user knows it (e.g. from its dataset
+    card: SwallowCode ~16.1e9, SwallowMath ~2.3e9); 0 = unknown. Only the plan
+    uses it, to show how many epochs the run reads the source."""
+
 
 @dataclass
 class Data:
@@ -57,7 +62,16 @@ class Data:
     """The ``[[data.sources]]`` entries."""
 
     seed: int = 1234
-    """Seed of the data order (mixture and shuffling)."""
+    """Seed of the data order (document shuffling; the mixture needs none)."""
+
+    shuffle_block_docs: int = 1024
+    """Each slot reads a source's documents in blocks of this many and permutes
+    every block (seeded), after shuffling its file order per epoch; 0 keeps the
+    files' order."""
+
+    max_document_chars: int = 20_000_000
+    """Documents longer than this are skipped (and counted as "too_long");
+    shorter ones of any length are split across windows."""
 
     reset_position_ids: bool = False
     """Give the model position ids that restart at every document (Megatron's
