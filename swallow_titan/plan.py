@@ -34,6 +34,7 @@ from swallow_titan.config.checks import (
     model_args,
 )
 from swallow_titan.config.manager import ConfigError, SwallowConfigManager
+from swallow_titan.data.source_size import format_source_line, plan_sources
 from swallow_titan.model.args import SwallowModelArgs
 from swallow_titan.model.transformer import FUSED_LOSS
 
@@ -142,6 +143,9 @@ def output_paths(config) -> dict[str, str]:
         "checkpoints": os.path.join(dump, config.checkpoint.folder)
         if config.checkpoint.enable
         else "",
+        "hf_export": os.path.join(dump, config.hf.export_folder)
+        if config.hf.export_at_end
+        else "",
     }
 
 
@@ -158,7 +162,6 @@ def build_plan(config, ngpu: int, nnodes: int, source: str) -> dict:
     warmup = config.lr_scheduler.warmup_steps
     lr_points = lr_at_steps(config, [1, max(warmup, 1), max((steps + 1) // 2, 1), steps])
     total_tokens = steps * global_seqs * seq_len
-    weights = sum(s.weight for s in config.data.sources)
     memory = estimate_memory(args, config, layout, n_params)
     opt = config.optimizer
     return {
@@ -193,15 +196,7 @@ def build_plan(config, ngpu: int, nnodes: int, source: str) -> dict:
         "compile": config.compile.enable,
         "float8": "quantize.linear.float8" in config.model.converters,
         "activation_checkpoint": config.activation_checkpoint.mode,
-        "sources": [
-            {
-                "name": s.name,
-                "domain": s.domain,
-                "share": s.weight / weights,
-                "tokens": round(total_tokens * s.weight / weights),
-            }
-            for s in config.data.sources
-        ],
+        "sources": plan_sources(config, total_tokens),
         "memory_gib": {**asdict(memory), "total": memory.total},
         "outputs": output_paths(config),
         "problems": file_problems(config, source),
@@ -235,11 +230,7 @@ def format_plan(plan: dict) -> str:
         f"{'on' if plan['float8'] else 'off'}; compile "
         f"{'on' if plan['compile'] else 'off'}; AC {plan['activation_checkpoint']}",
         "  data mixture",
-        *(
-            f"    {s['name']:<32} {s['domain']:<6} {100 * s['share']:5.1f}%  "
-            f"{_tokens(s['tokens']):>8} tokens"
-            for s in plan["sources"]
-        ),
+        *(format_source_line(s, _tokens) for s in plan["sources"]),
         f"  memory/GPU    ~{m['total']:.1f} GiB: params {m['parameters']:.1f}, grads "
         f"{m['gradients']:.1f}, optimizer {m['optimizer']:.1f}, gathered params "
         f"{m['gathered_params']:.1f}, activations {m['activations']:.1f}, logits "
@@ -265,6 +256,7 @@ def output_lines(outputs: dict[str, str]) -> list[str]:
         f"  tensorboard   {outputs['tensorboard'] or 'off'}"
         + (f"  (tensorboard --logdir {outputs['tensorboard']})" if outputs["tensorboard"] else ""),
         f"  checkpoints   {outputs['checkpoints'] or 'off'}",
+        f"  hf export     {outputs.get('hf_export') or 'off'}",
     ]
 
 

@@ -9,8 +9,21 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from swallow_titan.checkpoint.dcp_reader import checkpoint_steps
+from swallow_titan.checkpoint.hf_config import HFConfigError, check_hf_config_matches_flavor
+from swallow_titan.checkpoint.hf_export import ExportError, parse_size
+from swallow_titan.checkpoint.hf_weights import (
+    HFWeightsError,
+    check_hf_tensors,
+    list_safetensors,
+)
 from swallow_titan.config.manager import ConfigError
-from swallow_titan.data.sources import DataSourceError, check_source, local_files
+from swallow_titan.data.sources import (
+    DataSourceError,
+    check_data_options,
+    check_source,
+    local_files,
+)
 from swallow_titan.data.tokenizer import (
     Llama3Tokenizer,
     TokenizerFileError,
@@ -148,6 +161,7 @@ def check_structure(config, world_size: int, source: str) -> Layout:
     _check_sources(config, source)
     _check_checkpoint(config, source)
     _check_kernels(config, layout, source)
+    _check_hf(config, source)
     return layout
 
 
@@ -170,10 +184,11 @@ def file_problems(config, source: str) -> list[str]:
             except DataSourceError as e:
                 problems.append(str(e))
     load_path = config.checkpoint.initial_load_path
-    if config.checkpoint.enable and load_path and not os.path.isdir(load_path):
+    if load_path and not os.path.isdir(load_path):
         problems.append(
             f"{source}: checkpoint.initial_load_path: {load_path!r} is not a folder"
         )
+    problems += _hf_load_path_problems(config, source)
     return problems
 
 
@@ -261,6 +276,10 @@ def _check_sources(config, source: str) -> None:
             check_source(s, where)
         except DataSourceError as e:
             raise ConfigError(str(e)) from None
+    try:
+        check_data_options(config.data, f"{source}: data")
+    except DataSourceError as e:
+        raise ConfigError(str(e)) from None
     if config.validation.enable and not config.validation.dataset_path:
         raise ConfigError(
             f"{source}: validation.dataset_path: validation is enabled but names no "
@@ -337,3 +356,69 @@ def _check_kernels_device(config, source: str) -> None:
             "for Triton; on CPU set TRITON_INTERPRET=1 in the environment (slow, for "
             'testing) or use rmsnorm = "torch" and loss = "torch"'
         )
+
+
+def _check_hf(config, source: str) -> None:
+    """``[hf]`` and the torchtitan HF options it replaces."""
+    c, hf = config.checkpoint, config.hf
+    if c.initial_load_in_hf:
+        raise ConfigError(
+            f"{source}: checkpoint.initial_load_in_hf: use hf.load_path = <HF folder> "
+            "instead (it checks config.json against the flavor and is never skipped "
+            "silently)"
+        )
+    if c.last_save_in_hf:
+        raise ConfigError(
+            f"{source}: checkpoint.last_save_in_hf: use hf.export_at_end = true instead "
+            "(a Hub-ready folder beside the checkpoints; torchtitan's HF last save has no "
+            "config.json and cannot be resumed)"
+        )
+    if hf.load_path and c.initial_load_path:
+        raise ConfigError(
+            f"{source}: hf.load_path and checkpoint.initial_load_path both name starting "
+            "weights; keep one"
+        )
+    if c.initial_load_path and not c.initial_load_model_only:
+        raise ConfigError(
+            f"{source}: checkpoint.initial_load_model_only = false: starting weights are "
+            "model-only; to continue a run with its optimizer state, point job.dump_folder "
+            "at that run (it resumes)"
+        )
+    if hf.export_at_end and not c.enable:
+        raise ConfigError(
+            f"{source}: hf.export_at_end: exports the last checkpoint, so it needs "
+            "checkpoint.enable = true"
+        )
+    if hf.export_at_end and c.load_only:
+        raise ConfigError(
+            f"{source}: hf.export_at_end: checkpoint.load_only = true saves no checkpoint "
+            "to export; export an existing one with python -m swallow_titan.export"
+        )
+    if hf.push_to_hub and not hf.export_at_end:
+        raise ConfigError(
+            f"{source}: hf.push_to_hub: uploads the end-of-run export; set "
+            "hf.export_at_end = true (or push later with python -m swallow_titan.export)"
+        )
+    try:
+        parse_size(hf.export_max_shard_size)
+    except ExportError as e:
+        raise ConfigError(f"{source}: hf.export_max_shard_size: {e}") from None
+
+
+def _hf_load_path_problems(config, source: str) -> list[str]:
+    """``hf.load_path`` must match the flavor - unless the run resumes and never reads it."""
+    path = config.hf.load_path
+    if not path:
+        return []
+    folder = os.path.join(config.job.dump_folder, config.checkpoint.folder)
+    if config.checkpoint.enable and checkpoint_steps(folder):
+        return []
+    if not os.path.isdir(path):
+        return [f"{source}: hf.load_path: {path!r} is not a folder"]
+    try:
+        args = model_args(config, source)
+        check_hf_config_matches_flavor(path, args, config.model.flavor)
+        check_hf_tensors(list_safetensors(path), args, path)
+    except (HFConfigError, HFWeightsError) as e:
+        return [f"{source}: hf.load_path: {e}"]
+    return []

@@ -48,6 +48,11 @@ class DataSource:
     max_epochs: float = 0.0
     """Stop the source after this many passes; 0 means repeat without limit."""
 
+    num_tokens: float = 0.0
+    """The source's size in tokens as the user knows it (e.g. from its dataset
+    card: SwallowCode ~16.1e9, SwallowMath ~2.3e9); 0 = unknown. Only the plan
+    uses it, to show how many epochs the run reads the source."""
+
 
 @dataclass
 class Data:
@@ -57,7 +62,16 @@ class Data:
     """The ``[[data.sources]]`` entries."""
 
     seed: int = 1234
-    """Seed of the data order (mixture and shuffling)."""
+    """Seed of the data order (document shuffling; the mixture needs none)."""
+
+    shuffle_block_docs: int = 1024
+    """Each slot reads a source's documents in blocks of this many and permutes
+    every block (seeded), after shuffling its file order per epoch; 0 keeps the
+    files' order."""
+
+    max_document_chars: int = 20_000_000
+    """Documents longer than this are skipped (and counted as "too_long");
+    shorter ones of any length are split across windows."""
 
     reset_position_ids: bool = False
     """Give the model position ids that restart at every document (Megatron's
@@ -108,8 +122,44 @@ class Kernels:
 
 
 @dataclass
+class HF:
+    """``[hf]``: start from Hugging Face weights, export Hub-ready weights at the end."""
+
+    load_path: str = ""
+    """A Hugging Face model folder (config.json + *.safetensors [+ index]) that a
+    new run starts from. Read only when the run's checkpoint folder holds no
+    checkpoint; otherwise the run resumes from its own checkpoint (both logged).
+    config.json must match the flavor."""
+
+    base_model: str = ""
+    """Hub id of the starting model for the exported model card, e.g.
+    "meta-llama/Llama-3.1-8B-Instruct"."""
+
+    export_at_end: bool = False
+    """After the last step, export the final checkpoint as a Hub-ready folder
+    (needs checkpoint.enable)."""
+
+    export_folder: str = "hf"
+    """Where exports go, relative to job.dump_folder: <export_folder>/step-<N>."""
+
+    export_dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    """Data type of the exported weights."""
+
+    export_max_shard_size: str = "5GB"
+    """Largest safetensors file of the export, e.g. "5GB" or "500MB"."""
+
+    push_to_hub: str = ""
+    """Hub repository id to upload the export to (token from HF_TOKEN or
+    `huggingface-cli login`); empty: no upload."""
+
+    push_private: bool = False
+    """Create the Hub repository as private."""
+
+
+@dataclass
 class JobConfig:
     data: Data = field(default_factory=Data)
     model: Model = field(default_factory=Model)
     checkpoint: Checkpoint = field(default_factory=Checkpoint)
     kernels: Kernels = field(default_factory=Kernels)
+    hf: HF = field(default_factory=HF)

@@ -1,0 +1,196 @@
+"""The README.md model card of an export: what was trained, on what, how far.
+
+Everything comes from the run record (recipe, data sources, base model), the
+checkpoint (steps, per-source token counts from the dataloader state) and the
+run's TensorBoard events (final losses). What was not recorded is said to be
+not recorded, never guessed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from swallow_titan.checkpoint.run_record import RunRecord
+from swallow_titan.checkpoint.training_log import LoggedValue
+
+NOT_RECORDED = "not recorded"
+
+
+@dataclass
+class TrainingSummary:
+    """How far the exported checkpoint was trained."""
+
+    step: int | None
+    tokens_trained: int | None
+    source_tokens: dict[str, int] | None
+    training_loss: LoggedValue | None
+    validation_loss: LoggedValue | None
+
+
+def _get(tree: dict[str, Any] | None, path: str) -> Any:
+    node: Any = tree
+    for key in path.split("."):
+        if not isinstance(node, dict) or key not in node:
+            return None
+        node = node[key]
+    return node
+
+
+def _count(n: int | None) -> str:
+    if n is None:
+        return NOT_RECORDED
+    if n >= 1e9:
+        return f"{n:,} ({n / 1e9:.2f}B)"
+    if n >= 1e6:
+        return f"{n:,} ({n / 1e6:.2f}M)"
+    return f"{n:,}"
+
+
+def _loss(value: LoggedValue | None) -> str:
+    if value is None:
+        return NOT_RECORDED
+    return f"{value.value:.4f} (step {value.step}, `{value.tag}`)"
+
+
+def _value(v: Any) -> str:
+    if v is None:
+        return NOT_RECORDED
+    return f"`{v:g}`" if isinstance(v, float) else f"`{v}`"
+
+
+def _rope(config: dict[str, Any]) -> str:
+    scaling = config.get("rope_scaling")
+    text = f"RoPE theta {config.get('rope_theta'):g}"
+    if not scaling:
+        return text + ", no scaling"
+    details = ", ".join(f"{k} {v}" for k, v in scaling.items() if k != "rope_type")
+    return text + f", {scaling.get('rope_type')} scaling ({details})"
+
+
+def _front_matter(record: RunRecord, languages: list[str]) -> list[str]:
+    lines = ["---", "library_name: transformers", "pipeline_tag: text-generation"]
+    if record.base_model and "/" in record.base_model and not record.base_model.startswith(
+        ("/", ".")
+    ):
+        lines.append(f"base_model: {record.base_model}")
+    if languages:
+        lines.append("language:")
+        lines += [f"- {lang}" for lang in languages]
+    lines += ["tags:", "- llama", "- swallow-titan", "- continual-pretraining", "---", ""]
+    return lines
+
+
+def _hyper_parameters(job: dict[str, Any] | None, record: RunRecord) -> list[str]:
+    if job is None:
+        return [f"{NOT_RECORDED.capitalize()}: this checkpoint was converted, not trained here.", ""]
+    lr = _get(job, "optimizer.lr")
+    min_lr_factor = _get(job, "lr_scheduler.min_lr_factor")
+    min_lr = lr * min_lr_factor if lr is not None and min_lr_factor is not None else None
+    rows = [
+        ("model flavor", _get(job, "model.flavor")),
+        ("sequence length", _get(job, "training.seq_len")),
+        ("global batch (sequences)", _get(job, "training.global_batch_size")),
+        ("tokens per step", record.tokens_per_step),
+        ("optimizer", _get(job, "optimizer.name")),
+        ("learning rate", lr),
+        ("minimum learning rate", min_lr),
+        ("warm-up steps", _get(job, "lr_scheduler.warmup_steps")),
+        ("decay", _get(job, "lr_scheduler.decay_type")),
+        ("AdamW beta1 / beta2", f"{_get(job, 'optimizer.beta1')} / {_get(job, 'optimizer.beta2')}"),
+        ("AdamW eps", _get(job, "optimizer.eps")),
+        ("weight decay", _get(job, "optimizer.weight_decay")),
+        ("gradient clipping (max norm)", _get(job, "training.max_norm")),
+        ("parameter dtype / compute dtype", f"{_get(job, 'training.dtype')} / {_get(job, 'training.mixed_precision_param')}"),
+        ("gradient reduction dtype", _get(job, "training.mixed_precision_reduce")),
+        ("planned steps", _get(job, "training.steps")),
+    ]
+    lines = ["| hyper-parameter | value |", "|---|---|"]
+    lines += [f"| {name} | {_value(v)} |" for name, v in rows]
+    return lines + [""]
+
+
+def _data_mixture(job: dict[str, Any] | None, source_tokens: dict[str, int] | None) -> list[str]:
+    sources = _get(job, "data.sources") or []
+    if not sources:
+        return [f"Data mixture: {NOT_RECORDED}.", ""]
+    total_weight = sum(float(s.get("weight", 0.0)) for s in sources) or 1.0
+    total_tokens = sum(source_tokens.values()) if source_tokens else 0
+    lines = [
+        "| source | domain | data | target share | tokens trained | actual share |",
+        "|---|---|---|---|---|---|",
+    ]
+    for s in sources:
+        name = s.get("name", "?")
+        where = s.get("hf_dataset") or s.get("path") or "?"
+        if s.get("hf_dataset") and s.get("hf_config"):
+            where += f" ({s['hf_config']})"
+        tokens = source_tokens.get(name) if source_tokens else None
+        actual = f"{tokens / total_tokens:.1%}" if tokens is not None and total_tokens else NOT_RECORDED
+        lines.append(
+            f"| {name} | {s.get('domain', '')} | `{where}` | "
+            f"{float(s.get('weight', 0.0)) / total_weight:.1%} | {_count(tokens)} | {actual} |"
+        )
+    if not source_tokens:
+        lines += ["", f"Per-source token counts: {NOT_RECORDED} in this checkpoint."]
+    return lines + [""]
+
+
+def render_model_card(
+    record: RunRecord, summary: TrainingSummary, *, title: str, model_id: str, dtype: str
+) -> str:
+    """The README.md of an export; ``model_id`` is what ``from_pretrained`` takes."""
+    job = record.job_config
+    languages = sorted(
+        {
+            s.get("domain")
+            for s in (_get(job, "data.sources") or [])
+            if s.get("domain") in ("ja", "en")
+        }
+    )
+    config = record.hf_config
+    lines = _front_matter(record, languages)
+    lines += [f"# {title}", ""]
+    base = record.base_model or "random initialisation (no base model)"
+    description = _get(job, "job.description")
+    lines += [
+        f"Continual pre-training of **{base}**"
+        + (f" ({description})" if description else "")
+        + ", trained with [swallow-titan](https://github.com/swallow-titan/swallow-titan) "
+        "(torchtitan) and exported to Hugging Face format.",
+        "",
+        "## Model",
+        "",
+        f"- Architecture: `LlamaForCausalLM`, {config.get('num_hidden_layers')} layers, hidden "
+        f"size {config.get('hidden_size')}, {config.get('num_attention_heads')} attention heads, "
+        f"{config.get('num_key_value_heads')} KV heads, FFN {config.get('intermediate_size')}, "
+        f"vocabulary {config.get('vocab_size'):,}",
+        f"- {_rope(config)}",
+        f"- Weights: `{dtype}`",
+        f"- Base model: {base}",
+        "",
+        "## Training",
+        "",
+        f"- Steps trained: {_value(summary.step)}",
+        f"- Tokens trained: {_count(summary.tokens_trained)}",
+        f"- Final training loss: {_loss(summary.training_loss)}",
+        f"- Final validation loss: {_loss(summary.validation_loss)}",
+        "",
+        "### Recipe",
+        "",
+    ]
+    lines += _hyper_parameters(job, record)
+    lines += ["### Data mixture", ""]
+    lines += _data_mixture(job, summary.source_tokens)
+    lines += [
+        "## Usage",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f'model = AutoModelForCausalLM.from_pretrained("{model_id}")',
+        f'tokenizer = AutoTokenizer.from_pretrained("{model_id}")',
+        "```",
+        "",
+    ]
+    return "\n".join(lines)

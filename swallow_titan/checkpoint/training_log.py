@@ -1,0 +1,63 @@
+"""The last logged value of a training metric, read from TensorBoard event files.
+
+The model card reports final losses from what the run logged. Tag names
+change as logging is extended, so callers pass the tags they accept, in order
+of preference, and get None when none was recorded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+TRAINING_LOSS_TAGS = ("loss_metrics/global_avg_loss", "loss/train", "train/loss")
+VALIDATION_LOSS_TAGS = ("validation_metrics/loss", "validation/loss", "loss/validation")
+
+
+@dataclass(frozen=True)
+class LoggedValue:
+    """One scalar as logged: which tag, at which step, what value."""
+
+    tag: str
+    step: int
+    value: float
+
+
+def last_logged_value(
+    tensorboard_folder: str | Path, tags: tuple[str, ...], max_step: int | None = None
+) -> LoggedValue | None:
+    """The value at the highest step <= ``max_step`` of the first tag that has any.
+
+    Every event file under the folder is read (each start of a run writes a
+    new one); on equal steps the later write wins.
+    """
+    folder = Path(tensorboard_folder)
+    if not folder.is_dir():
+        return None
+    from tensorboard.backend.event_processing.event_accumulator import (
+        SCALARS,
+        EventAccumulator,
+    )
+
+    points: dict[str, list[tuple[int, float, float]]] = {}
+    for events in sorted(folder.rglob("events.out.tfevents.*")):
+        accumulator = EventAccumulator(str(events), size_guidance={SCALARS: 0})
+        try:
+            accumulator.Reload()
+        except Exception:  # noqa: BLE001  (a truncated file from a crash)
+            continue
+        available = set(accumulator.Tags().get("scalars", []))
+        for tag in tags:
+            if tag in available:
+                for event in accumulator.Scalars(tag):
+                    points.setdefault(tag, []).append(
+                        (event.step, event.wall_time, event.value)
+                    )
+    for tag in tags:
+        candidates = [
+            p for p in points.get(tag, []) if max_step is None or p[0] <= max_step
+        ]
+        if candidates:
+            step, _, value = max(candidates)
+            return LoggedValue(tag, step, float(value))
+    return None

@@ -1,0 +1,109 @@
+"""Small random Llama models built and saved with transformers, as HF folders to import.
+
+The configurations are written out by hand (not produced by swallow-titan's
+code), as a user's HF folder would be.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+TINY_TOKENIZER = REPO / "assets" / "tokenizer" / "tokenizer.model"
+
+# Llama-3.1's RoPE (theta 500,000; llama3 scaling 8 / 1 / 4 / 8192).
+LLAMA31_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
+
+# The registered `tiny` flavor as an HF config (dim 256, 4 layers, 8 heads,
+# 2 KV heads, SwiGLU 704, vocab 4096 = the shipped tokenizer, eps 1e-5).
+TINY_FLAVOR_CONFIG = dict(
+    vocab_size=4096,
+    hidden_size=256,
+    intermediate_size=704,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    rms_norm_eps=1e-5,
+    max_position_embeddings=131072,
+    rope_parameters=LLAMA31_ROPE,
+    tie_word_embeddings=False,
+    bos_token_id=3840,
+    eos_token_id=3841,
+)
+
+# No registered flavor: other sizes, an FFN size off torchtitan's rounding
+# grid, and unusual RoPE scaling values (so swapped fields would show).
+ODD_CONFIG = dict(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=176,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    rms_norm_eps=1e-6,
+    max_position_embeddings=4096,
+    rope_parameters={
+        "rope_type": "llama3",
+        "rope_theta": 100000.0,
+        "factor": 16.0,
+        "low_freq_factor": 2.0,
+        "high_freq_factor": 8.0,
+        "original_max_position_embeddings": 256,
+    },
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+
+def save_random_llama(
+    folder: Path,
+    config: dict,
+    *,
+    dtype: torch.dtype = torch.float32,
+    max_shard_size: str = "200KB",
+    seed: int = 0,
+    tokenizer: Path | None = TINY_TOKENIZER,
+) -> Path:
+    """A random ``LlamaForCausalLM`` saved by transformers (sharded, with index)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**config)).to(dtype)
+    model.save_pretrained(folder, max_shard_size=max_shard_size)
+    if tokenizer is not None:
+        shutil.copyfile(tokenizer, folder / tokenizer.name)
+    return folder
+
+
+def rewrite_config(folder: Path, **changes) -> None:
+    """Edit config.json in place (``None`` deletes a key)."""
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    for key, value in changes.items():
+        if value is None:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    path.write_text(json.dumps(config, indent=2))
+
+
+def as_transformers4_config(folder: Path) -> None:
+    """Rewrite config.json in the Hub's Llama-3.1 spelling (rope_theta + rope_scaling)."""
+    config = json.loads((folder / "config.json").read_text())
+    rope = dict(config.pop("rope_parameters"))
+    config["rope_theta"] = rope.pop("rope_theta")
+    config["rope_scaling"] = rope if rope.get("rope_type") != "default" else None
+    config["torch_dtype"] = config.pop("dtype", "float32")
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
