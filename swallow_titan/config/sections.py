@@ -100,6 +100,28 @@ class Checkpoint:
 
 
 @dataclass
+class Kernels:
+    """``[kernels]``: swallow-titan's Triton kernels (``kernels/``), off by default.
+
+    On a machine without a GPU they run only under Triton's interpreter
+    (``TRITON_INTERPRET=1`` in the environment; slow, for tests).
+    """
+
+    rmsnorm: Literal["torch", "triton"] = "torch"
+    """"triton": every RMSNorm runs the Triton kernel, and each block's second
+    norm is fused with the residual add before it."""
+
+    loss: Literal["torch", "fused_linear_ce"] = "torch"
+    """"fused_linear_ce": the output layer computes the cross-entropy itself,
+    chunk by chunk, and the [tokens, vocab] logits are never materialised."""
+
+    z_loss: float = 0.0
+    """Coefficient of the z-loss ``z * logsumexp(logits)^2`` per token (Swallow's
+    fork used 1e-4); 0 turns it off. Applies to both losses; the training loss
+    includes it and ``loss_metrics/z_loss`` reports it alone."""
+
+
+@dataclass
 class HF:
     """``[hf]``: start from Hugging Face weights, export Hub-ready weights at the end."""
 
@@ -139,4 +161,5 @@ class JobConfig:
     data: Data = field(default_factory=Data)
     model: Model = field(default_factory=Model)
     checkpoint: Checkpoint = field(default_factory=Checkpoint)
+    kernels: Kernels = field(default_factory=Kernels)
     hf: HF = field(default_factory=HF)
