@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from torchtitan.tools.logging import logger
+
 from swallow_titan.checkpoint.dcp_reader import checkpoint_steps
 from swallow_titan.checkpoint.hf_config import HFConfigError, check_hf_config_matches_flavor
 from swallow_titan.checkpoint.hf_export import ExportError, parse_size
@@ -226,10 +228,14 @@ def _check_training(config, args: SwallowModelArgs, layout: Layout, source: str)
             f"{source}: model.attn_mask_type: 'block_causal' needs model.attn_type "
             "'flex' or 'varlen' (SDPA has no document mask)"
         )
-    if config.lr_scheduler.warmup_steps > t.steps:
-        raise ConfigError(
-            f"{source}: lr_scheduler.warmup_steps: {config.lr_scheduler.warmup_steps} "
-            f"exceeds training.steps = {t.steps}"
+    schedule_steps = config.lr_scheduler.total_steps or t.steps
+    if config.lr_scheduler.warmup_steps > schedule_steps:
+        # torchtitan shortens the warm-up to the schedule; say so, since it
+        # is fine for a short trial run but a mistake in a real one.
+        logger.warning(
+            f"{source}: lr_scheduler.warmup_steps = {config.lr_scheduler.warmup_steps} "
+            f"exceeds the {schedule_steps}-step LR schedule; the warm-up is "
+            f"shortened to {schedule_steps} steps"
         )
     if not 0.0 <= config.lr_scheduler.min_lr_factor <= 1.0:
         raise ConfigError(
