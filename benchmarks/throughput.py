@@ -34,6 +34,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+if __name__ == "__main__":
+    # Run as a script, this file's folder leads sys.path, and benchmarks/kernels.py
+    # would shadow the `kernels` package that swallow_titan imports.
+    sys.path[:] = [str(REPO)] + [
+        p for p in sys.path if Path(p or ".").resolve() != REPO / "benchmarks"
+    ]
 BASE_CONFIG = REPO / "benchmarks" / "proxy_8b.toml"
 
 KERNELS_ON = ["--kernels.rmsnorm", "triton", "--kernels.loss", "fused_linear_ce"]

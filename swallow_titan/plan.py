@@ -23,6 +23,8 @@ import torch
 from torchtitan.components.lr_scheduler import build_lr_schedulers
 from torchtitan.models.llama3.model.model import Transformer
 
+from kernels.cross_entropy import default_chunk_tokens
+
 from swallow_titan.config.checks import (
     Layout,
     check_structure,
@@ -32,7 +34,9 @@ from swallow_titan.config.checks import (
     model_args,
 )
 from swallow_titan.config.manager import ConfigError, SwallowConfigManager
+from swallow_titan.data.source_size import format_source_line, plan_sources
 from swallow_titan.model.args import SwallowModelArgs
+from swallow_titan.model.transformer import FUSED_LOSS
 
 GIB = 1024**3
 
@@ -68,7 +72,8 @@ def estimate_memory(
     Parameters, gradients and AdamW's two moments are kept in the training
     dtype and sharded over FSDP, TP and PP; FSDP gathers two blocks at a time
     in the mixed-precision dtype; activations follow the AC mode; the output
-    layer's logits are materialised in bf16 and fp32 with an fp32 gradient.
+    layer's logits are materialised in bf16 and fp32 with an fp32 gradient, or,
+    with the fused loss, one chunk of them at a time.
     """
     bytes_param = 4 if config.training.dtype == "float32" else 2
     bytes_compute = 2 if config.training.mixed_precision_param == "bfloat16" else 4
@@ -85,7 +90,14 @@ def estimate_memory(
     kept = full_block * _ACT_FACTORS.get(mode, 1.0) + 2 * args.dim * bytes_compute
     # Plus one block's full activations while it is recomputed in backward.
     activations = tokens * (layers * kept + full_block)
-    logits = tokens * args.vocab_size / layout.tp * (bytes_compute + 4 + 4)
+    vocab_local = args.vocab_size / layout.tp
+    if config.kernels.loss == FUSED_LOSS:
+        # One chunk of fp32 logits and of logit gradients (kernels/cross_entropy.py).
+        gemm_dtype = torch.bfloat16 if bytes_compute == 2 else torch.float32
+        chunk = min(tokens, default_chunk_tokens(int(vocab_local), gemm_dtype))
+        logits = chunk * vocab_local * (4 + bytes_compute)
+    else:
+        logits = tokens * vocab_local * (bytes_compute + 4 + 4)
     return MemoryEstimate(
         parameters=per_gpu * bytes_param / GIB,
         gradients=per_gpu * bytes_param / GIB,
@@ -150,7 +162,6 @@ def build_plan(config, ngpu: int, nnodes: int, source: str) -> dict:
     warmup = config.lr_scheduler.warmup_steps
     lr_points = lr_at_steps(config, [1, max(warmup, 1), max((steps + 1) // 2, 1), steps])
     total_tokens = steps * global_seqs * seq_len
-    weights = sum(s.weight for s in config.data.sources)
     memory = estimate_memory(args, config, layout, n_params)
     opt = config.optimizer
     return {
@@ -185,15 +196,7 @@ def build_plan(config, ngpu: int, nnodes: int, source: str) -> dict:
         "compile": config.compile.enable,
         "float8": "quantize.linear.float8" in config.model.converters,
         "activation_checkpoint": config.activation_checkpoint.mode,
-        "sources": [
-            {
-                "name": s.name,
-                "domain": s.domain,
-                "share": s.weight / weights,
-                "tokens": round(total_tokens * s.weight / weights),
-            }
-            for s in config.data.sources
-        ],
+        "sources": plan_sources(config, total_tokens),
         "memory_gib": {**asdict(memory), "total": memory.total},
         "outputs": output_paths(config),
         "problems": file_problems(config, source),
@@ -227,11 +230,7 @@ def format_plan(plan: dict) -> str:
         f"{'on' if plan['float8'] else 'off'}; compile "
         f"{'on' if plan['compile'] else 'off'}; AC {plan['activation_checkpoint']}",
         "  data mixture",
-        *(
-            f"    {s['name']:<32} {s['domain']:<6} {100 * s['share']:5.1f}%  "
-            f"{_tokens(s['tokens']):>8} tokens"
-            for s in plan["sources"]
-        ),
+        *(format_source_line(s, _tokens) for s in plan["sources"]),
         f"  memory/GPU    ~{m['total']:.1f} GiB: params {m['parameters']:.1f}, grads "
         f"{m['gradients']:.1f}, optimizer {m['optimizer']:.1f}, gathered params "
         f"{m['gathered_params']:.1f}, activations {m['activations']:.1f}, logits "

@@ -12,7 +12,7 @@ from helpers import REPO
 
 pytestmark = pytest.mark.slow
 
-SMOKE_CONFIGS = "stock,bf16"
+SMOKE_CONFIGS = "stock,bf16,bf16+kernels,fp8+kernels"
 
 
 def test_cpu_smoke_reports_every_configuration_and_a_profile(tmp_path):

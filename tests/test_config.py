@@ -132,3 +132,8 @@ def test_training_start_stops_on_a_config_error_before_any_work(tmp_path):
     )
     assert proc.returncode == 2
     assert f"{path}: training.steps: must be >= 1" in proc.stderr
+
+
+def test_a_warmup_longer_than_a_short_trial_run_is_allowed():
+    config = load_job_config(TINY_CONFIG, ["--training.steps", "4"])
+    check_job_config(config, 1, str(TINY_CONFIG))  # torchtitan shortens the warm-up

@@ -1,4 +1,6 @@
-"""The global stream: weighted by tokens, deterministic, resumable, DP-size independent."""
+"""The replicated global stream used for held-out (validation) sets: weighted by
+tokens, deterministic, resumable, DP-size independent. Training uses the slot
+loader (tests/test_data_loader.py), which also owns the per-source metrics."""
 
 from __future__ import annotations
 
@@ -107,21 +109,3 @@ def test_global_batches_are_the_same_for_any_data_parallel_size(tokenizer):
 
     assert global_batches(world=2, local=2) == global_batches(world=1, local=4)
     assert global_batches(world=4, local=1) == global_batches(world=1, local=4)
-
-
-def test_loader_reports_per_source_metrics_and_token_counts(tokenizer):
-    from swallow_titan.data.dataloader import source_token_counts
-
-    loader = GlobalStreamDataLoader(
-        MixtureStream(sources(ja=3, math=1), tokenizer, 32), 4, 0, 1, False
-    )
-    batches = iter(loader)
-    for _ in range(20):
-        next(batches)
-    metrics = loader.metrics()
-    assert metrics["data/ja/share"] == pytest.approx(0.75, abs=0.05)
-    assert metrics["data/math/epoch"] >= 1
-    counts = source_token_counts(loader.state_dict())
-    assert counts == {"ja": metrics["data/ja/tokens"], "math": metrics["data/math/tokens"]}
-    # Everything packed into the 20 x 4 windows, plus what waits in the packer.
-    assert sum(counts.values()) >= 20 * 4 * 33

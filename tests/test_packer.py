@@ -69,3 +69,18 @@ def test_pop_without_a_full_window_raises():
     packer.add([1])
     with pytest.raises(IndexError):
         packer.pop()
+
+
+def test_a_document_added_again_with_skip_continues_where_windows_left_it():
+    docs = [[1, 2, 3, 4, 5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16]]
+    whole = [w.tokens.tolist() for w in pack_documents(docs, 4, BOS, EOS)]
+    first = DocumentPacker(4, BOS, EOS)
+    first.add(docs[0])  # 11 tokens: two windows, 1 token of the document left over
+    out = [first.pop().tokens.tolist(), first.pop().tokens.tolist()]
+    resumed = DocumentPacker(4, BOS, EOS)
+    resumed.add(docs[0], skip=10)  # what a restart does: re-add, drop what was used
+    for doc in docs[1:]:
+        resumed.add(doc)
+        while resumed.has_window():
+            out.append(resumed.pop().tokens.tolist())
+    assert out == whole

@@ -10,6 +10,8 @@ import os
 import re
 from dataclasses import dataclass
 
+from torchtitan.tools.logging import logger
+
 from swallow_titan.checkpoint.dcp_reader import checkpoint_steps
 from swallow_titan.checkpoint.hf_config import HFConfigError, check_hf_config_matches_flavor
 from swallow_titan.checkpoint.hf_export import ExportError, parse_size
@@ -19,7 +21,12 @@ from swallow_titan.checkpoint.hf_weights import (
     list_safetensors,
 )
 from swallow_titan.config.manager import ConfigError
-from swallow_titan.data.sources import DataSourceError, check_source, local_files
+from swallow_titan.data.sources import (
+    DataSourceError,
+    check_data_options,
+    check_source,
+    local_files,
+)
 from swallow_titan.data.tokenizer import (
     Llama3Tokenizer,
     TokenizerFileError,
@@ -158,6 +165,7 @@ def check_structure(config, world_size: int, source: str) -> Layout:
     _check_validation_sets(config, layout, source)
     _check_checkpoint(config, source)
     _check_guard(config, source)
+    _check_kernels(config, layout, source)
     _check_hf(config, source)
     return layout
 
@@ -197,6 +205,7 @@ def check_job_config(config, world_size: int, source: str) -> Layout:
     """Everything a run on this machine needs before it starts; returns the layout."""
     layout = check_structure(config, world_size, source)
     _check_float8(config, source)
+    _check_kernels_device(config, source)
     problems = file_problems(config, source)
     if problems:
         raise ConfigError("\n".join(problems))
@@ -226,10 +235,14 @@ def _check_training(config, args: SwallowModelArgs, layout: Layout, source: str)
             f"{source}: model.attn_mask_type: 'block_causal' needs model.attn_type "
             "'flex' or 'varlen' (SDPA has no document mask)"
         )
-    if config.lr_scheduler.warmup_steps > t.steps:
-        raise ConfigError(
-            f"{source}: lr_scheduler.warmup_steps: {config.lr_scheduler.warmup_steps} "
-            f"exceeds training.steps = {t.steps}"
+    schedule_steps = config.lr_scheduler.total_steps or t.steps
+    if config.lr_scheduler.warmup_steps > schedule_steps:
+        # torchtitan shortens the warm-up to the schedule; say so, since it
+        # is fine for a short trial run but a mistake in a real one.
+        logger.warning(
+            f"{source}: lr_scheduler.warmup_steps = {config.lr_scheduler.warmup_steps} "
+            f"exceeds the {schedule_steps}-step LR schedule; the warm-up is "
+            f"shortened to {schedule_steps} steps"
         )
     if not 0.0 <= config.lr_scheduler.min_lr_factor <= 1.0:
         raise ConfigError(
@@ -276,6 +289,10 @@ def _check_sources(config, source: str) -> None:
             check_source(s, where)
         except DataSourceError as e:
             raise ConfigError(str(e)) from None
+    try:
+        check_data_options(config.data, f"{source}: data")
+    except DataSourceError as e:
+        raise ConfigError(str(e)) from None
 
 
 # Set names become TensorBoard tags (val/<name>/loss) and console labels.
@@ -396,6 +413,51 @@ def _check_float8(config, source: str) -> None:
         raise ConfigError(
             f"{source}: model.converters: float8 needs an SM89+ GPU; on CPU set "
             "quantize.linear.float8.emulate = true (for testing only)"
+        )
+
+
+def _check_kernels(config, layout: Layout, source: str) -> None:
+    from swallow_titan.model.transformer import FUSED_LOSS
+
+    k = config.kernels
+    if k.z_loss < 0:
+        raise ConfigError(f"{source}: kernels.z_loss: must be >= 0, got {k.z_loss}")
+    if k.loss != FUSED_LOSS:
+        return
+    # The labels reach the output layer through the input dict: torchtitan hands
+    # it to the first pipeline stage only and does not shard it for context
+    # parallel.
+    for name, degree in (
+        ("pipeline_parallel_degree", layout.pp),
+        ("context_parallel_degree", layout.cp),
+    ):
+        if degree > 1:
+            raise ConfigError(
+                f"{source}: kernels.loss: {FUSED_LOSS!r} does not support "
+                f'parallelism.{name} = {degree}; use loss = "torch" or degree 1'
+            )
+    if FLOAT8_CONVERTER in config.model.converters and not any(
+        "output" in fqn for fqn in config.quantize.linear.float8.filter_fqns
+    ):
+        raise ConfigError(
+            f"{source}: quantize.linear.float8.filter_fqns: with kernels.loss = "
+            f"{FUSED_LOSS!r} the output layer computes the loss and must stay in "
+            'high precision; add "output" to filter_fqns'
+        )
+
+
+def _check_kernels_device(config, source: str) -> None:
+    from kernels import runtime
+    from swallow_titan import DEVICE_TYPE
+    from swallow_titan.model.transformer import FUSED_LOSS, TRITON_NORM
+
+    k = config.kernels
+    uses_triton = k.rmsnorm == TRITON_NORM or k.loss == FUSED_LOSS
+    if uses_triton and DEVICE_TYPE == "cpu" and not runtime.INTERPRET:
+        raise ConfigError(
+            f"{source}: kernels: rmsnorm = {k.rmsnorm!r}, loss = {k.loss!r} need a GPU "
+            "for Triton; on CPU set TRITON_INTERPRET=1 in the environment (slow, for "
+            'testing) or use rmsnorm = "torch" and loss = "torch"'
         )
 
 

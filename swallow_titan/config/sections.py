@@ -48,6 +48,11 @@ class DataSource:
     max_epochs: float = 0.0
     """Stop the source after this many passes; 0 means repeat without limit."""
 
+    num_tokens: float = 0.0
+    """The source's size in tokens as the user knows it (e.g. from its dataset
+    card: SwallowCode ~16.1e9, SwallowMath ~2.3e9); 0 = unknown. Only the plan
+    uses it, to show how many epochs the run reads the source."""
+
 
 @dataclass
 class Data:
@@ -57,7 +62,16 @@ class Data:
     """The ``[[data.sources]]`` entries."""
 
     seed: int = 1234
-    """Seed of the data order (mixture and shuffling)."""
+    """Seed of the data order (document shuffling; the mixture needs none)."""
+
+    shuffle_block_docs: int = 1024
+    """Each slot reads a source's documents in blocks of this many and permutes
+    every block (seeded), after shuffling its file order per epoch; 0 keeps the
+    files' order."""
+
+    max_document_chars: int = 20_000_000
+    """Documents longer than this are skipped (and counted as "too_long");
+    shorter ones of any length are split across windows."""
 
     reset_position_ids: bool = False
     """Give the model position ids that restart at every document (Megatron's
@@ -135,6 +149,28 @@ class Debug:
 
 
 @dataclass
+class Kernels:
+    """``[kernels]``: swallow-titan's Triton kernels (``kernels/``), off by default.
+
+    On a machine without a GPU they run only under Triton's interpreter
+    (``TRITON_INTERPRET=1`` in the environment; slow, for tests).
+    """
+
+    rmsnorm: Literal["torch", "triton"] = "torch"
+    """"triton": every RMSNorm runs the Triton kernel, and each block's second
+    norm is fused with the residual add before it."""
+
+    loss: Literal["torch", "fused_linear_ce"] = "torch"
+    """"fused_linear_ce": the output layer computes the cross-entropy itself,
+    chunk by chunk, and the [tokens, vocab] logits are never materialised."""
+
+    z_loss: float = 0.0
+    """Coefficient of the z-loss ``z * logsumexp(logits)^2`` per token (Swallow's
+    fork used 1e-4); 0 turns it off. Applies to both losses; the training loss
+    includes it and ``train/z_loss`` reports it alone."""
+
+
+@dataclass
 class HF:
     """``[hf]``: start from Hugging Face weights, export Hub-ready weights at the end."""
 
@@ -174,6 +210,7 @@ class JobConfig:
     data: Data = field(default_factory=Data)
     model: Model = field(default_factory=Model)
     checkpoint: Checkpoint = field(default_factory=Checkpoint)
+    kernels: Kernels = field(default_factory=Kernels)
     hf: HF = field(default_factory=HF)
     validation: Validation = field(default_factory=Validation)
     guard: Guard = field(default_factory=Guard)

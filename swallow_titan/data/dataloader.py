@@ -1,33 +1,351 @@
-"""The training dataloader: each data-parallel rank's slice of the global stream.
+"""The training dataloader: one data-parallel rank's slots of the global stream.
 
-Global batch ``b`` is the ``local_batch_size * dp_world_size`` windows that
-follow batch ``b - 1`` in the :class:`MixtureStream`; rank ``r`` takes windows
-``[r * local_batch_size, (r + 1) * local_batch_size)`` of it. The same global
-batches therefore reach the model whatever the data-parallel size, and the
-checkpointed state (the stream's position after the last batch) is the same on
-every rank, so a run can resume with a different number of GPUs.
+The global batch has ``G`` slots (``slots.py``). With ``dp`` ranks, local batch
+``B`` and ``A = G / (dp * B)`` gradient-accumulation microsteps, rank ``r``
+owns the contiguous slots ``[r * A * B, (r + 1) * A * B)`` and feeds slot
+``r * A * B + a * B + i`` to row ``i`` of microstep ``a``. It reads and
+tokenises only those slots' parts of the sources. The global batches are the
+same for any ``dp`` (the loss of a step is the mean over all ``G`` sequences,
+wherever they run), and every slot's state is saved under its own key
+(``dataloader.slot_<j>`` in a torchtitan checkpoint), so a run resumes exactly
+with the same or another number of ranks: each rank loads the slots it owns
+now, whoever wrote them.
+
+With ``[training.dataloader] num_workers = W > 0`` the rank's slots are split
+among ``W`` worker processes that each produce their slots' windows batch by
+batch; the main process assembles the microbatches in a fixed order. Each
+window carries its slot's state right after it, and the loader keeps the state
+of the last window it handed to the trainer, so the saved state never includes
+windows that workers prefetched but training did not use. Results are the same
+for any number of workers.
+
+``GlobalStreamDataLoader`` (every rank computes one global stream and keeps its
+slice) remains for the small held-out sets of validation, where every rank must
+see the stream end at the same batch.
 """
 
 from __future__ import annotations
 
+import json
 import pickle
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchtitan.components.dataloader import BaseDataLoader
+from torchtitan.tools.logging import logger
 
 from swallow_titan.data.mixture import MixtureStream
+from swallow_titan.data.slots import (
+    SlotWindow,
+    StreamSpec,
+    build_stream_spec,
+    check_slot_state,
+    fresh_slot_state,
+    iter_slot_batches,
+)
 from swallow_titan.data.tokenizer import Llama3Tokenizer
 
 Batch = tuple[dict[str, torch.Tensor], torch.Tensor]
 
-# Key of the data state inside the "dataloader" entry of a checkpoint.
-_STATE_KEY = "global_stream"
+_SLOT_KEY = "slot_{}"
+
+
+def slot_key(slot: int) -> str:
+    """Key of a slot's state inside the checkpoint's "dataloader" entry."""
+    return _SLOT_KEY.format(slot)
+
+
+def rank_slots(slots: int, local_batch_size: int, dp_rank: int, dp_world_size: int) -> list[int]:
+    """The slots rank ``dp_rank`` owns, in microstep-then-row order."""
+    if not 0 <= dp_rank < dp_world_size:
+        raise ValueError(f"dp_rank {dp_rank} outside [0, {dp_world_size})")
+    per_step = local_batch_size * dp_world_size
+    if slots % per_step:
+        raise ValueError(
+            f"global batch of {slots} sequences is not a multiple of local_batch_size "
+            f"x data-parallel degree = {local_batch_size} x {dp_world_size}"
+        )
+    per_rank = slots // dp_world_size
+    return list(range(dp_rank * per_rank, (dp_rank + 1) * per_rank))
+
+
+class SlotDataLoader(BaseDataLoader):
+    """Yields ``({"input", ["positions"]}, labels)`` microbatches of one rank's slots."""
+
+    def __init__(
+        self,
+        spec: StreamSpec,
+        local_batch_size: int,
+        dp_rank: int,
+        dp_world_size: int,
+        emit_positions: bool,
+        num_workers: int = 0,
+        prefetch_factor: int | None = None,
+    ):
+        self.spec = spec
+        self.local_batch_size = local_batch_size
+        self.dp_rank = dp_rank
+        self.dp_world_size = dp_world_size
+        self.emit_positions = emit_positions
+        self.slots = rank_slots(spec.slots, local_batch_size, dp_rank, dp_world_size)
+        self.num_workers = min(max(num_workers, 0), len(self.slots))
+        self.prefetch_factor = prefetch_factor
+        # The state after the last window handed to training, per owned slot.
+        self._consumed: dict[int, dict[str, Any]] = {
+            j: fresh_slot_state(spec, j) for j in self.slots
+        }
+        self._epochs_logged: dict[str, int] = {}
+        self._stops_logged: set[str] = set()
+
+    @property
+    def microsteps(self) -> int:
+        """Gradient-accumulation microsteps per global batch."""
+        return len(self.slots) // self.local_batch_size
+
+    # -- iteration ----------------------------------------------------------
+
+    def __iter__(self) -> Iterator[Batch]:
+        for rows in self.microbatches():
+            yield self._collate(rows)
+
+    def microbatches(self) -> Iterator[list[SlotWindow]]:
+        """The windows of each microbatch, in training order (row ``i`` of
+        microstep ``a`` is slot ``slots[a * B + i]``); a window counts as
+        consumed once its microbatch is handed out."""
+        b = self.local_batch_size
+        for windows in self._global_batches():
+            for a in range(self.microsteps):
+                rows = [windows[j] for j in self.slots[a * b : (a + 1) * b]]
+                for window in rows:
+                    self._consume(window)
+                yield rows
+
+    def _global_batches(self) -> Iterator[dict[int, SlotWindow]]:
+        """This rank's windows of each global batch, from the consumed states."""
+        states = dict(self._consumed)
+        if self.num_workers == 0:
+            yield from iter_slot_batches(self.spec, self.slots, states)
+            return
+        workers = self.num_workers
+        dataset = _WorkerBatches(self.spec, self.slots, states, workers)
+        loader = DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=workers,
+            prefetch_factor=self.prefetch_factor,
+            collate_fn=_unchanged,
+        )
+        items = iter(loader)
+        while True:
+            merged: dict[int, SlotWindow] = {}
+            for _ in range(workers):
+                item = next(items, None)
+                if item is None or item["end"]:
+                    return
+                merged.update(item["windows"])
+            yield merged
+
+    def _collate(self, windows: list[SlotWindow]) -> Batch:
+        tokens = torch.from_numpy(np.stack([w.tokens for w in windows]))
+        inputs = {"input": tokens[:, :-1]}
+        if self.emit_positions:
+            positions = torch.from_numpy(np.stack([w.positions for w in windows]))
+            inputs["positions"] = positions[:, :-1]
+        return inputs, tokens[:, 1:]
+
+    def _consume(self, window: SlotWindow) -> None:
+        self._consumed[window.slot] = window.state
+        name = self.spec.sources[window.source].name
+        lane = window.state["lanes"][name]
+        epoch = lane["epoch"] + 1
+        if epoch > self._epochs_logged.get(name, 1):
+            self._epochs_logged[name] = epoch
+            logger.warning(
+                f"data source '{name}' repeats: epoch {epoch} begins (first on rank "
+                f"{self.dp_rank} in slot {window.slot}, global batch {window.batch}); "
+                "each slot starts over its own part of the source when it has read it"
+            )
+        for other, state in window.state["lanes"].items():
+            if state["stopped"] and other not in self._stops_logged:
+                self._stops_logged.add(other)
+                logger.warning(
+                    f"data source '{other}' stopped in slot {window.slot} on rank "
+                    f"{self.dp_rank} ({state['stopped']} after {state['epoch']} epoch(s)); "
+                    "that slot fills its positions from the other sources"
+                )
+
+    # -- metrics ------------------------------------------------------------
+
+    def consumed_states(self) -> list[dict[str, Any]]:
+        """Each owned slot's state after the last window handed to training."""
+        return [self._consumed[j] for j in self.slots]
+
+    def metrics(self) -> dict[str, float]:
+        """Data metrics for logging, keys ``data/<source>/<metric>``.
+
+        ``tokens`` (input tokens, ``seq_len`` per sequence) and ``share``
+        describe the global stream up to the last batch handed to training:
+        they follow from the schedule, the same on every rank, exact while every
+        lane has data; where this rank's slots had to stand in for a stopped
+        source, the difference is extrapolated to all slots. ``epoch`` is the
+        highest epoch (1-based) any of this rank's lanes of the source reached;
+        ``documents``, ``skipped`` and ``skipped/<reason>`` count this rank's
+        reading only.
+        """
+        names = self.spec.names
+        states = self.consumed_states()
+        scale = self.spec.slots / len(states)
+        out: dict[str, float] = {}
+        sequences = {}
+        for name in names:
+            drift = sum(s["taken"][name] - s["scheduled"][name] for s in states)
+            sequences[name] = max(states[0]["counts"][name] + drift * scale, 0.0)
+        total = sum(sequences.values()) or 1.0
+        for name in names:
+            lanes = [s["lanes"][name] for s in states]
+            prefix = f"data/{name}/"
+            out[prefix + "tokens"] = sequences[name] * self.spec.seq_len
+            out[prefix + "share"] = sequences[name] / total
+            out[prefix + "epoch"] = max(lane["epoch"] + (not lane["stopped"]) for lane in lanes)
+            out[prefix + "documents"] = sum(lane["documents"] for lane in lanes)
+            skipped: dict[str, int] = {}
+            for lane in lanes:
+                for reason, n in lane["skipped"].items():
+                    skipped[reason] = skipped.get(reason, 0) + n
+            out[prefix + "skipped"] = sum(skipped.values())
+            for reason, n in skipped.items():
+                out[f"{prefix}skipped/{reason}"] = n
+            stopped = sum(bool(lane["stopped"]) for lane in lanes)
+            if stopped:
+                out[prefix + "lanes_stopped"] = stopped
+        return out
+
+    # -- checkpointing ------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        # One key per slot: any rank can load any slot, whoever saved it.
+        return {
+            slot_key(j): json.dumps(self._consumed[j]).encode() for j in self.slots
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict:
+            return
+        missing = [slot_key(j) for j in self.slots if slot_key(j) not in state_dict]
+        if missing:
+            raise ValueError(
+                f"the checkpoint's dataloader state lacks {missing[0]} (it holds "
+                f"{sorted(state_dict)[:4]}...): it was saved with a smaller global "
+                "batch or by another dataloader; resume with the same "
+                "training.global_batch_size"
+            )
+        states = {}
+        for j in self.slots:
+            raw = state_dict[slot_key(j)]
+            state = json.loads(raw.decode() if isinstance(raw, bytes) else raw)
+            check_slot_state(self.spec, j, state)
+            states[j] = state
+        self._consumed = states
+        for state in states.values():
+            for name, lane in state["lanes"].items():
+                self._epochs_logged[name] = max(
+                    self._epochs_logged.get(name, 1), lane["epoch"] + 1
+                )
+                if lane["stopped"]:
+                    self._stops_logged.add(name)
+
+
+def _unchanged(item):
+    return item
+
+
+class _WorkerBatches(IterableDataset):
+    """In worker ``w`` of ``W``: every ``W``-th slot of the rank's, batch by batch."""
+
+    def __init__(self, spec: StreamSpec, slots: list[int], states: dict, workers: int):
+        self.spec = spec
+        self.slots = slots
+        self.states = states
+        self.workers = workers
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        mine = self.slots[worker :: self.workers]
+        batch = None
+        for windows in iter_slot_batches(self.spec, mine, self.states):
+            batch = next(iter(windows.values())).batch
+            yield {"end": False, "batch": batch, "windows": windows}
+        yield {"end": True, "batch": batch, "windows": {}}
+
+
+def source_token_counts(state_dict: dict[str, Any]) -> dict[str, int]:
+    """Input tokens taken from each source, read from a checkpoint's dataloader
+    state (the "dataloader" entry; any one slot's key suffices).
+
+    The counts follow the mixture schedule up to the saved batch, the same in
+    every slot's state; used by reports such as the model card.
+    """
+    keys = sorted(k for k in state_dict if k.startswith("slot_"))
+    if not keys:
+        raise ValueError(
+            "the dataloader state holds no slot_<j> entries; it was not written by "
+            f"swallow-titan's SlotDataLoader (keys: {sorted(state_dict)[:4]})"
+        )
+    raw = state_dict[keys[0]]
+    state = json.loads(raw.decode() if isinstance(raw, bytes) else raw)
+    return {name: n * state["seq_len"] for name, n in state["counts"].items()}
+
+
+def global_batch_size(job_config, dp_world_size: int) -> int:
+    """Sequences per optimizer step (torchtitan's rule for -1)."""
+    configured = job_config.training.global_batch_size
+    if configured < 0:
+        return job_config.training.local_batch_size * dp_world_size
+    return configured
+
+
+def build_dataloader(
+    dp_world_size: int,
+    dp_rank: int,
+    tokenizer: Llama3Tokenizer,
+    job_config,
+    **kwargs,
+) -> SlotDataLoader:
+    """TrainSpec ``build_dataloader_fn`` over ``[[data.sources]]``."""
+    data = job_config.data
+    spec = build_stream_spec(
+        data.sources,
+        tokenizer,
+        seq_len=job_config.training.seq_len,
+        global_batch=global_batch_size(job_config, dp_world_size),
+        seed=data.seed,
+        block_docs=data.shuffle_block_docs,
+        max_chars=data.max_document_chars,
+    )
+    loader_config = job_config.training.dataloader
+    return SlotDataLoader(
+        spec,
+        job_config.training.local_batch_size,
+        dp_rank,
+        dp_world_size,
+        emit_positions=data.reset_position_ids,
+        num_workers=loader_config.num_workers,
+        prefetch_factor=loader_config.prefetch_factor,
+    )
 
 
 class GlobalStreamDataLoader(BaseDataLoader):
-    """Yields ``({"input", ["positions"]}, labels)`` batches for one DP rank."""
+    """Every rank computes the same global stream and keeps its slice.
+
+    For small held-out sets (validation): every rank sees the stream end at the
+    same batch. Global batch ``b`` is the ``local_batch_size * dp_world_size``
+    windows after batch ``b - 1``; rank ``r`` takes windows
+    ``[r * local_batch_size, (r + 1) * local_batch_size)`` of it.
+    """
 
     def __init__(
         self,
@@ -59,73 +377,19 @@ class GlobalStreamDataLoader(BaseDataLoader):
                 if i in mine:
                     windows.append(window)
             self.batches_yielded += 1
-            yield self._collate(windows)
-
-    def _collate(self, windows) -> Batch:
-        tokens = torch.stack([w.tokens for w in windows])
-        inputs = {"input": tokens[:, :-1]}
-        if self.emit_positions:
-            inputs["positions"] = torch.stack([w.positions for w in windows])[:, :-1]
-        return inputs, tokens[:, 1:]
-
-    def metrics(self) -> dict[str, float]:
-        """Per-source data metrics for logging: tokens taken, share, epoch.
-
-        Keys are ``data/<source name>/<metric>``; the values describe the global
-        stream up to the last batch this loader produced.
-        """
-        progress = self.stream.source_progress()
-        total = max(sum(p.tokens for p in progress.values()), 1)
-        out: dict[str, float] = {}
-        for name, p in progress.items():
-            out[f"data/{name}/tokens"] = p.tokens
-            out[f"data/{name}/share"] = p.tokens / total
-            out[f"data/{name}/epoch"] = p.epoch + 1
-        return out
+            tokens = torch.stack([w.tokens for w in windows])
+            inputs = {"input": tokens[:, :-1]}
+            if self.emit_positions:
+                inputs["positions"] = torch.stack([w.positions for w in windows])[:, :-1]
+            yield inputs, tokens[:, 1:]
 
     def state_dict(self) -> dict[str, Any]:
-        # Identical on every rank; DCP stores it once.
         state = {"stream": self.stream.state_dict(), "batches": self.batches_yielded}
-        return {_STATE_KEY: pickle.dumps(state)}
+        return {"global_stream": pickle.dumps(state)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not state_dict:
             return
-        if _STATE_KEY not in state_dict:
-            raise ValueError(
-                "the checkpoint's dataloader state was not written by swallow-titan's "
-                f"dataloader (keys: {sorted(state_dict)})"
-            )
-        state = pickle.loads(state_dict[_STATE_KEY])
+        state = pickle.loads(state_dict["global_stream"])
         self.stream.load_state_dict(state["stream"])
         self.batches_yielded = state["batches"]
-
-
-def source_token_counts(state_dict: dict[str, Any]) -> dict[str, int]:
-    """Tokens taken from each source, read from a checkpoint's dataloader state.
-
-    ``state_dict`` is what ``GlobalStreamDataLoader.state_dict`` returned (the
-    checkpoint's "dataloader" entry); used by reports such as the model card.
-    """
-    state = pickle.loads(state_dict[_STATE_KEY])
-    return {name: p["tokens"] for name, p in state["stream"]["sources"].items()}
-
-
-def build_dataloader(
-    dp_world_size: int,
-    dp_rank: int,
-    tokenizer: Llama3Tokenizer,
-    job_config,
-    **kwargs,
-) -> GlobalStreamDataLoader:
-    """TrainSpec ``build_dataloader_fn`` over ``[[data.sources]]``."""
-    stream = MixtureStream(
-        job_config.data.sources, tokenizer, job_config.training.seq_len
-    )
-    return GlobalStreamDataLoader(
-        stream,
-        job_config.training.local_batch_size,
-        dp_rank,
-        dp_world_size,
-        emit_positions=job_config.data.reset_position_ids,
-    )

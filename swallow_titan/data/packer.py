@@ -6,17 +6,18 @@ labels the last ``seq_len``). A long document continues in the next window.
 
 Alongside the tokens the packer keeps per-token position ids that restart at
 every document start and at every window start. The window start counts as a
-restart because block-causal attention (torchtitan's document mask) also treats
-it as the start of a document, and because positions must stay below
-``seq_len``, the length of the model's RoPE table.
+restart because block-causal attention (torchtitan's document mask, built from
+the EOS tokens) also treats it as the start of a document, and because positions
+must stay below ``seq_len``, the length of the model's RoPE table.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -26,6 +27,16 @@ class PackedWindow:
 
     tokens: torch.Tensor  # int64 [seq_len + 1]
     positions: torch.Tensor  # int64 [seq_len + 1]
+
+
+def positions_from_starts(length: int, starts: Sequence[int]) -> np.ndarray:
+    """Position ids of a window whose documents start at ``starts``: they count
+    from 0 at the window start and at every document start."""
+    bounds = [0, *(s for s in starts if 0 < s < length)]
+    lengths = np.diff([*bounds, length])
+    return np.arange(length, dtype=np.int64) - np.repeat(
+        np.asarray(bounds, dtype=np.int64), lengths
+    )
 
 
 class DocumentPacker:
@@ -43,14 +54,19 @@ class DocumentPacker:
         self.bos_id = bos_id
         self.eos_id = eos_id
         self._tokens: list[int] = []
-        self._positions: list[int] = []
+        self._starts: list[int] = []  # indices in _tokens where a document's BOS is
 
-    def add(self, doc_tokens: Iterable[int]) -> None:
-        """Append one document (without BOS/EOS)."""
-        ids = [self.bos_id, *doc_tokens, self.eos_id]
-        self._tokens.extend(ids)
-        # Positions restart at this document's BOS.
-        self._positions.extend(range(len(ids)))
+    def add(self, doc_tokens: Iterable[int], skip: int = 0) -> None:
+        """Append one document (without BOS/EOS). ``skip`` leaves out its first
+        tokens (BOS counted), which an earlier window already holds."""
+        tokens = self._tokens
+        if skip == 0:
+            self._starts.append(len(tokens))
+            tokens.append(self.bos_id)
+            tokens.extend(doc_tokens)
+            tokens.append(self.eos_id)
+        else:
+            tokens.extend([self.bos_id, *doc_tokens, self.eos_id][skip:])
 
     def has_window(self) -> bool:
         """Whether a full window is ready to ``pop``."""
@@ -58,43 +74,37 @@ class DocumentPacker:
 
     def pop(self) -> PackedWindow:
         """Remove and return the next full window."""
+        tokens, positions = self.pop_arrays()
+        return PackedWindow(torch.from_numpy(tokens), torch.from_numpy(positions))
+
+    def pop_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """``pop`` as int64 numpy arrays (tokens, positions)."""
         if not self.has_window():
             raise IndexError("no full window yet; add more documents")
-        tokens = self._tokens[: self.window]
-        positions = self._restart_at_window_start(self._positions[: self.window])
-        del self._tokens[: self.window]
-        del self._positions[: self.window]
-        return PackedWindow(
-            torch.tensor(tokens, dtype=torch.int64),
-            torch.tensor(positions, dtype=torch.int64),
-        )
-
-    @staticmethod
-    def _restart_at_window_start(positions: list[int]) -> list[int]:
-        # A document cut by the previous window continues here from position 0.
-        first = positions[0]
-        if first == 0:
-            return positions
-        out = list(positions)
-        for i, p in enumerate(out):
-            if p < first:  # reached the next document's own restart
-                break
-            out[i] = p - first
-        return out
+        w = self.window
+        tokens = np.array(self._tokens[:w], dtype=np.int64)
+        positions = positions_from_starts(w, self._starts)
+        del self._tokens[:w]
+        self._starts = [s - w for s in self._starts if s >= w]
+        return tokens, positions
 
     @property
     def pending_tokens(self) -> int:
         """Tokens waiting for the next window."""
         return len(self._tokens)
 
+    def clear(self) -> None:
+        self._tokens = []
+        self._starts = []
+
     def state_dict(self) -> dict[str, Any]:
-        return {"tokens": list(self._tokens), "positions": list(self._positions)}
+        return {"tokens": list(self._tokens), "starts": list(self._starts)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if len(state["tokens"]) != len(state["positions"]):
-            raise ValueError("packer state: tokens and positions differ in length")
-        self._tokens = list(state["tokens"])
-        self._positions = list(state["positions"])
+        tokens, starts = list(state["tokens"]), list(state["starts"])
+        if any(not 0 <= s < len(tokens) for s in starts):
+            raise ValueError("packer state: document starts lie outside its tokens")
+        self._tokens, self._starts = tokens, starts
 
 
 def pack_documents(

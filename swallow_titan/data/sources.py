@@ -1,8 +1,16 @@
-"""Open a ``[[data.sources]]`` entry as a stream of document texts via ``datasets``.
+"""What a ``[[data.sources]]`` entry names: its files, found the same way for
+local paths and Hugging Face hub datasets.
 
-Local files (a path or glob of ``.jsonl``, ``.jsonl.gz``, ``.json``,
-``.parquet``) and Hugging Face hub datasets are both read with
-``datasets.load_dataset(..., streaming=True)``, so they behave the same.
+Local sources are a path or glob of ``.jsonl``, ``.jsonl.gz``, ``.json``,
+``.parquet`` (also ``.json.gz`` and, with ``zstandard`` installed, ``.zst``).
+A hub source is resolved by ``datasets``: ``load_dataset_builder(id, config,
+revision=...)`` lists the data files of the split, which are exactly the shards
+(``n_shards``) that ``load_dataset(..., streaming=True)`` would stream. Both
+kinds then go through the same sharding (``sharding.py``) and the same record
+reader (``records.py``), which opens hub files through ``fsspec``'s ``hf://``
+filesystem. ``datasets``' own JSON reader is not used for the records because
+it fails a whole file on one malformed line and cannot seek; ours skips and
+counts bad records and resumes at a byte offset.
 """
 
 from __future__ import annotations
@@ -10,16 +18,22 @@ from __future__ import annotations
 import glob
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from swallow_titan.config.sections import DataSource
 
-_BUILDERS = {
-    ".jsonl": "json",
-    ".json": "json",
-    ".jsonl.gz": "json",
-    ".json.gz": "json",
-    ".parquet": "parquet",
+# File name endings -> (format, compression).
+_SUFFIXES = {
+    ".jsonl": ("jsonl", ""),
+    ".ndjson": ("jsonl", ""),
+    ".json": ("json", ""),
+    ".jsonl.gz": ("jsonl", "gzip"),
+    ".json.gz": ("json", "gzip"),
+    ".jsonl.zst": ("jsonl", "zstd"),
+    ".json.zst": ("json", "zstd"),
+    ".jsonl.zstd": ("jsonl", "zstd"),
+    ".parquet": ("parquet", ""),
 }
 
 
@@ -27,37 +41,144 @@ class DataSourceError(ValueError):
     """A data source cannot be read; the message names the source and field."""
 
 
-def _suffix(path: str) -> str:
-    name = os.path.basename(path)
-    for suffix in sorted(_BUILDERS, key=len, reverse=True):
+@dataclass(frozen=True)
+class SourceFile:
+    """One file of a source: where it is, its format, and its size in bytes
+    (0 when unknown, e.g. a hub file whose listing failed)."""
+
+    path: str
+    format: str  # "jsonl", "json" or "parquet"
+    compression: str  # "", "gzip" or "zstd"
+    size: int
+
+    @property
+    def is_remote(self) -> bool:
+        return "://" in self.path
+
+
+def file_kind(path: str) -> tuple[str, str] | None:
+    """(format, compression) from a file name, or None if unsupported."""
+    name = os.path.basename(path.split("?")[0]).lower()
+    for suffix in sorted(_SUFFIXES, key=len, reverse=True):
         if name.endswith(suffix):
-            return suffix
-    return Path(name).suffix
+            return _SUFFIXES[suffix]
+    return None
+
+
+def _supported_endings() -> str:
+    return ", ".join(sorted(_SUFFIXES))
 
 
 def local_files(source: DataSource, where: str = "[[data.sources]]") -> list[str]:
-    """The files a local source names, sorted; errors if none or mixed formats."""
+    """The files a local source names, sorted; errors if none or unsupported."""
     files = sorted(glob.glob(os.path.expanduser(source.path), recursive=True))
     files = [f for f in files if os.path.isfile(f)]
     if not files:
         raise DataSourceError(
             f"{where} '{source.name}': path = {source.path!r} matches no file"
         )
-    suffixes = {_suffix(f) for f in files}
-    unknown = suffixes - set(_BUILDERS)
+    unknown = sorted({Path(f).name for f in files if file_kind(f) is None})
     if unknown:
         raise DataSourceError(
-            f"{where} '{source.name}': path = {source.path!r} matches files of "
-            f"unsupported type {sorted(unknown)}; expected "
-            + ", ".join(sorted(_BUILDERS))
+            f"{where} '{source.name}': path = {source.path!r} matches files of an "
+            f"unsupported type (e.g. {unknown[0]!r}); expected {_supported_endings()}"
         )
-    builders = {_BUILDERS[s] for s in suffixes}
-    if len(builders) > 1:
+    formats = {file_kind(f)[0] == "parquet" for f in files}
+    if len(formats) > 1:
         raise DataSourceError(
             f"{where} '{source.name}': path = {source.path!r} mixes JSON and "
             "Parquet files; use one source per format"
         )
+    unreadable = [f for f in files if not os.access(f, os.R_OK)]
+    if unreadable:
+        raise DataSourceError(
+            f"{where} '{source.name}': file {unreadable[0]!r} is not readable "
+            "(check its permissions)"
+        )
     return files
+
+
+def hub_files(source: DataSource, where: str = "[[data.sources]]") -> list[str]:
+    """The data files of a hub dataset's split, as ``datasets`` resolves them
+    (``hf://`` URLs pinned to a revision, or local paths for a local folder)."""
+    import datasets
+
+    label = f"hf_dataset = {source.hf_dataset!r}" + (
+        f", hf_config = {source.hf_config!r}" if source.hf_config else ""
+    )
+    try:
+        builder = datasets.load_dataset_builder(
+            source.hf_dataset,
+            source.hf_config or None,
+            revision=source.revision or None,
+        )
+    except Exception as e:  # network, missing repo, bad config name: all fatal
+        raise DataSourceError(
+            f"{where} '{source.name}': cannot open {label}: {e}. Check the id, "
+            "the network (or HF_HUB_OFFLINE) and your Hugging Face login"
+        ) from e
+    data_files = builder.config.data_files or {}
+    splits = {str(k): list(v) for k, v in data_files.items()}
+    if source.split not in splits:
+        raise DataSourceError(
+            f"{where} '{source.name}': {label} has no split {source.split!r} with "
+            f"data files (splits: {sorted(splits) or 'none'}); datasets built by a "
+            "loading script are not supported, use their Parquet/JSON files"
+        )
+    files = splits[source.split]
+    unknown = [f for f in files if file_kind(f) is None]
+    if unknown:
+        raise DataSourceError(
+            f"{where} '{source.name}': {label} holds files of an unsupported type "
+            f"(e.g. {unknown[0]!r}); expected {_supported_endings()}"
+        )
+    return files
+
+
+def source_files(source: DataSource) -> list[SourceFile]:
+    """Every file of ``source`` with its format and size, in a fixed order."""
+    paths = local_files(source) if source.path else hub_files(source)
+    sizes = _file_sizes(paths)
+    out = []
+    for path in paths:
+        fmt, compression = file_kind(path)
+        if compression == "zstd":
+            _require_zstandard(source, path)
+        out.append(SourceFile(path, fmt, compression, sizes.get(path, 0)))
+    return out
+
+
+def _require_zstandard(source: DataSource, path: str) -> None:
+    try:
+        import zstandard  # noqa: F401
+    except ModuleNotFoundError:
+        raise DataSourceError(
+            f"[[data.sources]] '{source.name}': file {path!r} is zstd-compressed; "
+            "install the 'zstandard' package to read it"
+        ) from None
+
+
+def _file_sizes(paths: list[str]) -> dict[str, int]:
+    """Sizes in bytes; remote files are listed once per folder (one request
+    each), and left out if the listing fails (their size is then unknown)."""
+    sizes = {p: os.path.getsize(p) for p in paths if "://" not in p}
+    remote = [p for p in paths if "://" in p]
+    if remote:
+        import fsspec
+
+        folders: dict[str, list[str]] = {}
+        for p in remote:
+            folders.setdefault(p.rsplit("/", 1)[0], []).append(p)
+        for folder, members in folders.items():
+            try:
+                fs, root = fsspec.core.url_to_fs(folder)
+                listing = {e["name"].rsplit("/", 1)[-1]: e.get("size") or 0
+                           for e in fs.ls(root, detail=True)}
+            except Exception:
+                continue
+            for p in members:
+                sizes[p] = int(listing.get(p.rsplit("/", 1)[-1], 0))
+    return sizes
 
 
 def check_source(source: DataSource, where: str = "[[data.sources]]") -> None:
@@ -78,35 +199,39 @@ def check_source(source: DataSource, where: str = "[[data.sources]]") -> None:
             f"{where} '{source.name}': max_epochs must be >= 0 (0 = no limit), "
             f"got {source.max_epochs}"
         )
+    if source.num_tokens < 0:
+        raise DataSourceError(
+            f"{where} '{source.name}': num_tokens must be >= 0 (0 = unknown), "
+            f"got {source.num_tokens}"
+        )
+    if not source.text_field:
+        raise DataSourceError(f"{where} '{source.name}': text_field must not be empty")
+
+
+def check_data_options(data, where: str) -> None:
+    """Check the ``[data]`` options that are not per source."""
+    if data.shuffle_block_docs < 0:
+        raise DataSourceError(
+            f"{where}.shuffle_block_docs: must be >= 0 (0 = keep the files' order), "
+            f"got {data.shuffle_block_docs}"
+        )
+    if data.max_document_chars < 1:
+        raise DataSourceError(
+            f"{where}.max_document_chars: must be >= 1, got {data.max_document_chars}"
+        )
 
 
 def open_source(source: DataSource, skip: int = 0) -> Iterator[str]:
-    """Iterate the document texts of ``source``, after skipping ``skip`` records."""
-    import datasets
+    """Iterate the document texts of ``source`` file by file, after skipping
+    ``skip`` documents. Bad records are left out (the training loader counts
+    them; this reader serves the small held-out sets of validation)."""
+    from swallow_titan.data.records import iter_records, whole_file_unit
 
-    if source.path:
-        files = local_files(source)
-        dataset = datasets.load_dataset(
-            _BUILDERS[_suffix(files[0])],
-            data_files=files,
-            split="train",
-            streaming=True,
-        )
-    else:
-        dataset = datasets.load_dataset(
-            source.hf_dataset,
-            source.hf_config or None,
-            split=source.split,
-            revision=source.revision or None,
-            streaming=True,
-        )
-    if skip:
-        dataset = dataset.skip(skip)
-    for index, record in enumerate(dataset, start=skip):
-        text = record.get(source.text_field)
-        if not isinstance(text, str):
-            raise DataSourceError(
-                f"source '{source.name}': record {index} has no string field "
-                f"text_field = {source.text_field!r} (fields: {sorted(record)})"
-            )
-        yield text
+    seen = 0
+    for file in source_files(source):
+        for record in iter_records(whole_file_unit(file), source.text_field, source.name):
+            if record.text is None:
+                continue
+            if seen >= skip:
+                yield record.text
+            seen += 1

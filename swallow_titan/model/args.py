@@ -23,12 +23,26 @@ LLAMA3_VOCAB_SIZE = 128_256  # 128,000 BPE ranks + 256 special tokens
 
 @dataclass
 class SwallowModelArgs(TransformerModelArgs):
-    """torchtitan's llama3 arguments, updated from swallow-titan's ``[model]``."""
+    """torchtitan's llama3 arguments, updated from swallow-titan's ``[model]``
+    and ``[kernels]``."""
+
+    rmsnorm_impl: str = "torch"
+    """"torch" (nn.RMSNorm) or "triton" (kernels.rms_norm, residual add fused)."""
+
+    loss_impl: str = "torch"
+    """"torch" (the model returns logits) or "fused_linear_ce" (given labels, the
+    output layer returns the summed loss instead; see model/transformer.py)."""
+
+    z_loss: float = 0.0
+    """z-loss coefficient the fused output layer applies."""
 
     def update_from_config(self, job_config, **kwargs) -> None:
         super().update_from_config(job_config, **kwargs)
         self.attn_type = job_config.model.attn_type
         self.attn_mask_type = job_config.model.attn_mask_type
+        self.rmsnorm_impl = job_config.kernels.rmsnorm
+        self.loss_impl = job_config.kernels.loss
+        self.z_loss = job_config.kernels.z_loss
 
 
 def _llama31(**overrides) -> SwallowModelArgs:

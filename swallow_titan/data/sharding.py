@@ -1,0 +1,131 @@
+"""Split a source's documents among the ``G`` slots of the global batch.
+
+Each slot (see ``slots.py``) reads its own part of every source, so that a
+data-parallel rank reads only the parts of the slots it owns. The split depends
+only on the source's files and on ``G`` (never on the number of ranks), which is
+what makes resuming on another number of GPUs exact.
+
+1. Files become read units (``records.ReadUnit``). With at least ``G`` files a
+   unit is a whole file. With fewer, uncompressed JSON Lines files are cut into
+   byte ranges (a line belongs to the range it starts in) in proportion to their
+   size, at least ``MIN_RANGE_BYTES`` each, and Parquet files into row groups;
+   compressed files and JSON arrays stay whole because they cannot be entered
+   in the middle.
+2. With at least ``G`` units, each unit goes to one slot, largest first to the
+   slot with the fewest bytes (LPT), so every slot gets about the same amount of
+   data and no unit is read twice.
+3. With fewer units than slots (a few compressed files, say), each unit is
+   shared by a contiguous block of slots, as many as its share of the bytes;
+   slot ``p`` of a block of ``m`` takes records ``p, p + m, p + 2m, ...``. Such
+   a unit is read (decompressed and split into lines, not parsed or tokenised)
+   once per slot sharing it. Contiguous slots belong to the same rank (ranks own
+   contiguous slot ranges), so this read amplification stays within a rank
+   where the block fits in it; it is the only one, and it disappears as soon as
+   a source has ``G`` files or one splittable file.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from swallow_titan.data.records import ReadUnit, open_binary, parquet_file
+from swallow_titan.data.sources import SourceFile
+
+MIN_RANGE_BYTES = 4096
+
+
+@dataclass(frozen=True)
+class LaneSpec:
+    """What one slot reads of one source: its units, and which of their records
+    (``phase`` modulo ``stride``) when it shares them with other slots."""
+
+    units: tuple[ReadUnit, ...]
+    stride: int = 1
+    phase: int = 0
+
+    @property
+    def size(self) -> int:
+        return sum(u.size for u in self.units) // max(self.stride, 1)
+
+
+def plan_lanes(files: Sequence[SourceFile], slots: int, source_name: str) -> list[LaneSpec]:
+    """One ``LaneSpec`` per slot for a source's files."""
+    return assign_lanes(split_units(files, slots, source_name), slots)
+
+
+def split_units(files: Sequence[SourceFile], slots: int, source_name: str) -> list[ReadUnit]:
+    """The read units of ``files`` (step 1 of the module docstring)."""
+    if len(files) >= slots:
+        return [ReadUnit(f.path, f.format, f.compression, 0, -1, f.size) for f in files]
+    total = sum(f.size for f in files)
+    units: list[ReadUnit] = []
+    for f in files:
+        if _is_plain_json_lines(f, source_name) and f.size > 0 and total > 0:
+            pieces = max(1, min(math.ceil(slots * f.size / total), f.size // MIN_RANGE_BYTES))
+            bounds = [f.size * i // pieces for i in range(pieces + 1)]
+            units.extend(
+                ReadUnit(f.path, "jsonl", "", a, b, b - a) for a, b in zip(bounds, bounds[1:])
+            )
+        elif f.format == "parquet":
+            units.extend(_row_group_units(f, source_name))
+        else:
+            units.append(ReadUnit(f.path, f.format, f.compression, 0, -1, f.size))
+    return units
+
+
+def _is_plain_json_lines(f: SourceFile, source_name: str) -> bool:
+    if f.compression or f.format == "parquet":
+        return False
+    if f.format == "jsonl":
+        return True
+    # A .json file is JSON Lines unless it starts with "[" (one JSON array).
+    with open_binary(f.path, source_name) as raw:
+        return raw.read(4096).lstrip()[:1] != b"["
+
+
+def _row_group_units(f: SourceFile, source_name: str) -> list[ReadUnit]:
+    pf, raw = parquet_file(f.path, source_name)
+    try:
+        groups = pf.metadata.num_row_groups
+        return [
+            ReadUnit(f.path, "parquet", "", g, g + 1, pf.metadata.row_group(g).total_byte_size)
+            for g in range(groups)
+        ] or [ReadUnit(f.path, "parquet", "", 0, -1, f.size)]
+    finally:
+        raw.close()
+
+
+def assign_lanes(units: Sequence[ReadUnit], slots: int) -> list[LaneSpec]:
+    """Give every slot its units (steps 2 and 3 of the module docstring)."""
+    if not units:
+        return [LaneSpec(()) for _ in range(slots)]
+    if len(units) >= slots:
+        order = sorted(range(len(units)), key=lambda u: (-units[u].size, u))
+        loads = [(0, j) for j in range(slots)]
+        members: list[list[int]] = [[] for _ in range(slots)]
+        for u in order:
+            load, j = heapq.heappop(loads)
+            members[j].append(u)
+            heapq.heappush(loads, (load + max(units[u].size, 1), j))
+        return [LaneSpec(tuple(units[u] for u in sorted(m))) for m in members]
+    shares = _shares(units, slots)
+    lanes = []
+    for unit, share in zip(units, shares):
+        lanes.extend(LaneSpec((unit,), share, phase) for phase in range(share))
+    return lanes
+
+
+def _shares(units: Sequence[ReadUnit], slots: int) -> list[int]:
+    """Slots per unit: at least one each, the rest by size (largest remainder)."""
+    sizes = [max(u.size, 1) for u in units]
+    total = sum(sizes)
+    extra = slots - len(units)
+    floors = [extra * s // total for s in sizes]
+    remainders = [extra * s % total for s in sizes]
+    left = extra - sum(floors)
+    for u in sorted(range(len(units)), key=lambda u: (-remainders[u], u))[:left]:
+        floors[u] += 1
+    return [1 + f for f in floors]

@@ -1,0 +1,146 @@
+"""torchtitan's llama3 Transformer with swallow-titan's kernels switched in.
+
+``SwallowTransformer`` is torchtitan's ``Transformer`` (same modules, parameter
+names and initialisation order, so checkpoints and HF conversion are unchanged)
+plus two options from ``[kernels]``:
+
+- ``rmsnorm = "triton"``: every norm is a :class:`TritonRMSNorm`, and each block
+  fuses its mid-block residual add into ``ffn_norm`` (:class:`FusedNormBlock`).
+- ``loss = "fused_linear_ce"``: the output layer is a :class:`FusedLossOutput`.
+  When the forward receives ``labels`` it returns the summed loss instead of the
+  logits, computed chunk by chunk inside the output layer's own forward, so FSDP
+  has gathered the output weight there exactly as it does for the logits, and
+  tensor parallel's vocabulary-sharded weight is used where it lies.
+
+The labels reach the model as an extra key of the dataloader's input dict
+(``swallow_titan.loss.LabelsInInputs``); torchtitan passes every key but
+"input" to the model's forward. Without ``labels`` the model returns logits as
+usual (validation, generation).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch.distributed.tensor import DTensor
+from torchtitan.components.loss import IGNORE_INDEX
+from torchtitan.models.llama3.model.model import Transformer, TransformerBlock
+
+from kernels import fused_linear_cross_entropy, rms_norm
+from swallow_titan.model.args import SwallowModelArgs
+
+FUSED_LOSS = "fused_linear_ce"
+TRITON_NORM = "triton"
+
+
+class TritonRMSNorm(nn.RMSNorm):
+    """``nn.RMSNorm`` (same parameter, same init) computed by ``kernels.rms_norm``.
+
+    ``forward(x, residual)`` returns ``(norm(x + residual), x + residual)``. Under
+    sequence parallel, torchtitan's ``SequenceParallel`` style makes ``x`` a
+    sequence-sharded DTensor but leaves keyword arguments alone, so a plain
+    ``residual`` is taken to be sharded like ``x``.
+    """
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
+        if isinstance(x, DTensor) and residual is not None and not isinstance(
+            residual, DTensor
+        ):
+            residual = DTensor.from_local(
+                residual, x.device_mesh, x.placements, run_check=False
+            )
+        return rms_norm(x, self.weight, eps, residual=residual)
+
+
+class FusedNormBlock(TransformerBlock):
+    """torchtitan's block with Triton norms and ``h = x + attn; norm(h)`` fused."""
+
+    def __init__(self, layer_id: int, model_args: SwallowModelArgs):
+        super().__init__(layer_id, model_args)
+        self.attention_norm = TritonRMSNorm(model_args.dim, eps=model_args.norm_eps)
+        self.ffn_norm = TritonRMSNorm(model_args.dim, eps=model_args.norm_eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        freqs_cis: torch.Tensor,
+        attention_masks,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        attn = self.attention(self.attention_norm(x), freqs_cis, attention_masks, positions)
+        normed, h = self.ffn_norm(attn, residual=x)
+        if isinstance(h, DTensor):
+            # Under sequence parallel the rest of the block works on local shards.
+            h = h.to_local()
+        return h + self.feed_forward(normed)
+
+
+class FusedLossOutput(nn.Linear):
+    """The output layer; given labels, it returns the loss instead of the logits.
+
+    ``forward(h)`` returns logits like ``nn.Linear``. ``forward(h, labels)``
+    returns a 2-element fp32 tensor ``[loss_sum, z_loss_sum]``: the summed
+    cross-entropy plus z-loss over tokens whose label is not ``IGNORE_INDEX``
+    (what torchtitan's loss function returns), and the z-loss part of it,
+    detached, for logging. It stays a tensor so that tensor parallel's output
+    hook (which expects a DTensor and redistributes it to ``Shard(-1)``) passes
+    it through; ``swallow_titan.loss`` unpacks it.
+    """
+
+    def __init__(self, dim: int, vocab_size: int, z_loss: float = 0.0):
+        super().__init__(dim, vocab_size, bias=False)
+        self.z_loss = z_loss
+
+    def forward(
+        self, h: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if labels is None:
+            return super().forward(h)
+        loss, z = fused_linear_cross_entropy(
+            h, self.weight, labels, ignore_index=IGNORE_INDEX, z_loss=self.z_loss
+        )
+        return torch.stack([loss, z])
+
+
+class SwallowTransformer(Transformer):
+    """torchtitan's llama3 ``Transformer`` with the ``[kernels]`` options applied."""
+
+    def __init__(self, model_args: SwallowModelArgs):
+        super().__init__(model_args)
+        if model_args.rmsnorm_impl == TRITON_NORM:
+            self.layers = nn.ModuleDict(
+                {
+                    str(i): FusedNormBlock(i, model_args)
+                    for i in range(model_args.n_layers)
+                }
+            )
+            self.norm = TritonRMSNorm(model_args.dim, eps=model_args.norm_eps)
+        if model_args.loss_impl == FUSED_LOSS:
+            self.output = FusedLossOutput(
+                model_args.dim, model_args.vocab_size, z_loss=model_args.z_loss
+            )
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        attention_masks=None,
+        positions: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits ``[batch, seq, vocab]``; with ``labels``, the fused output
+        layer's ``[loss_sum, z_loss_sum]`` instead (see :class:`FusedLossOutput`)."""
+        if labels is None:
+            return super().forward(tokens, attention_masks, positions)
+        if not isinstance(self.output, FusedLossOutput):
+            raise ValueError(
+                "SwallowTransformer got labels but its output layer computes logits; "
+                "labels are only passed with [kernels] loss = \"fused_linear_ce\""
+            )
+        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
+        for layer in self.layers.values():
+            h = layer(h, self.freqs_cis, attention_masks=attention_masks, positions=positions)
+        h = self.norm(h) if self.norm is not None else h
+        return self.output(h, labels=labels)

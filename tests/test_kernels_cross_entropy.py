@@ -1,0 +1,205 @@
+"""kernels.fused_linear_cross_entropy against float64 PyTorch.
+
+Runs on CPU through Triton's interpreter (``TRITON_INTERPRET=1``, set by
+``tests/conftest.py``); bf16 is checked on a GPU by ``benchmarks/kernels.py``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels import fused_linear_cross_entropy, fused_linear_cross_entropy_reference
+
+IGNORE = -100
+LLAMA3_VOCAB = 128_256
+# (tokens, hidden, vocab, tokens per chunk); 0 = the default chunk.
+SHAPES = [
+    (1, 8, 11, 0),
+    (13, 24, 37, 0),
+    (33, 64, 1000, 8),  # several chunks, the last one partial
+    (5, 16, LLAMA3_VOCAB, 0),  # the real vocabulary, few tokens
+]
+# Error bound relative to the largest reference value (sums over up to 128k
+# vocabulary entries in fp32; fp16 inputs are rounded at the start).
+TOL = {torch.float32: 1e-4, torch.float16: 2e-3}
+
+
+def _inputs(n, h, v, dtype, seed=0, ignore_every=3):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=g).to(dtype).requires_grad_()
+    weight = (torch.randn(v, h, generator=g) / h**0.5 * 4).to(dtype).requires_grad_()
+    targets = torch.randint(0, v, (n,), generator=g)
+    if ignore_every:
+        targets[::ignore_every] = IGNORE
+    return hidden, weight, targets
+
+
+def _reference(hidden, weight, targets, z_loss=0.0, grad_scale=1.0):
+    h64 = hidden.detach().double().requires_grad_()
+    w64 = weight.detach().double().requires_grad_()
+    loss, z = fused_linear_cross_entropy_reference(h64, w64, targets, IGNORE, z_loss)
+    (loss * grad_scale).backward()
+    return loss, z, h64.grad, w64.grad
+
+
+def _assert_close(actual, expected, dtype):
+    scale = expected.abs().max().clamp(min=1.0).item()
+    torch.testing.assert_close(actual.double(), expected, rtol=0, atol=TOL[dtype] * scale)
+
+
+@pytest.mark.parametrize("z_loss", [0.0, 1e-4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_loss_and_gradients_match_float64_reference(shape, dtype, z_loss):
+    n, h, v, chunk = shape
+    hidden, weight, targets = _inputs(n, h, v, dtype)
+    loss, z = fused_linear_cross_entropy(
+        hidden, weight, targets, IGNORE, z_loss, chunk_tokens=chunk
+    )
+    # An upstream gradient other than 1, as the trainer's 1 / token count.
+    (loss * 0.37).backward()
+    ref_loss, ref_z, ref_dh, ref_dw = _reference(hidden, weight, targets, z_loss, 0.37)
+
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    torch.testing.assert_close(loss.double(), ref_loss.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(z.double(), ref_z, rtol=1e-5, atol=1e-8)
+    assert hidden.grad.dtype == dtype and weight.grad.dtype == dtype
+    _assert_close(hidden.grad, ref_dh, dtype)
+    _assert_close(weight.grad, ref_dw, dtype)
+
+
+def test_equals_torch_cross_entropy_sum_without_z_loss():
+    hidden, weight, targets = _inputs(17, 32, 300, torch.float32, seed=1)
+    loss, z = fused_linear_cross_entropy(hidden, weight, targets)
+    expected = F.cross_entropy(
+        hidden @ weight.t(), targets, reduction="sum", ignore_index=IGNORE
+    )
+    torch.testing.assert_close(loss, expected)
+    assert z.item() == 0.0
+
+
+def test_z_loss_is_coefficient_times_squared_logsumexp_of_counted_tokens():
+    hidden, weight, targets = _inputs(9, 16, 50, torch.float32, seed=2)
+    with torch.no_grad():
+        loss, z = fused_linear_cross_entropy(hidden, weight, targets, z_loss=1e-2)
+        plain, _ = fused_linear_cross_entropy(hidden, weight, targets)
+    counted = targets != IGNORE
+    lse = torch.logsumexp(hidden @ weight.t(), dim=-1)[counted]
+    torch.testing.assert_close(z, 1e-2 * (lse**2).sum())
+    torch.testing.assert_close(loss, plain + z)
+    assert not z.requires_grad
+
+
+def test_ignored_tokens_contribute_nothing():
+    hidden, weight, targets = _inputs(12, 16, 40, torch.float32, seed=3, ignore_every=2)
+    loss, _ = fused_linear_cross_entropy(hidden, weight, targets, z_loss=1e-3)
+    loss.backward()
+    counted = targets != IGNORE
+    kept, _ = fused_linear_cross_entropy(
+        hidden[counted].detach(), weight.detach(), targets[counted], z_loss=1e-3
+    )
+    torch.testing.assert_close(loss.detach(), kept)
+    assert torch.all(hidden.grad[~counted] == 0)
+
+
+def test_batch_with_every_target_ignored_gives_zero_loss_and_zero_gradients():
+    hidden, weight, _ = _inputs(6, 16, 40, torch.float32, seed=4)
+    targets = torch.full((6,), IGNORE)
+    loss, z = fused_linear_cross_entropy(hidden, weight, targets, z_loss=1e-4)
+    loss.backward()
+    assert loss.item() == 0.0 and z.item() == 0.0
+    assert torch.equal(hidden.grad, torch.zeros_like(hidden))
+    assert torch.equal(weight.grad, torch.zeros_like(weight))
+
+
+def test_chunk_size_does_not_change_results():
+    results = []
+    for chunk in (0, 1, 7):
+        hidden, weight, targets = _inputs(20, 16, 90, torch.float32, seed=5)
+        loss, _ = fused_linear_cross_entropy(hidden, weight, targets, chunk_tokens=chunk)
+        loss.backward()
+        results.append((loss.detach(), hidden.grad, weight.grad))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            torch.testing.assert_close(a, b)
+
+
+def test_leading_dimensions_are_flattened():
+    hidden, weight, targets = _inputs(12, 16, 30, torch.float32, seed=6)
+    flat, _ = fused_linear_cross_entropy(hidden, weight, targets)
+    batched, _ = fused_linear_cross_entropy(
+        hidden.view(3, 4, 16), weight, targets.view(3, 4)
+    )
+    torch.testing.assert_close(flat, batched)
+
+
+def test_frozen_weight_gets_no_gradient_and_hidden_still_does():
+    hidden, weight, targets = _inputs(8, 16, 30, torch.float32, seed=7)
+    weight.requires_grad_(False)
+    loss, _ = fused_linear_cross_entropy(hidden, weight, targets)
+    loss.backward()
+    _, _, ref_dh, _ = _reference(hidden, weight, targets)
+    _assert_close(hidden.grad, ref_dh, torch.float32)
+    assert weight.grad is None
+
+
+def test_forward_without_grad_computes_the_loss_only():
+    hidden, weight, targets = _inputs(8, 16, 30, torch.float32, seed=8)
+    with torch.no_grad():
+        loss, _ = fused_linear_cross_entropy(hidden, weight, targets)
+    ref_loss, _, _, _ = _reference(hidden, weight, targets)
+    torch.testing.assert_close(loss.double(), ref_loss.detach())
+    assert not loss.requires_grad
+
+
+@pytest.mark.parametrize("grads", [(True, True), (True, False), (False, False)])
+def test_opcheck(grads):
+    hidden, weight, targets = _inputs(6, 8, 11, torch.float32, seed=9)
+    # The op computes exactly the gradients its flags ask for.
+    hidden.requires_grad_(grads[0])
+    weight.requires_grad_(grads[1])
+    args = (hidden, weight, targets, IGNORE, 1e-3, *grads, 4, 0, "")
+    torch.library.opcheck(torch.ops.swallow.fused_linear_cross_entropy.default, args)
+
+
+def test_compile_fullgraph_forward_and_backward_with_ignored_targets():
+    # Liger's fused loss was wrong under torch.compile with ignore_index.
+    hidden, weight, targets = _inputs(10, 16, 45, torch.float32, seed=10, ignore_every=2)
+
+    def loss_fn(hidden, weight, targets):
+        loss, _ = fused_linear_cross_entropy(hidden, weight, targets, z_loss=1e-3)
+        return loss / (targets != IGNORE).sum()
+
+    loss = torch.compile(loss_fn, fullgraph=True)(hidden, weight, targets)
+    loss.backward()
+    ref_loss, _, ref_dh, ref_dw = _reference(
+        hidden, weight, targets, 1e-3, 1 / (targets != IGNORE).sum().item()
+    )
+    torch.testing.assert_close(
+        loss.double(), ref_loss.detach() / (targets != IGNORE).sum()
+    )
+    _assert_close(hidden.grad, ref_dh, torch.float32)
+    _assert_close(weight.grad, ref_dw, torch.float32)
+
+
+def test_only_sum_reduction_is_offered():
+    hidden, weight, targets = _inputs(4, 8, 10, torch.float32)
+    with pytest.raises(ValueError, match="reduction must be 'sum'"):
+        fused_linear_cross_entropy(hidden, weight, targets, reduction="mean")
+
+
+def test_mismatched_targets_are_refused():
+    hidden, weight, targets = _inputs(4, 8, 10, torch.float32)
+    with pytest.raises(ValueError, match="3 targets for 4 tokens"):
+        fused_linear_cross_entropy(hidden, weight, targets[:3])
+
+
+def test_second_backward_through_one_forward_is_refused():
+    # The precomputed gradients are scaled in place by the first backward.
+    hidden, weight, targets = _inputs(4, 8, 10, torch.float32)
+    loss, _ = fused_linear_cross_entropy(hidden, weight, targets)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward"):
+        loss.backward()

@@ -1,0 +1,55 @@
+"""Training with [kernels] on gives the losses of training with them off.
+
+Two processes on CPU (gloo), Triton's interpreter for the kernels, the tiny
+model at a small batch so that each run takes seconds. Both runs use the same
+seed and deterministic mode, hence the same initial weights and data, and a
+z-loss so that both z-loss paths are covered.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from helpers import run_training
+
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
+# On top of helpers.FAST (seq 64, no checkpoint/validation/TensorBoard, seed).
+SMALL_RUN = [
+    "--training.steps", "3",
+    "--lr_scheduler.warmup_steps", "1",
+    "--training.local_batch_size", "2",
+    "--training.global_batch_size", "4",
+    "--kernels.z_loss", "1e-4",
+]
+KERNELS_ON = ["--kernels.rmsnorm", "triton", "--kernels.loss", "fused_linear_ce"]
+INTERPRETER = {"TRITON_INTERPRET": "1"}
+
+
+def _assert_same_losses(on: dict[int, float], off: dict[int, float]) -> None:
+    assert sorted(on) == sorted(off) == [1, 2, 3]
+    for step in off:
+        assert on[step] == pytest.approx(off[step], rel=2e-5), (step, on, off)
+
+
+def test_fsdp2_losses_match_with_kernels_on_and_off(tmp_path):
+    fsdp = ["--parallelism.data_parallel_shard_degree", "2"]
+    off = run_training(tmp_path / "off", *SMALL_RUN, *fsdp, nproc=2).check()
+    on = run_training(
+        tmp_path / "on", *SMALL_RUN, *fsdp, *KERNELS_ON, nproc=2, env=INTERPRETER
+    ).check()
+    _assert_same_losses(on.losses, off.losses)
+
+
+def test_tensor_parallel_losses_match_with_kernels_on_and_off(tmp_path):
+    # Sequence-parallel norms (partial weight gradients) and the vocabulary-
+    # parallel fused loss.
+    tp = [
+        "--parallelism.tensor_parallel_degree", "2",
+        "--parallelism.data_parallel_shard_degree", "1",
+    ]
+    off = run_training(tmp_path / "off", *SMALL_RUN, *tp, nproc=2).check()
+    on = run_training(
+        tmp_path / "on", *SMALL_RUN, *tp, *KERNELS_ON, nproc=2, env=INTERPRETER
+    ).check()
+    _assert_same_losses(on.losses, off.losses)
