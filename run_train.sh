@@ -49,6 +49,11 @@ else
             --master_port "${MASTER_PORT:-29500}")
 fi
 
+# On SIGTERM (SLURM pre-emption) torchrun forwards the signal and SIGKILLs the
+# workers after this many seconds; they need it to finish the step and write a
+# checkpoint (torch's default is 30 s).
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-600}"
+
 # One CPU thread per process unless told otherwise.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( $(nproc) / NGPU > 0 ? $(nproc) / NGPU : 1 ))}"
 

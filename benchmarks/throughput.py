@@ -65,7 +65,7 @@ CONFIGS = [
 ]
 
 # TensorBoard tags torchtitan's MetricsProcessor writes (stock and ours).
-TPS_TAGS = ("throughput(tps)", "throughput/tokens_per_s_per_gpu")
+TPS_TAGS = ("throughput(tps)", "perf/tokens_per_s_per_gpu")
 MEMORY_TAGS = ("memory/max_reserved(GiB)", "memory/peak_reserved_gib")
 
 

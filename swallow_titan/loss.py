@@ -11,9 +11,10 @@ Validation calls the model without labels, so it always goes through the logits.
 
 z-loss for logging: every training forward adds its z-loss sum and its number of
 counted tokens to :data:`Z_LOSS` (this process's meter). Anything can read it
-with ``Z_LOSS.take()``; :class:`ZLossMetricsProcessor` does, at each log step,
-and logs ``loss_metrics/z_loss``, the z-loss per token over all data-parallel
-ranks since the previous log step. The logged training loss includes the z-loss.
+with ``Z_LOSS.take()``; the trainer does, at each log step, and logs
+``train/z_loss``, the z-loss per token over all data-parallel ranks since the
+previous log step (``trainer.py``, ``metrics.py``). The logged training loss
+includes the z-loss.
 """
 
 from __future__ import annotations
@@ -25,8 +26,6 @@ import torch
 from torch.distributed.tensor import DTensor, Shard
 from torchtitan.components.dataloader import BaseDataLoader
 from torchtitan.components.loss import IGNORE_INDEX, build_cross_entropy_loss
-from torchtitan.components.metrics import MetricsProcessor
-from torchtitan.distributed import utils as dist_utils
 
 from swallow_titan.data.dataloader import build_dataloader
 from swallow_titan.model.transformer import FUSED_LOSS
@@ -161,34 +160,3 @@ def build_training_dataloader(
         return LabelsInInputs(loader)
     return loader
 
-
-class ZLossMetricsProcessor(MetricsProcessor):
-    """torchtitan's metrics, plus ``loss_metrics/z_loss`` when a z-loss is on."""
-
-    def log(
-        self,
-        step: int,
-        global_avg_loss: float,
-        global_max_loss: float,
-        grad_norm: float,
-        extra_metrics: dict[str, Any] | None = None,
-    ) -> None:
-        taken = Z_LOSS.take()
-        if taken is not None:
-            z_sum, tokens = taken
-            if self.parallel_dims.dp_cp_enabled:
-                mesh = self.parallel_dims.get_optional_mesh("loss")
-                z_total = dist_utils.dist_sum(z_sum, mesh)
-                token_total = dist_utils.dist_sum(tokens.float(), mesh)
-            else:
-                z_total, token_total = z_sum.item(), tokens.item()
-            extra_metrics = dict(extra_metrics or {})
-            extra_metrics["loss_metrics/z_loss"] = z_total / max(token_total, 1.0)
-        super().log(step, global_avg_loss, global_max_loss, grad_norm, extra_metrics)
-
-
-def build_metrics_processor(
-    job_config, parallel_dims, model_args=None, tag: str | None = None
-) -> MetricsProcessor:
-    """TrainSpec ``build_metrics_processor_fn``."""
-    return ZLossMetricsProcessor(job_config, parallel_dims, tag)

@@ -1,8 +1,17 @@
 """Training entry point: ``torchrun ... -m swallow_titan.train --job.config_file X``.
 
 Parses and checks the config (errors name the file and key and stop the run
-before any process group is created), then runs torchtitan's Trainer with the
-``swallow`` TrainSpec. ``run_train.sh`` wraps this with torchrun.
+before any process group is created), then runs :class:`SwallowTrainer`
+(torchtitan's Trainer plus the numerical guard, pre-emption handling and
+atomic checkpoints) with the ``swallow`` TrainSpec. ``run_train.sh`` wraps
+this with torchrun.
+
+Exit status of each process: 0 when the run finished or stopped on SIGTERM
+after writing its checkpoint (restart the same command to continue),
+2 for a config error, 3 when the Hub upload of the final export failed,
+4 when the ``[guard]`` policy stopped the run on NaN/Inf, 5 when the
+checkpoint folder holds checkpoints but none is usable. torchrun itself
+exits 1 when any process failed and names each one's status.
 """
 
 from __future__ import annotations
@@ -13,15 +22,22 @@ import sys
 import swallow_titan  # noqa: F401  (selects the device before torchtitan loads)
 import torch
 from torchtitan.tools.logging import init_logger, logger
-from torchtitan.train import Trainer
 
 import swallow_titan.train_spec  # noqa: F401  (registers the "swallow" TrainSpec)
 from swallow_titan.checkpoint.final_export import export_at_end
 from swallow_titan.checkpoint.hub import HubPushError
+from swallow_titan.checkpoint.manager import CheckpointError
 from swallow_titan.checkpoint.start import start_run
 from swallow_titan.config.checks import check_job_config
 from swallow_titan.config.manager import ConfigError, SwallowConfigManager
+from swallow_titan.guard import NonfiniteError
 from swallow_titan.profiling import install_cpu_profiler
+from swallow_titan.trainer import SwallowTrainer
+
+EXIT_CONFIG_ERROR = 2
+EXIT_PUSH_ERROR = 3
+EXIT_NONFINITE = 4
+EXIT_NO_USABLE_CHECKPOINT = 5
 
 
 def parse_config(argv: list[str]):
@@ -41,11 +57,11 @@ def main(argv: list[str] | None = None) -> int:
         config = parse_config(argv)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
-        return 2
-    trainer: Trainer | None = None
+        return EXIT_CONFIG_ERROR
+    trainer: SwallowTrainer | None = None
     trained_step = 0
     try:
-        trainer = Trainer(config)
+        trainer = SwallowTrainer(config)
         # HF interop (issue 5): resume, else [hf] load_path, else initial_load_path
         # (logged rule); writes the run record that exports read.
         start_run(trainer, config)
@@ -55,7 +71,14 @@ def main(argv: list[str] | None = None) -> int:
             logger.info("Created seed checkpoint")
         else:
             trainer.train()
-            trained_step = trainer.step
+            if not trainer.preempted:  # a pre-empted run is not finished: no export
+                trained_step = trainer.step
+    except NonfiniteError as e:
+        logger.error(f"Stopped: {e}")
+        return EXIT_NONFINITE
+    except CheckpointError as e:
+        logger.error(f"Cannot resume: {e}")
+        return EXIT_NO_USABLE_CHECKPOINT
     finally:
         if trainer is not None:
             trainer.close()
@@ -68,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             export_at_end(config, trained_step)
         except HubPushError as e:
             print(f"push error: {e}", file=sys.stderr)
-            return 3
+            return EXIT_PUSH_ERROR
     return 0
 
 

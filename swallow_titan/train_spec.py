@@ -3,9 +3,10 @@
 Importing this module registers the spec. The model is torchtitan's llama3
 Transformer with ``[kernels]`` switched in (``model/transformer.py``); optimizer
 and LR schedule are torchtitan's; parallelisation adds the gloo fix
-(``model/parallelize.py``); tokenizer, dataloader and validator are
-swallow-titan's (``data/``, ``validation.py``); the loss (``loss.py``) is
-torchtitan's summed cross-entropy or the fused output-layer loss, with z-loss.
+(``model/parallelize.py``); tokenizer, dataloader, validator and metrics are
+swallow-titan's (``data/``, ``validation.py``, ``metrics.py``); the loss
+(``loss.py``) is torchtitan's summed cross-entropy or the fused output-layer
+loss, with z-loss (logged by ``metrics.py`` as train/z_loss).
 """
 
 from __future__ import annotations
@@ -21,11 +22,8 @@ from torchtitan.protocols.train_spec import (
 )
 
 from swallow_titan.data.tokenizer import build_tokenizer
-from swallow_titan.loss import (
-    build_metrics_processor,
-    build_swallow_loss,
-    build_training_dataloader,
-)
+from swallow_titan.loss import build_swallow_loss, build_training_dataloader
+from swallow_titan.metrics import build_metrics_processor
 from swallow_titan.model.args import FLAVORS
 from swallow_titan.model.parallelize import parallelize_swallow
 from swallow_titan.model.transformer import SwallowTransformer

@@ -13,8 +13,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 TINY_CONFIG = REPO / "train_configs" / "tiny_cpu.toml"
 
-# torchtitan's step line: "step:  5  loss:  7.91995  grad_norm: ..." (ANSI colours removed).
-_STEP_LINE = re.compile(r"step:\s*(\d+)\s+loss:\s*([-+0-9.eEnaif]+)")
+# The step line: "step:  5  loss:  7.91995 ..." (torchtitan) or "step:  5/60  loss: ..."
+# (swallow-titan's progress line), ANSI colours removed.
+_STEP_LINE = re.compile(r"step:\s*(\d+)(?:/\d+)?\s+loss:\s*([-+0-9.eEnaif]+)")
 _VALIDATION_LINE = re.compile(r"validate step:\s*(\d+)\s+loss:\s*([-+0-9.eEnaif]+)")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -67,17 +68,15 @@ def parse_losses(output: str) -> tuple[dict[int, float], dict[int, float]]:
     return train, val
 
 
-def run_training(
+def training_command(
     dump_folder: Path,
     *overrides: str,
     nproc: int = 1,
     config: Path = TINY_CONFIG,
     fast: bool = True,
-    timeout: float = 600,
-    env: dict[str, str] | None = None,
-) -> RunResult:
-    """Train with torchrun in a subprocess; returns exit code, log and losses."""
-    cmd = [
+) -> list[str]:
+    """The torchrun command line ``run_training`` runs (for tests that start it themselves)."""
+    return [
         sys.executable, "-m", "torch.distributed.run",
         "--nnodes", "1",
         "--nproc_per_node", str(nproc),
@@ -91,7 +90,11 @@ def run_training(
         *(FAST if fast else []),
         *overrides,
     ]
-    run_env = {
+
+
+def training_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of training subprocesses: this repository first on PYTHONPATH."""
+    return {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(
             [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]
@@ -99,10 +102,22 @@ def run_training(
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
         **(env or {}),
     }
+
+
+def run_training(
+    dump_folder: Path,
+    *overrides: str,
+    nproc: int = 1,
+    config: Path = TINY_CONFIG,
+    fast: bool = True,
+    timeout: float = 600,
+    env: dict[str, str] | None = None,
+) -> RunResult:
+    """Train with torchrun in a subprocess; returns exit code, log and losses."""
     proc = subprocess.run(
-        cmd,
+        training_command(dump_folder, *overrides, nproc=nproc, config=config, fast=fast),
         cwd=REPO,
-        env=run_env,
+        env=training_env(env),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

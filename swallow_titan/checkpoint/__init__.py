@@ -1,4 +1,13 @@
-"""Checkpoints in and out of swallow-titan: Hugging Face import and export.
+"""Checkpoints in and out of swallow-titan.
+
+Crash-safe training checkpoints:
+
+- ``manager``: the CheckpointManager the trainer uses: write, then publish
+  atomically; checked resume; safe ``keep_latest_k`` pruning.
+- ``integrity``: manifests and the completeness checks, the pruning policy.
+- ``rng``: every rank's random generators as a checkpoint entry.
+
+Hugging Face import and export:
 
 - ``hf_config``: config.json <-> model arguments, checked against a flavor.
 - ``hf_weights``: the tensors of an HF safetensors folder: listing, checks,
@@ -11,4 +20,5 @@
   swallow_titan.convert`` and ``python -m swallow_titan.export``.
 - ``model_card`` (+ ``training_log``): the exported README.md.
 - ``hub``: upload of an export to the Hugging Face Hub.
+- ``atomic``: folders and files that appear complete or not at all (exports).
 """

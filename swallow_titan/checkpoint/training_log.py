@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 TRAINING_LOSS_TAGS = ("loss_metrics/global_avg_loss", "loss/train", "train/loss")
-VALIDATION_LOSS_TAGS = ("validation_metrics/loss", "validation/loss", "loss/validation")
+# "val/loss": the mean over [[validation.sets]] (swallow_titan.metrics).
+VALIDATION_LOSS_TAGS = ("val/loss", "validation_metrics/loss", "validation/loss", "loss/validation")
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ starts, so a config that cannot work fails early, naming the file and key.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 from torchtitan.tools.logging import logger
@@ -161,7 +162,9 @@ def check_structure(config, world_size: int, source: str) -> Layout:
         )
     _check_training(config, args, layout, source)
     _check_sources(config, source)
+    _check_validation_sets(config, layout, source)
     _check_checkpoint(config, source)
+    _check_guard(config, source)
     _check_kernels(config, layout, source)
     _check_hf(config, source)
     return layout
@@ -176,15 +179,19 @@ def file_problems(config, source: str) -> list[str]:
         problems.append(str(e))
     checks = [(f"{source}: data.sources[{i}]", s) for i, s in enumerate(config.data.sources)]
     if config.validation.enable:
-        from swallow_titan.validation import validation_source
-
-        checks.append((f"{source}: validation.dataset_path", validation_source(config)))
+        checks += [
+            (f"{source}: validation.sets[{i}]", s)
+            for i, s in enumerate(config.validation.sets)
+        ]
+    files: dict[str, list[str]] = {}
     for where, data_source in checks:
         if data_source.path:
             try:
-                local_files(data_source, where)
+                files[where] = local_files(data_source, where)
             except DataSourceError as e:
                 problems.append(str(e))
+    if config.validation.enable:
+        problems += _held_out_problems(config, files, source)
     load_path = config.checkpoint.initial_load_path
     if load_path and not os.path.isdir(load_path):
         problems.append(
@@ -286,10 +293,91 @@ def _check_sources(config, source: str) -> None:
         check_data_options(config.data, f"{source}: data")
     except DataSourceError as e:
         raise ConfigError(str(e)) from None
-    if config.validation.enable and not config.validation.dataset_path:
+
+
+# Set names become TensorBoard tags (val/<name>/loss) and console labels.
+_SET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def _check_validation_sets(config, layout: Layout, source: str) -> None:
+    v = config.validation
+    if v.dataset_path:
         raise ConfigError(
-            f"{source}: validation.dataset_path: validation is enabled but names no "
-            "held-out files"
+            f"{source}: validation.dataset_path: swallow-titan validates on labelled "
+            "[[validation.sets]] (name, path or hf_dataset, sequences); move the path "
+            "into a set and remove dataset_path"
+        )
+    if not v.enable:
+        return
+    if not v.sets:
+        raise ConfigError(
+            f"{source}: validation.sets: validation is enabled but there is no "
+            "[[validation.sets]] entry; add one per held-out domain or set "
+            "validation.enable = false"
+        )
+    per_batch = v.local_batch_size * layout.dp
+    seen: set[str] = set()
+    for i, s in enumerate(v.sets):
+        where = f"{source}: validation.sets[{i}]"
+        if not _SET_NAME.match(s.name):
+            raise ConfigError(
+                f"{where}.name: {s.name!r} must start with a letter or digit and hold "
+                "only letters, digits, '_', '.' and '-' (it becomes val/<name>/loss)"
+            )
+        if s.name in seen:
+            raise ConfigError(f"{where}.name: {s.name!r} is used twice")
+        seen.add(s.name)
+        if s.weight != 1.0 or s.max_epochs != 0.0:
+            raise ConfigError(
+                f"{where}: weight and max_epochs have no meaning for a validation set "
+                "(each set is read once, up to `sequences` windows); remove them"
+            )
+        if s.sequences < per_batch:
+            raise ConfigError(
+                f"{where}.sequences: {s.sequences} is fewer than one validation batch "
+                f"(validation.local_batch_size x data-parallel degree = "
+                f"{v.local_batch_size} x {layout.dp} = {per_batch})"
+            )
+        try:
+            check_source(s, where)
+        except DataSourceError as e:
+            raise ConfigError(str(e)) from None
+
+
+def _held_out_problems(config, files: dict[str, list[str]], source: str) -> list[str]:
+    """Validation sets that read what training reads are not held out."""
+    problems = []
+    train = [(f"{source}: data.sources[{i}]", s) for i, s in enumerate(config.data.sources)]
+    for i, vset in enumerate(config.validation.sets):
+        where = f"{source}: validation.sets[{i}]"
+        mine = {os.path.realpath(f) for f in files.get(where, [])}
+        for train_where, t in train:
+            shared = mine & {os.path.realpath(f) for f in files.get(train_where, [])}
+            same_hub = vset.hf_dataset and (
+                (vset.hf_dataset, vset.hf_config, vset.split, vset.revision)
+                == (t.hf_dataset, t.hf_config, t.split, t.revision)
+            )
+            if shared or same_hub:
+                what = sorted(shared)[0] if shared else f"hf_dataset {vset.hf_dataset!r}"
+                problems.append(
+                    f"{where} '{vset.name}': reads {what}, which "
+                    f"{train_where.split(': ', 1)[-1]} '{t.name}' trains on; validation "
+                    "data must be held out (use separate files or another split)"
+                )
+    return problems
+
+
+def _check_guard(config, source: str) -> None:
+    g = config.guard
+    if g.max_consecutive_skips < 1:
+        raise ConfigError(
+            f"{source}: guard.max_consecutive_skips: must be >= 1, got "
+            f"{g.max_consecutive_skips}"
+        )
+    if config.debug.checkpoint_publish_delay_s < 0:
+        raise ConfigError(
+            f"{source}: debug.checkpoint_publish_delay_s: must be >= 0, got "
+            f"{config.debug.checkpoint_publish_delay_s}"
         )
 
 
@@ -304,6 +392,15 @@ def _check_checkpoint(config, source: str) -> None:
             f"{source}: checkpoint.keep_latest_k: 1 is not allowed (the newest may be "
             "still writing); use 0 (keep all) or >= 2"
         )
+    if c.async_mode == "async_with_pinned_mem":
+        from swallow_titan import DEVICE_TYPE
+
+        if DEVICE_TYPE == "cpu":
+            raise ConfigError(
+                f"{source}: checkpoint.async_mode: 'async_with_pinned_mem' stages "
+                "through pinned GPU memory and needs a GPU; on CPU use 'async' or "
+                "'disabled'"
+            )
 
 
 def _check_float8(config, source: str) -> None:

@@ -100,6 +100,55 @@ class Checkpoint:
 
 
 @dataclass
+class ValidationSet(DataSource):
+    """One ``[[validation.sets]]`` entry: a labelled held-out set.
+
+    The source keys are those of ``[[data.sources]]`` (``path`` or
+    ``hf_dataset`` + ``hf_config``/``split``/``revision``, ``text_field``);
+    ``weight`` and ``max_epochs`` have no meaning here. The set is the first
+    ``sequences`` packed windows of its documents, the same at every
+    validation. Held out means: files (or a split) that no ``[[data.sources]]``
+    entry reads; the config check rejects a set that shares files with training.
+    """
+
+    sequences: int = 64
+    """Windows of ``validation.seq_len`` tokens to evaluate, rounded down to a
+    multiple of validation.local_batch_size x data-parallel degree."""
+
+
+@dataclass
+class Validation:
+    """Additions to torchtitan's ``[validation]`` section."""
+
+    sets: list[ValidationSet] = field(default_factory=list)
+    """The ``[[validation.sets]]`` entries, each logged as val/<name>/loss."""
+
+
+@dataclass
+class Guard:
+    """``[guard]``: what to do when a step's loss or gradient norm is NaN/Inf."""
+
+    on_nonfinite: Literal["skip", "stop"] = "skip"
+    """"skip": drop the step's update (the data is consumed, the LR schedule
+    advances); "stop": end the run with an error at once."""
+
+    max_consecutive_skips: int = 5
+    """With "skip": stop with an error after this many non-finite steps in a row."""
+
+
+@dataclass
+class Debug:
+    """Additions to torchtitan's ``[debug]`` section: test hooks, not for real runs."""
+
+    inject_nonfinite_at_steps: list[int] = field(default_factory=list)
+    """Multiply the loss by NaN at these steps (tests the ``[guard]`` policy)."""
+
+    checkpoint_publish_delay_s: float = 0.0
+    """Sleep this long after a checkpoint is written and before it is published
+    (lets tests kill a run in the middle of a save)."""
+
+
+@dataclass
 class Kernels:
     """``[kernels]``: swallow-titan's Triton kernels (``kernels/``), off by default.
 
@@ -118,7 +167,7 @@ class Kernels:
     z_loss: float = 0.0
     """Coefficient of the z-loss ``z * logsumexp(logits)^2`` per token (Swallow's
     fork used 1e-4); 0 turns it off. Applies to both losses; the training loss
-    includes it and ``loss_metrics/z_loss`` reports it alone."""
+    includes it and ``train/z_loss`` reports it alone."""
 
 
 @dataclass
@@ -163,3 +212,6 @@ class JobConfig:
     checkpoint: Checkpoint = field(default_factory=Checkpoint)
     kernels: Kernels = field(default_factory=Kernels)
     hf: HF = field(default_factory=HF)
+    validation: Validation = field(default_factory=Validation)
+    guard: Guard = field(default_factory=Guard)
+    debug: Debug = field(default_factory=Debug)

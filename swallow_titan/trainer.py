@@ -1,0 +1,294 @@
+"""swallow-titan's Trainer: torchtitan's, plus the guard, pre-emption and safe checkpoints.
+
+What differs from torchtitan 0.2.2's ``Trainer`` (everything else — model
+building, parallelism, forward/backward, the dataloader loop — is inherited):
+
+- ``train_step``: after clipping, one all-reduce (MAX over all ranks) of three
+  flags — this rank's loss is non-finite, the gradient norm is non-finite, a
+  stop signal arrived — decides, the same on every rank, whether the
+  optimizer steps (``[guard]``, :mod:`swallow_titan.guard`) and whether the
+  run stops after this step (SIGTERM, :mod:`swallow_titan.preemption`).
+  Cost: that all-reduce and one host sync per step, before the optimizer
+  step. torchtitan already syncs once per step (``dist_sum(...)`` of the
+  token count at the start of the step), so the GPU only idles while the
+  optimizer's first kernels are launched, well under a millisecond against
+  steps of seconds.
+- ``train``: the loop writes a full checkpoint and ends after the step in
+  which a stop signal arrived, never writes a checkpoint whose parameters or
+  optimizer state are not finite, opens TensorBoard at the first step of
+  this attempt, and shortens process-group timeouts after the first step of
+  every attempt (torchtitan: only after step 1, so never on resume).
+- Checkpoints are written by :class:`AtomicCheckpointManager` and include the
+  random generators and the guard's counters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing.errors import record
+from torch.distributed.tensor import DTensor
+from torchtitan.components.dataloader import DataloaderExhaustedError
+from torchtitan.components.loss import IGNORE_INDEX
+from torchtitan.distributed import utils as dist_utils
+from torchtitan.tools.logging import logger
+from torchtitan.tools.utils import device_type
+import torchtitan.train as titan_train
+from torchtitan.train import Trainer
+
+from swallow_titan.checkpoint.manager import AtomicCheckpointManager
+from swallow_titan.checkpoint.rng import RNG, RngState
+from swallow_titan.data.dataloader import Batch
+from swallow_titan.guard import (
+    NonfiniteError,
+    NonfiniteGuard,
+    NonfiniteInjector,
+    state_is_finite,
+)
+from swallow_titan.preemption import PreemptionSignal
+
+# Checkpoint entry of the guard's counters (skipped steps).
+GUARD = "guard"
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _z_loss_per_token(mesh: Any) -> float | None:
+    """z-loss per token over all data-parallel ranks since the last log step.
+
+    Read from the kernels' meter (``swallow_titan.loss.Z_LOSS``: training
+    forwards add their z-loss sum and counted tokens; ``take()`` returns and
+    resets them) when that module exists and a z-loss is on; else None.
+    """
+    try:
+        from swallow_titan.loss import Z_LOSS
+    except ImportError:
+        return None
+    taken = Z_LOSS.take()
+    if taken is None:
+        return None
+    z_sum, tokens = taken
+    total = dist_utils.dist_sum(z_sum, mesh)
+    counted = dist_utils.dist_sum(tokens.float(), mesh)
+    return total / max(counted, 1.0)
+
+
+class SwallowTrainer(Trainer):
+    """torchtitan's Trainer with the numerical guard, pre-emption and atomic checkpoints."""
+
+    @record
+    def __init__(self, job_config: Any):
+        self.guard = NonfiniteGuard.from_config(job_config)
+        super().__init__(job_config)
+        self.preempted = False
+        self.preemption = PreemptionSignal()
+        inject = job_config.debug.inject_nonfinite_at_steps
+        if inject:
+            logger.warning(f"[debug] the loss will be made NaN at steps {sorted(inject)}")
+            self.loss_fn = NonfiniteInjector(self.loss_fn, inject, lambda: self.step)
+        self.checkpointer = self._atomic_checkpointer(self.checkpointer)
+
+    def _atomic_checkpointer(self, stock: Any) -> AtomicCheckpointManager:
+        """Replace the CheckpointManager torchtitan built with the atomic one."""
+        config = self.job_config
+        adapter = getattr(stock, "sd_adapter", None)
+        if adapter is None and self.train_spec.state_dict_adapter is not None:
+            adapter = self.train_spec.state_dict_adapter(
+                self.model_args, config.model.hf_assets_path
+            )
+        stock.close()
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        return AtomicCheckpointManager(
+            dataloader=self.dataloader,
+            model_parts=self.model_parts,
+            optimizers=self.optimizers,
+            lr_schedulers=self.lr_schedulers,
+            states={
+                "train_state": self,
+                RNG: RngState(rank, device_type),
+                GUARD: self.guard,
+            },
+            checkpoint_config=config.checkpoint,
+            sd_adapter=adapter,
+            base_folder=config.job.dump_folder,
+            optional_entries=(RNG, GUARD),
+            publish_delay_s=config.debug.checkpoint_publish_delay_s,
+        )
+
+    # ------------------------------------------------------------------ a step
+
+    def train_step(self, data_iterator: Iterator[Batch]) -> bool:
+        """One optimizer step (or a skipped one); returns whether to stop after it."""
+        self.optimizers.zero_grad()
+        lr = self.lr_schedulers.schedulers[0].get_last_lr()[0]
+        dims = self.parallel_dims
+
+        microbatches = [next(data_iterator) for _ in range(self.gradient_accumulation_steps)]
+        local_tokens = sum((labels != IGNORE_INDEX).sum() for _, labels in microbatches)
+        local_tokens = torch.as_tensor(local_tokens).to(self.device)
+        if dims.dp_enabled:
+            global_tokens = dist_utils.dist_sum(local_tokens, dims.get_mesh("batch"))
+        else:
+            global_tokens = local_tokens.float()
+
+        losses = []
+        for inputs, labels in microbatches:
+            inputs = {k: v.to(self.device) for k, v in inputs.items()}
+            loss = self.forward_backward_step(
+                input_dict=inputs,
+                labels=labels.to(self.device),
+                global_valid_tokens=global_tokens,
+            )
+            losses.append(loss.detach())
+        loss = _full(torch.stack(losses).sum())
+
+        grad_norm = _full(
+            dist_utils.clip_grad_norm_(
+                [p for m in self.model_parts for p in m.parameters()],
+                self.job_config.training.max_norm,
+                foreach=True,
+                pp_mesh=dims.get_optional_mesh("pp"),
+                ep_enabled=dims.ep_enabled,
+            )
+        )
+        loss_bad, grad_bad, stop = self._agree(
+            ~torch.isfinite(loss), ~torch.isfinite(grad_norm), self.preemption.requested
+        )
+        if self.guard.judge(self.step, not loss_bad, not grad_bad):
+            self.checkpointer.maybe_wait_for_staging()
+            self.optimizers.step()
+        else:
+            self.optimizers.zero_grad()  # drop the poisoned gradients
+        self.lr_schedulers.step()
+
+        if self.metrics_processor.should_log(self.step):
+            self._log_step(loss, grad_norm, lr, local_tokens, global_tokens)
+        return stop
+
+    def _agree(self, *flags: torch.Tensor | bool) -> list[bool]:
+        """Each flag, OR-ed over all ranks: one all-reduce, one host sync."""
+        values = torch.stack(
+            [torch.as_tensor(f, device=self.device).reshape(()) for f in flags]
+        ).to(torch.int32)
+        if dist.is_initialized():
+            dist.all_reduce(values, op=dist.ReduceOp.MAX)
+        return [bool(v) for v in values.tolist()]
+
+    def _log_step(
+        self,
+        loss: torch.Tensor,
+        grad_norm: torch.Tensor,
+        lr: float,
+        local_tokens: torch.Tensor,
+        global_tokens: Any,
+    ) -> None:
+        dims = self.parallel_dims
+        mesh = dims.get_optional_mesh("loss") if dims.dp_cp_enabled else None
+        # `loss` is this rank's token-loss sum / global tokens: summing it over
+        # ranks gives the global mean; scaled back it is this rank's mean.
+        avg_loss = dist_utils.dist_sum(loss, mesh)
+        max_loss = dist_utils.dist_max(loss * global_tokens / local_tokens, mesh)
+        tokens_seen = dist_utils.dist_sum(
+            torch.tensor(self.ntokens_seen, dtype=torch.int64, device=self.device), mesh
+        )
+        extra: dict[str, float] = {
+            "train/lr": lr,
+            "train/tokens_seen": tokens_seen,
+            "train/skipped_steps": self.guard.skipped_steps,
+        }
+        z_loss = _z_loss_per_token(mesh)
+        if z_loss is not None:
+            extra["train/z_loss"] = z_loss
+        if hasattr(self.dataloader, "metrics"):
+            extra.update(self.dataloader.metrics())
+        self.metrics_processor.log(
+            self.step, avg_loss, max_loss, grad_norm.item(), extra_metrics=extra
+        )
+
+    # ------------------------------------------------------------------ the loop
+
+    @record
+    def train(self) -> None:
+        config = self.job_config
+        self.checkpointer.load(step=config.checkpoint.load_step)
+        first_step = self.step + 1
+        if hasattr(self.metrics_processor, "start"):
+            self.metrics_processor.start(first_step)
+        logger.info(f"Training starts at step {first_step} of {config.training.steps}")
+
+        # Looked up on torchtitan.train, where swallow_titan.profiling installs
+        # its CPU-capable profiler.
+        with (
+            titan_train.maybe_enable_profiling(
+                config.profiling, global_step=self.step, base_folder=config.job.dump_folder
+            ) as torch_profiler,
+            titan_train.maybe_enable_memory_snapshot(
+                config.profiling, global_step=self.step, base_folder=config.job.dump_folder
+            ) as memory_profiler,
+        ):
+            data_iterator = self.batch_generator(self.dataloader)
+            while self.should_continue_training():
+                self.step += 1
+                self.gc_handler.run(self.step)
+                try:
+                    stop = self.train_step(data_iterator)
+                except DataloaderExhaustedError:
+                    logger.warning("Ran out of data; the last step was not taken.")
+                    break
+                self._save_checkpoint(forced=stop)
+                if config.validation.enable and self.validator.should_validate(self.step):
+                    self.validator.validate(self.model_parts, self.step)
+                if torch_profiler:
+                    torch_profiler.step()
+                if memory_profiler:
+                    memory_profiler.step()
+                if self.step == first_step:
+                    # Compilation and warm-up are done: fail fast from now on.
+                    dist_utils.set_pg_timeouts(
+                        timeout=timedelta(seconds=config.comm.train_timeout_seconds),
+                        parallel_dims=self.parallel_dims,
+                    )
+                if stop:
+                    self.preempted = True
+                    saved = self.checkpointer.will_save(self.step, False, forced=True)
+                    logger.warning(
+                        f"Stopped after step {self.step} on {self._stop_reason()}; "
+                        + (
+                            f"the next start resumes from step-{self.step}"
+                            if saved
+                            else "checkpointing is off, nothing was saved"
+                        )
+                    )
+                    break
+        if dist.is_initialized():
+            dist.barrier()
+        logger.info("Training completed" if not self.preempted else "Training paused")
+
+    def _stop_reason(self) -> str:
+        received = self.preemption.received
+        return received.name if received is not None else "a stop signal on another rank"
+
+    def _save_checkpoint(self, forced: bool) -> None:
+        last_step = self.step == self.job_config.training.steps
+        if not self.checkpointer.will_save(self.step, last_step, forced):
+            return
+        if not state_is_finite(self.model_parts, self.optimizers, self.device):
+            raise NonfiniteError(
+                f"step {self.step}: the model or optimizer state holds NaN/Inf; refusing "
+                "to write a checkpoint from it. Resume from the last checkpoint with a "
+                "lower learning rate or check the data."
+            )
+        if forced:
+            self.checkpointer.save_now(self.step)
+        else:
+            self.checkpointer.save(self.step, last_step=last_step)
+
+    def close(self) -> None:
+        if hasattr(self, "preemption"):
+            self.preemption.restore()
+        super().close()
