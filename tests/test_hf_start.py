@@ -20,8 +20,15 @@ def tiny(dump: Path, *overrides: str):
 
 
 def complete_checkpoint(folder: Path) -> None:
-    folder.mkdir(parents=True)
-    (folder / ".metadata").write_bytes(b"")  # DCP writes it last
+    """A small but real DCP checkpoint."""
+    import warnings
+
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # DCP without a process group
+        dcp.save({"w": torch.arange(64.0)}, checkpoint_id=str(folder))
 
 
 def test_no_checkpoint_folder_loads_the_hf_weights(tmp_path):
@@ -49,6 +56,16 @@ def test_a_checkpoint_in_the_run_folder_wins_over_the_hf_weights(tmp_path):
         f"Start rule: resuming from the run's own checkpoint {tmp_path}/checkpoint/step-8; "
         "hf.load_path = '/models/llama' not read"
     )
+
+
+def test_a_truncated_newest_checkpoint_is_not_the_one_resumed_from(tmp_path):
+    complete_checkpoint(tmp_path / "checkpoint" / "step-4")
+    complete_checkpoint(tmp_path / "checkpoint" / "step-8")
+    data_file = next((tmp_path / "checkpoint" / "step-8").glob("*.distcp"))
+    data_file.write_bytes(data_file.read_bytes()[:10])
+    decision = decide_start(tiny(tmp_path))
+    assert decision.kind == "resume"
+    assert decision.path == f"{tmp_path}/checkpoint/step-4"
 
 
 def test_checkpoint_load_step_picks_the_step_to_resume(tmp_path):

@@ -17,6 +17,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
 
+from swallow_titan.checkpoint.integrity import checkpoint_problems
+
 DCP_METADATA_FILE = ".metadata"
 _STEP_FOLDER = re.compile(r"step-(\d+)")
 
@@ -33,8 +35,9 @@ def is_dcp_checkpoint(path: str | Path) -> bool:
 def checkpoint_steps(folder: str | Path) -> dict[int, Path]:
     """The complete ``step-N`` checkpoints in a run's checkpoint folder, by step.
 
-    Same rule as torchtitan's resume: a ``step-N`` folder counts once its DCP
-    metadata exists (a save that crashed half way does not).
+    Same rule as the resume (``AtomicCheckpointManager``): a published
+    ``step-N`` DCP folder that passes ``integrity.checkpoint_problems``; a
+    truncated or otherwise broken one does not count.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -42,7 +45,7 @@ def checkpoint_steps(folder: str | Path) -> dict[int, Path]:
     steps = {}
     for child in folder.iterdir():
         match = _STEP_FOLDER.fullmatch(child.name)
-        if match and is_dcp_checkpoint(child):
+        if match and is_dcp_checkpoint(child) and not checkpoint_problems(str(child)):
             steps[int(match.group(1))] = child
     return steps
 
