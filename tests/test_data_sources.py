@@ -37,18 +37,25 @@ def docs():
 
 
 def write_formats(folder, docs):
-    """The same documents as JSONL, JSONL.GZ, JSON lines, JSON array, Parquet."""
+    """The same documents as JSONL, JSONL.GZ, JSONL.ZST, JSON lines, JSON array, Parquet."""
+    import zstandard
+
     write_jsonl(folder / "jsonl" / "part.jsonl", docs)
     (folder / "gz").mkdir()
     with gzip.open(folder / "gz" / "part.jsonl.gz", "wt", encoding="utf-8") as f:
         f.writelines(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs)
+    (folder / "zst").mkdir()
+    lines = "".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs)
+    (folder / "zst" / "part.jsonl.zst").write_bytes(
+        zstandard.ZstdCompressor().compress(lines.encode())
+    )
     write_jsonl(folder / "json_lines" / "part.json", docs)
     (folder / "json_array").mkdir()
     (folder / "json_array" / "part.json").write_text(json.dumps([{"text": d} for d in docs]))
     (folder / "parquet").mkdir()
     pq.write_table(pa.table({"text": docs, "id": list(range(len(docs)))}),
                    folder / "parquet" / "part.parquet", row_group_size=40)
-    return ["jsonl", "gz", "json_lines", "json_array", "parquet"]
+    return ["jsonl", "gz", "zst", "json_lines", "json_array", "parquet"]
 
 
 @pytest.mark.parametrize("slots", [1, 8])
