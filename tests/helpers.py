@@ -125,3 +125,18 @@ def run_training(
     )
     train, val = parse_losses(proc.stdout)
     return RunResult(proc.returncode, proc.stdout, train, val)
+
+
+def from_seed(seed_checkpoint: Path) -> list[str]:
+    """Overrides that start a run from the weights of ``seed_checkpoint``.
+
+    Identical starting weights for runs of different layouts: DTensor's
+    sharded initialisation on a CPU mesh differs from the unsharded one.
+    ``load_only`` keeps the runs from writing checkpoints of their own.
+    """
+    return [
+        "--checkpoint.enable", "true",
+        "--checkpoint.initial_load_path", str(seed_checkpoint),
+        "--checkpoint.initial_load_model_only", "true",
+        "--checkpoint.load_only", "true",
+    ]

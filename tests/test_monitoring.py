@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from helpers import _ANSI, run_training
+from helpers import _ANSI, from_seed, run_training
 from swallow_titan.metrics import dense_bf16_peak_flops, format_duration
 from tensorboard_events import events, scalars
 
@@ -39,28 +39,9 @@ def test_eta_is_formatted_as_a_clock():
 
 
 @pytest.fixture(scope="module")
-def seed_checkpoint(tmp_path_factory):
-    """Initial weights shared by the one- and two-process runs."""
-    folder = tmp_path_factory.mktemp("seed")
-    run_training(
-        folder, "--checkpoint.enable", "true", "--checkpoint.create_seed_checkpoint", "true"
-    ).check()
-    return folder / "checkpoint" / "step-0"
-
-
-def _from_seed(seed_checkpoint) -> list[str]:
-    return [
-        "--checkpoint.enable", "true",
-        "--checkpoint.initial_load_path", str(seed_checkpoint),
-        "--checkpoint.initial_load_model_only", "true",
-        "--checkpoint.load_only", "true",
-    ]
-
-
-@pytest.fixture(scope="module")
 def monitored(seed_checkpoint, tmp_path_factory):
     folder = tmp_path_factory.mktemp("monitored") / "run"
-    result = run_training(folder, *MONITORED, *_from_seed(seed_checkpoint)).check()
+    result = run_training(folder, *MONITORED, *from_seed(seed_checkpoint)).check()
     return folder, result
 
 
@@ -156,7 +137,7 @@ def test_validation_under_fsdp2_matches_one_process(seed_checkpoint, monitored, 
     result = run_training(
         tmp_path / "fsdp",
         *MONITORED,
-        *_from_seed(seed_checkpoint),
+        *from_seed(seed_checkpoint),
         "--parallelism.data_parallel_shard_degree", "2",
         nproc=2,
     ).check()

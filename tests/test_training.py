@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from helpers import run_training
+from helpers import from_seed, run_training
 
 pytestmark = pytest.mark.slow
 
@@ -28,35 +28,14 @@ def test_tiny_model_trains_and_loss_falls(tmp_path):
     assert list((tmp_path / "run" / "tb").rglob("events.out.tfevents.*"))
 
 
-@pytest.fixture(scope="module")
-def seed_checkpoint(tmp_path_factory):
-    """Unsharded initial weights shared by the layout-parity runs."""
-    folder = tmp_path_factory.mktemp("seed")
-    run_training(
-        folder,
-        "--checkpoint.enable", "true",
-        "--checkpoint.create_seed_checkpoint", "true",
-    ).check()
-    path = folder / "checkpoint" / "step-0"
-    assert (path / ".metadata").is_file()
-    return path
-
-
-def _from_seed(seed_checkpoint) -> list[str]:
-    return [
-        "--checkpoint.enable", "true",
-        "--checkpoint.initial_load_path", str(seed_checkpoint),
-        "--checkpoint.initial_load_model_only", "true",
-        "--checkpoint.load_only", "true",
-        "--training.steps", "4",
-    ]
+PARITY_STEPS = ["--training.steps", "4"]
 
 
 @pytest.fixture(scope="module")
 def single_process_losses(seed_checkpoint, tmp_path_factory):
     # local 4 x 2 accumulation steps = the same 8 sequences per step as 2 ranks x 4.
     result = run_training(
-        tmp_path_factory.mktemp("single"), *_from_seed(seed_checkpoint)
+        tmp_path_factory.mktemp("single"), *from_seed(seed_checkpoint), *PARITY_STEPS
     ).check()
     assert sorted(result.losses) == [1, 2, 3, 4]
     return result.losses
@@ -68,7 +47,8 @@ def test_fsdp2_two_processes_match_one_process(
 ):
     result = run_training(
         tmp_path / "fsdp",
-        *_from_seed(seed_checkpoint),
+        *from_seed(seed_checkpoint),
+        *PARITY_STEPS,
         "--parallelism.data_parallel_shard_degree", "2",
         nproc=2,
     ).check()
@@ -82,13 +62,32 @@ def test_tensor_parallel_two_processes_match_one_process(
 ):
     result = run_training(
         tmp_path / "tp",
-        *_from_seed(seed_checkpoint),
+        *from_seed(seed_checkpoint),
+        *PARITY_STEPS,
         "--parallelism.tensor_parallel_degree", "2",
         "--parallelism.data_parallel_shard_degree", "1",
         "--training.local_batch_size", "8",
         nproc=2,
     ).check()
     assert "Tensor Parallelism to the model" in result.output
+    assert result.losses == pytest.approx(single_process_losses, rel=1e-4)
+
+
+@pytest.mark.distributed
+def test_hsdp_four_processes_match_one_process(
+    seed_checkpoint, single_process_losses, tmp_path
+):
+    # 2 replicas x 2 shards, local batch 2: the same 8 sequences per step.
+    result = run_training(
+        tmp_path / "hsdp",
+        *from_seed(seed_checkpoint),
+        *PARITY_STEPS,
+        "--parallelism.data_parallel_replicate_degree", "2",
+        "--parallelism.data_parallel_shard_degree", "2",
+        "--training.local_batch_size", "2",
+        nproc=4,
+    ).check()
+    assert "Applied HSDP to the model" in result.output
     assert result.losses == pytest.approx(single_process_losses, rel=1e-4)
 
 
