@@ -124,12 +124,21 @@ def training_summary(checkpoint: DCPCheckpoint, record: RunRecord, step: int | N
         else None
     )
     tb = record.tensorboard_folder
+    set_names = [
+        s.get("name")
+        for s in (((record.job_config or {}).get("validation") or {}).get("sets") or [])
+    ]
     return TrainingSummary(
         step=trained_step,
         tokens_trained=tokens,
         source_tokens=source_tokens,
         training_loss=last_logged_value(tb, TRAINING_LOSS_TAGS, trained_step) if tb else None,
         validation_loss=last_logged_value(tb, VALIDATION_LOSS_TAGS, trained_step) if tb else None,
+        validation_loss_by_set={
+            name: last_logged_value(tb, (f"val/{name}/loss",), trained_step) if tb else None
+            for name in set_names
+            if name
+        },
     )
 
 

@@ -8,7 +8,7 @@ not recorded, never guessed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from swallow_titan.checkpoint.run_record import RunRecord
@@ -26,6 +26,8 @@ class TrainingSummary:
     source_tokens: dict[str, int] | None
     training_loss: LoggedValue | None
     validation_loss: LoggedValue | None
+    # Per [[validation.sets]] entry, by set name (e.g. how Japanese and English moved).
+    validation_loss_by_set: dict[str, LoggedValue | None] = field(default_factory=dict)
 
 
 def _get(tree: dict[str, Any] | None, path: str) -> Any:
@@ -175,6 +177,10 @@ def render_model_card(
         f"- Tokens trained: {_count(summary.tokens_trained)}",
         f"- Final training loss: {_loss(summary.training_loss)}",
         f"- Final validation loss: {_loss(summary.validation_loss)}",
+        *(
+            f"  - {name}: {_loss(value)}"
+            for name, value in summary.validation_loss_by_set.items()
+        ),
         "",
         "### Recipe",
         "",
