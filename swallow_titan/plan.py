@@ -197,10 +197,24 @@ def build_plan(config, ngpu: int, nnodes: int, source: str) -> dict:
         "float8": "quantize.linear.float8" in config.model.converters,
         "activation_checkpoint": config.activation_checkpoint.mode,
         "sources": plan_sources(config, total_tokens),
+        "validation": {
+            "enable": config.validation.enable,
+            "freq": config.validation.freq,
+            "sets": [
+                {"name": v.name, "sequences": v.sequences} for v in config.validation.sets
+            ],
+        },
         "memory_gib": {**asdict(memory), "total": memory.total},
         "outputs": output_paths(config),
         "problems": file_problems(config, source),
     }
+
+
+def _validation_line(validation: dict) -> str:
+    if not validation["enable"] or not validation["sets"]:
+        return "  validation    off"
+    sets = ", ".join(f"{v['name']} ({v['sequences']:,} seq)" for v in validation["sets"])
+    return f"  validation    every {validation['freq']:,} steps: {sets}"
 
 
 def format_plan(plan: dict) -> str:
@@ -231,6 +245,7 @@ def format_plan(plan: dict) -> str:
         f"{'on' if plan['compile'] else 'off'}; AC {plan['activation_checkpoint']}",
         "  data mixture",
         *(format_source_line(s, _tokens) for s in plan["sources"]),
+        _validation_line(plan["validation"]),
         f"  memory/GPU    ~{m['total']:.1f} GiB: params {m['parameters']:.1f}, grads "
         f"{m['gradients']:.1f}, optimizer {m['optimizer']:.1f}, gathered params "
         f"{m['gathered_params']:.1f}, activations {m['activations']:.1f}, logits "

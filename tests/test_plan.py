@@ -80,6 +80,12 @@ def test_recipe_precision_and_features(recipe_plan):
     assert {s["domain"] for s in p["sources"]} == {"ja", "en", "code", "math"}
 
 
+def test_recipe_validates_each_domain_every_500_steps(recipe_plan):
+    validation = recipe_plan["validation"]
+    assert validation["enable"] and validation["freq"] == 500
+    assert {v["name"] for v in validation["sets"]} == {"ja", "en", "code", "math"}
+
+
 def test_recipe_placeholders_are_listed_as_problems(recipe_plan):
     problems = "\n".join(recipe_plan["problems"])
     assert "model.hf_assets_path" in problems
