@@ -108,3 +108,13 @@ def test_restart_from_checkpoint_continues_with_the_same_losses(tmp_path):
     assert "Loading the checkpoint" in second.output
     assert sorted(second.losses) == [4, 5, 6]
     assert {**first.losses, **second.losses} == pytest.approx(full.losses, rel=1e-6)
+
+
+def test_torch_compile_gives_the_eager_losses(tmp_path):
+    # Per-block torch.compile (inductor, CPU) with selective op-level AC, as the recipe.
+    common = ["--training.steps", "3", "--activation_checkpoint.mode", "selective",
+              "--activation_checkpoint.selective_ac_option", "op"]
+    eager = run_training(tmp_path / "eager", *common).check()
+    compiled = run_training(tmp_path / "compiled", *common, "--compile.enable", "true").check()
+    assert "Compiling each TransformerBlock with torch.compile" in compiled.output
+    assert compiled.losses == pytest.approx(eager.losses, rel=1e-4)
