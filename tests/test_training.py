@@ -41,53 +41,40 @@ def single_process_losses(seed_checkpoint, tmp_path_factory):
     return result.losses
 
 
-@pytest.mark.distributed
-def test_fsdp2_two_processes_match_one_process(
-    seed_checkpoint, single_process_losses, tmp_path
-):
-    result = run_training(
-        tmp_path / "fsdp",
-        *from_seed(seed_checkpoint),
-        *PARITY_STEPS,
+# Each layout sees the same 8 sequences per step as one process (local 4 x 2
+# accumulation steps): 2 ranks x 4, or TP over 2 ranks with local 8, or 2
+# replicas x 2 shards x local 2.
+LAYOUTS = {
+    "fsdp2": (2, "Applied FSDP to the model", [
         "--parallelism.data_parallel_shard_degree", "2",
-        nproc=2,
-    ).check()
-    assert "Applied FSDP to the model" in result.output
-    assert result.losses == pytest.approx(single_process_losses, rel=1e-4)
-
-
-@pytest.mark.distributed
-def test_tensor_parallel_two_processes_match_one_process(
-    seed_checkpoint, single_process_losses, tmp_path
-):
-    result = run_training(
-        tmp_path / "tp",
-        *from_seed(seed_checkpoint),
-        *PARITY_STEPS,
+    ]),
+    "tp2": (2, "Tensor Parallelism to the model", [
         "--parallelism.tensor_parallel_degree", "2",
         "--parallelism.data_parallel_shard_degree", "1",
         "--training.local_batch_size", "8",
-        nproc=2,
-    ).check()
-    assert "Tensor Parallelism to the model" in result.output
-    assert result.losses == pytest.approx(single_process_losses, rel=1e-4)
-
-
-@pytest.mark.distributed
-def test_hsdp_four_processes_match_one_process(
-    seed_checkpoint, single_process_losses, tmp_path
-):
-    # 2 replicas x 2 shards, local batch 2: the same 8 sequences per step.
-    result = run_training(
-        tmp_path / "hsdp",
-        *from_seed(seed_checkpoint),
-        *PARITY_STEPS,
+    ]),
+    "hsdp2x2": (4, "Applied HSDP to the model", [
         "--parallelism.data_parallel_replicate_degree", "2",
         "--parallelism.data_parallel_shard_degree", "2",
         "--training.local_batch_size", "2",
-        nproc=4,
+    ]),
+}
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_parallel_layouts_match_one_process(
+    layout, seed_checkpoint, single_process_losses, tmp_path
+):
+    nproc, applied, overrides = LAYOUTS[layout]
+    result = run_training(
+        tmp_path / layout,
+        *from_seed(seed_checkpoint),
+        *PARITY_STEPS,
+        *overrides,
+        nproc=nproc,
     ).check()
-    assert "Applied HSDP to the model" in result.output
+    assert applied in result.output
     assert result.losses == pytest.approx(single_process_losses, rel=1e-4)
 
 
