@@ -70,10 +70,6 @@ class MixtureStream:
         """Tokens taken so far from each source, by name."""
         return {s.config.name: s.progress.tokens for s in self._sources}
 
-    def source_progress(self) -> dict[str, SourceProgress]:
-        """Each source's progress (tokens, epoch, documents), by name."""
-        return {s.config.name: s.progress for s in self._sources}
-
     def __iter__(self) -> Iterator[PackedWindow]:
         return self
 
