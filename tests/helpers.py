@@ -1,4 +1,4 @@
-"""Run real training jobs from tests: torchrun in a subprocess, losses parsed from its log."""
+"""Run real training jobs from tests: torchrun in a subprocess, losses read from its run log."""
 
 from __future__ import annotations
 
@@ -7,16 +7,15 @@ import re
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_CONFIG = REPO / "train_configs" / "tiny_cpu.toml"
 
-# The step line: "step:  5  loss:  7.91995 ..." (torchtitan) or "step:  5/60  loss: ..."
-# (swallow-titan's progress line), ANSI colours removed.
-_STEP_LINE = re.compile(r"step:\s*(\d+)(?:/\d+)?\s+loss:\s*([-+0-9.eEnaif]+)")
-_VALIDATION_LINE = re.compile(r"validate step:\s*(\d+)\s+loss:\s*([-+0-9.eEnaif]+)")
+from swallow_titan.metrics import RUN_LOG_NAME, SCALARS, read_run_log
+
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 # Small, fast and deterministic: no TensorBoard, no validation, no checkpoint,
@@ -37,10 +36,18 @@ FAST = [
 
 @dataclass
 class RunResult:
+    """A finished training command.
+
+    ``losses`` / ``validation_losses``: step -> loss of the steps this command
+    logged, read from the run log (``<dump_folder>/metrics.jsonl``); ``history``
+    is the whole log after it, earlier attempts included.
+    """
+
     returncode: int
     output: str
     losses: dict[int, float]
     validation_losses: dict[int, float]
+    history: list[dict]
 
     def check(self) -> "RunResult":
         if self.returncode != 0:
@@ -57,15 +64,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def parse_losses(output: str) -> tuple[dict[int, float], dict[int, float]]:
-    clean = _ANSI.sub("", output)
-    train, val = {}, {}
-    for line in clean.splitlines():
-        if m := _VALIDATION_LINE.search(line):
-            val[int(m.group(1))] = float(m.group(2))
-        elif m := _STEP_LINE.search(line):
-            train[int(m.group(1))] = float(m.group(2))
-    return train, val
+def series(records: list[dict], tag: str) -> dict[int, float]:
+    """step -> value of ``tag`` in run-log records; a step may appear once only."""
+    out: dict[int, float] = {}
+    for record in records:
+        if tag in record:
+            assert record["step"] not in out, f"step {record['step']} logged twice: {records}"
+            out[record["step"]] = record[tag]
+    return out
+
+
+def run_log(dump_folder: Path, since: float = 0.0) -> list[dict]:
+    """The run log's records written at or after the wall time ``since``."""
+    return [r for r in read_run_log(dump_folder / RUN_LOG_NAME) if r["time"] >= since]
+
+
+def finished(proc_returncode: int, output: str, dump_folder: Path, started: float) -> RunResult:
+    """The result of a training command started at wall time ``started``."""
+    history = run_log(dump_folder)
+    mine = [r for r in history if r["time"] >= started]
+    return RunResult(
+        proc_returncode, output, series(mine, SCALARS["loss"]), series(mine, "val/loss"), history
+    )
 
 
 def training_command(
@@ -114,6 +134,7 @@ def run_training(
     env: dict[str, str] | None = None,
 ) -> RunResult:
     """Train with torchrun in a subprocess; returns exit code, log and losses."""
+    started = time.time()
     proc = subprocess.run(
         training_command(dump_folder, *overrides, nproc=nproc, config=config, fast=fast),
         cwd=REPO,
@@ -123,8 +144,7 @@ def run_training(
         text=True,
         timeout=timeout,
     )
-    train, val = parse_losses(proc.stdout)
-    return RunResult(proc.returncode, proc.stdout, train, val)
+    return finished(proc.returncode, proc.stdout, dump_folder, started)
 
 
 def from_seed(seed_checkpoint: Path) -> list[str]:

@@ -14,7 +14,7 @@ import signal
 
 import pytest
 
-from helpers import run_training
+from helpers import run_training, series
 from swallow_titan.checkpoint.integrity import MANIFEST_NAME, checkpoint_problems, staging_name
 from tensorboard_events import scalars
 from training_process import TrainingProcess, loaded_step
@@ -69,6 +69,9 @@ def test_sigkill_mid_run_then_restart_reproduces_the_losses(uninterrupted, tmp_p
     # TensorBoard hides what the killed attempt logged after its checkpoint:
     # the curve equals the uninterrupted one, value for value.
     assert scalars(tmp_path / "run", "train/loss") == scalars(reference_folder, "train/loss")
+    # So does the run log: each step once (series() refuses a repeated step),
+    # with the uninterrupted run's loss.
+    assert series(resumed.history, "train/loss") == reference
 
 
 def test_sigkill_during_a_checkpoint_save_resumes_from_the_previous_one(

@@ -10,13 +10,16 @@ import threading
 import time
 from pathlib import Path
 
-from helpers import REPO, RunResult, parse_losses, training_command, training_env
+from helpers import REPO, RunResult, finished, run_log, training_command, training_env
+from swallow_titan.metrics import SCALARS
 
 
 class TrainingProcess:
     """torchrun + its workers in their own process group, output collected as it comes."""
 
     def __init__(self, dump_folder: Path, *overrides: str, nproc: int = 1):
+        self.dump_folder = dump_folder
+        self.started = time.time()
         self.proc = subprocess.Popen(
             training_command(dump_folder, *overrides, nproc=nproc),
             cwd=REPO,
@@ -56,9 +59,12 @@ class TrainingProcess:
             time.sleep(0.02)
 
     def wait_for_step(self, step: int, timeout: float = 180) -> None:
-        """Until the step line of ``step`` (or a later one) has been printed."""
+        """Until this run has logged ``step`` (or a later one) to the run log."""
         self.wait_for(
-            lambda: any(s >= step for s in parse_losses(self.output)[0]),
+            lambda: any(
+                r["step"] >= step and SCALARS["loss"] in r
+                for r in run_log(self.dump_folder, self.started)
+            ),
             f"step {step}",
             timeout,
         )
@@ -109,9 +115,7 @@ class TrainingProcess:
     def wait(self, timeout: float = 300) -> RunResult:
         self.proc.wait(timeout=timeout)
         self._reader.join(timeout=10)
-        output = self.output
-        train, val = parse_losses(output)
-        return RunResult(self.proc.returncode, output, train, val)
+        return finished(self.proc.returncode, self.output, self.dump_folder, self.started)
 
 
 def _descendants(pid: int) -> list[int]:
