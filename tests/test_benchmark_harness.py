@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from helpers import REPO
+from support import REPO
 
 pytestmark = pytest.mark.slow
 

@@ -14,10 +14,9 @@ import signal
 
 import pytest
 
-from helpers import run_training, series
+from support.runs import loaded_step, run_training, series, TrainingProcess
+from support.tensorboard import scalars
 from swallow_titan.checkpoint.integrity import MANIFEST_NAME, checkpoint_problems, staging_name
-from tensorboard_events import scalars
-from training_process import TrainingProcess, loaded_step
 
 pytestmark = pytest.mark.slow
 

@@ -10,17 +10,8 @@ import re
 import pytest
 import torch
 
-from data_helpers import (
-    document_texts,
-    make_loaders,
-    make_spec,
-    merged_state,
-    numbered_docs,
-    run_global_batches,
-    sample_sources,
-    tiny_tokenizer,
-    write_jsonl,
-)
+from support import tiny_tokenizer
+from support.data import document_texts, make_loaders, make_spec, merged_state, numbered_docs, run_global_batches, sample_sources, write_jsonl
 from swallow_titan.config.sections import DataSource
 from swallow_titan.data import records
 from swallow_titan.data.dataloader import source_token_counts

@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from helpers import run_training
+from support.runs import run_training
 from swallow_titan.guard import NonfiniteError, NonfiniteGuard, state_is_finite
 
 

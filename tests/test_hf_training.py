@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file
 from torchtitan.models.llama3.model.model import Transformer
 
-from helpers import run_training, series
-from hf_models import TINY_FLAVOR_CONFIG, save_random_llama
+from support.hf import save_random_llama, TINY_FLAVOR_CONFIG
+from support.runs import run_training, series
 from swallow_titan.checkpoint.dcp_reader import DCPCheckpoint
 from swallow_titan.checkpoint.hf_import import convert_hf_to_dcp
 from swallow_titan.data.dataloader import source_token_counts

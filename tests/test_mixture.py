@@ -8,18 +8,14 @@ import json
 
 import pytest
 
-from helpers import REPO
+from support import SAMPLES, tiny_tokenizer
 from swallow_titan.config.sections import DataSource
 from swallow_titan.data.dataloader import GlobalStreamDataLoader
 from swallow_titan.data.mixture import MixtureStream
-from swallow_titan.data.tokenizer import Llama3Tokenizer
-
-SAMPLES = REPO / "assets" / "samples"
-
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return Llama3Tokenizer(REPO / "assets" / "tokenizer")
+    return tiny_tokenizer()
 
 
 def sources(**weights) -> list[DataSource]:

@@ -7,9 +7,9 @@ import re
 
 import pytest
 
-from helpers import _ANSI, from_seed, run_training, series
+from support.runs import ANSI, from_seed, run_training, series
+from support.tensorboard import events, scalars
 from swallow_titan.metrics import RunLog, dense_bf16_peak_flops, format_duration, read_run_log
-from tensorboard_events import events, scalars
 
 STEPS = 4
 SETS = ("ja", "en", "code", "math")
@@ -142,7 +142,7 @@ def test_hyperparameters_are_in_tensorboards_hparams_view(monitored):
 @pytest.mark.slow
 def test_progress_line_has_step_total_tokens_loss_throughput_and_eta(monitored):
     _, result = monitored
-    lines = [l for l in _ANSI.sub("", result.output).splitlines() if re.search(r"step:\s*\d+/", l)]
+    lines = [l for l in ANSI.sub("", result.output).splitlines() if re.search(r"step:\s*\d+/", l)]
     assert len(lines) == STEPS  # one per log step (log_freq 1)
     pattern = re.compile(
         rf"step: (\d+)/{STEPS}  loss: +[\d.]+  tokens: [\d.]+K?  tps: [\d,]+  "

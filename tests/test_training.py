@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from helpers import from_seed, run_training
+from support.runs import from_seed, run_training
 
 pytestmark = pytest.mark.slow
 

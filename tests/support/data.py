@@ -4,24 +4,17 @@ from __future__ import annotations
 
 import json
 import random
-from functools import lru_cache
 from pathlib import Path
 
 import torch
 
-from helpers import REPO
+from support import SAMPLES, tiny_tokenizer
 from swallow_titan.config.sections import DataSource
 from swallow_titan.data.dataloader import SlotDataLoader
 from swallow_titan.data.slots import StreamSpec, build_stream_spec
 from swallow_titan.data.tokenizer import Llama3Tokenizer
 
-SAMPLES = REPO / "assets" / "samples"
 WORDS = "alpha beta gamma delta epsilon zeta theta kappa lambda sigma omega".split()
-
-
-@lru_cache(maxsize=1)
-def tiny_tokenizer() -> Llama3Tokenizer:
-    return Llama3Tokenizer(REPO / "assets" / "tokenizer")
 
 
 def numbered_docs(n: int, prefix: str = "doc", seed: int = 0) -> list[str]:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-TINY_TOKENIZER = REPO / "assets" / "tokenizer" / "tokenizer.model"
+from support import TINY_TOKENIZER
+
 
 # Llama-3.1's RoPE (theta 500,000; llama3 scaling 8 / 1 / 4 / 8192).
 LLAMA31_ROPE = {
