@@ -11,7 +11,16 @@ import pytest
 import torch
 
 from support import tiny_tokenizer
-from support.data import document_texts, make_loaders, make_spec, merged_state, numbered_docs, run_global_batches, sample_sources, write_jsonl
+from support.data import (
+    document_texts,
+    make_loaders,
+    make_spec,
+    merged_state,
+    numbered_docs,
+    run_global_batches,
+    sample_sources,
+    write_jsonl,
+)
 from swallow_titan.config.sections import DataSource
 from swallow_titan.data import records
 from swallow_titan.data.dataloader import source_token_counts

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torchtitan.models.llama3.model.model import Transformer
 
 from support import TINY_TOKENIZER
-from support.hf import as_transformers4_config, ODD_CONFIG, save_random_llama
+from support.hf import ODD_CONFIG, as_transformers4_config, save_random_llama
 from swallow_titan.checkpoint import hf_export
 from swallow_titan.checkpoint.atomic import OutputFolderError
 from swallow_titan.checkpoint.dcp_reader import DCPCheckpoint

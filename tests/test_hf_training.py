@@ -5,13 +5,15 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+import re
+
 import pytest
 import torch
 from safetensors.torch import load_file
 from torchtitan.models.llama3.model.model import Transformer
 
-from support.hf import save_random_llama, TINY_FLAVOR_CONFIG
-from support.runs import run_training, series
+from support.hf import TINY_FLAVOR_CONFIG, save_random_llama
+from support.runs import free_port, run_training, series
 from swallow_titan.checkpoint.dcp_reader import DCPCheckpoint
 from swallow_titan.checkpoint.hf_import import convert_hf_to_dcp
 from swallow_titan.data.dataloader import source_token_counts
@@ -180,3 +182,24 @@ def test_second_start_resumes_and_never_reads_the_hf_folder(hf_run, hf_tiny):
     assert "Hugging Face weights" not in result.output
     assert sorted(result.losses) == [3]
     assert (dump / "hf" / "step-3" / "config.json").is_file()
+
+
+def test_a_failed_hub_push_at_the_end_exits_3_and_keeps_the_export(hf_tiny, tmp_path):
+    dump = tmp_path / "run"
+    result = run_training(
+        dump,
+        *hf_run_args(hf_tiny),
+        "--training.steps", "1",
+        "--hf.push_to_hub", "someone/swallow-test",
+        env={
+            # Nothing listens there: the Hub is unreachable on any machine.
+            "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}",
+            "HF_TOKEN": "hf_not_a_real_token",
+            "HF_HUB_DISABLE_TELEMETRY": "1",
+        },
+    )
+    assert re.search(r"exitcode\s*:\s*3\b", result.output), result.output[-3000:]
+    assert "could not upload" in result.output and "someone/swallow-test" in result.output
+    assert sorted(result.losses) == [1]  # training itself finished
+    export = dump / "hf" / "step-1"
+    assert (export / "config.json").is_file() and (export / "model.safetensors.index.json").is_file()
