@@ -194,6 +194,23 @@ def test_resume_mid_run_continues_exactly_with_the_same_ranks():
     assert got == expected
 
 
+@pytest.mark.parametrize("workers_after", [2, 0])
+def test_resume_from_a_loader_with_two_workers_continues_exactly(workers_after):
+    """Workers prefetch ahead of training: what they read but training did not
+    take must not leak into the state a checkpoint stores."""
+    spec = make_spec(sample_sources(ja=0.4, en=0.2, code=0.2, math=0.2), global_batch=8)
+    expected = run_global_batches(make_loaders(spec, dp=2, local=2), 16)
+    first = make_loaders(spec, dp=2, local=2, workers=2)
+    iterators = [iter(loader) for loader in first]
+    got = run_global_batches(first, 7, iterators)
+    # Taken while the workers are alive and have read ahead, as a checkpoint is.
+    state = merged_state(first)
+    assert run_global_batches(first, 1, iterators) == expected[7:8]
+    resumed = make_loaders(spec, dp=2, local=2, workers=workers_after, state=state)
+    got += run_global_batches(resumed, 9)
+    assert got == expected
+
+
 @pytest.mark.parametrize(
     "before,after",
     [((2, 4, 0), (1, 4, 2)), ((1, 2, 0), (2, 4, 0)), ((1, 8, 0), (4, 1, 1))],

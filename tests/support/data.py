@@ -59,10 +59,16 @@ def make_loaders(spec: StreamSpec, dp: int, local: int, workers: int = 0,
     return loaders
 
 
-def run_global_batches(loaders: list[SlotDataLoader], n: int) -> list[list[list[int]]]:
+def run_global_batches(
+    loaders: list[SlotDataLoader], n: int, iterators: list | None = None
+) -> list[list[list[int]]]:
     """``n`` global batches as lists of windows (token lists) in slot order:
-    rank 0's microbatches, then rank 1's, ... (rank r owns a contiguous slot range)."""
-    iterators = [iter(loader) for loader in loaders]
+    rank 0's microbatches, then rank 1's, ... (rank r owns a contiguous slot range).
+
+    ``iterators``: the loaders' live iterators to continue (default: new ones).
+    """
+    if iterators is None:
+        iterators = [iter(loader) for loader in loaders]
     out = []
     for _ in range(n):
         rows: list[list[int]] = []
