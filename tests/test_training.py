@@ -104,4 +104,5 @@ def test_torch_compile_gives_the_eager_losses(tmp_path):
     eager = run_training(tmp_path / "eager", *common).check()
     compiled = run_training(tmp_path / "compiled", *common, "--compile.enable", "true").check()
     assert "Compiling each TransformerBlock with torch.compile" in compiled.output
+    assert sorted(eager.losses) == sorted(compiled.losses) == [1, 2, 3]
     assert compiled.losses == pytest.approx(eager.losses, rel=1e-4)

@@ -107,3 +107,25 @@ def as_transformers4_config(folder: Path) -> None:
     config["rope_scaling"] = rope if rope.get("rope_type") != "default" else None
     config["torch_dtype"] = config.pop("dtype", "float32")
     (folder / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def assert_same_logits(ours: torch.Tensor, theirs: torch.Tensor) -> None:
+    """fp32 logits of two implementations of the same model agree to 64 ulps.
+
+    Both sides compute in fp32 from the same weights; they differ only in the
+    order of summation and in how ops are decomposed, which moves a logit by
+    a few units in the last place of the logits' scale (2 ulps measured on
+    these models). 64 ulps of the largest logit leaves a wide margin and is
+    still several times below what a real mapping bug gives: doubling the
+    llama3 RoPE scaling factor moves the logits by 4.5e-5 (tiny flavor, 64
+    tokens) and 1.1e-4 (ODD_CONFIG, 48 tokens), against 64 ulps ~ 6e-6 at a
+    scale of 0.8 (test_hf_interop checks that it fails).
+    """
+    tolerance = logits_tolerance(theirs)
+    difference = (ours - theirs).abs().max().item()
+    assert difference <= tolerance, f"logits differ by {difference:.3g} > {tolerance:.3g}"
+
+
+def logits_tolerance(reference: torch.Tensor) -> float:
+    """64 fp32 ulps of the largest reference logit (see :func:`assert_same_logits`)."""
+    return 64 * torch.finfo(torch.float32).eps * reference.abs().max().item()
