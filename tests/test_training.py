@@ -53,6 +53,13 @@ LAYOUTS = {
         "--parallelism.data_parallel_shard_degree", "1",
         "--training.local_batch_size", "8",
     ]),
+    # Logits replicated on both TP ranks, plain cross-entropy on each.
+    "tp2_no_loss_parallel": (2, "Tensor Parallelism to the model", [
+        "--parallelism.tensor_parallel_degree", "2",
+        "--parallelism.data_parallel_shard_degree", "1",
+        "--parallelism.disable_loss_parallel", "true",
+        "--training.local_batch_size", "8",
+    ]),
     "hsdp2x2": (4, "Applied HSDP to the model", [
         "--parallelism.data_parallel_replicate_degree", "2",
         "--parallelism.data_parallel_shard_degree", "2",
