@@ -7,7 +7,12 @@ code), as a user's HF folder would be.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
 from pathlib import Path
 
 import torch
@@ -129,3 +134,48 @@ def assert_same_logits(ours: torch.Tensor, theirs: torch.Tensor) -> None:
 def logits_tolerance(reference: torch.Tensor) -> float:
     """64 fp32 ulps of the largest reference logit (see :func:`assert_same_logits`)."""
     return 64 * torch.finfo(torch.float32).eps * reference.abs().max().item()
+
+
+# The transformers 4.x release the export is checked against (its last line).
+TRANSFORMERS4 = "transformers==4.57.6"
+
+
+def transformers4_python() -> str:
+    """A Python that imports transformers 4.x and this environment's torch.
+
+    ``SWALLOW_TRANSFORMERS4_PYTHON`` if set; else a small virtual environment
+    made once per machine in the user's cache folder: ``TRANSFORMERS4`` and its
+    own dependencies installed with pip from the configured package index, the
+    rest (torch, safetensors, ...) taken from this environment through a
+    ``.pth`` file placed after its own packages. About 35 s and 180 MB the first
+    time.
+    """
+    if os.environ.get("SWALLOW_TRANSFORMERS4_PYTHON"):
+        return os.environ["SWALLOW_TRANSFORMERS4_PYTHON"]
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "swallow-titan"
+    version = f"py{sys.version_info.major}{sys.version_info.minor}"
+    venv = cache / f"{TRANSFORMERS4.replace('==', '-')}-{version}"
+    python = venv / "bin" / "python"
+    if python.exists():
+        return str(python)
+    cache.mkdir(parents=True, exist_ok=True)
+    # Built aside and renamed into place: a half-made environment is never used.
+    staging = Path(tempfile.mkdtemp(prefix=".building-", dir=cache))
+    subprocess.run([sys.executable, "-m", "venv", "--clear", str(staging)], check=True)
+    site = next((staging / "lib").glob("python*/site-packages"))
+    (site / "zz_swallow_titan_base.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    proc = subprocess.run(
+        [str(staging / "bin" / "python"), "-m", "pip", "install", "-q", TRANSFORMERS4],
+        capture_output=True, text=True, timeout=600,
+    )
+    if proc.returncode != 0:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise RuntimeError(
+            f"could not install {TRANSFORMERS4} for the transformers 4.x check "
+            f"(set SWALLOW_TRANSFORMERS4_PYTHON to a Python that has it):\n{proc.stderr[-2000:]}"
+        )
+    try:
+        staging.rename(venv)
+    except OSError:  # another session finished first
+        shutil.rmtree(staging, ignore_errors=True)
+    return str(python)
