@@ -94,6 +94,12 @@ def test_a_dcp_starting_checkpoint_is_the_third_choice(tmp_path):
     assert decision.kind == "dcp" and decision.path == "/ckpt/converted"
 
 
+def test_hf_weights_come_before_a_dcp_starting_checkpoint_in_the_rule(tmp_path):
+    # The config check refuses naming both; the rule's order still says which wins.
+    config = tiny(tmp_path, "--hf.load_path", "/hf", "--checkpoint.initial_load_path", "/dcp")
+    assert decide_start(config).kind == "hf"
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
