@@ -25,7 +25,8 @@ import time
 import numpy as np
 
 import swallow_titan  # noqa: F401  (device selection before torchtitan loads)
-from swallow_titan.config.manager import ConfigError, SwallowConfigManager
+from swallow_titan.config.errors import ConfigError, ExitCode
+from swallow_titan.config.manager import load_job_config
 from swallow_titan.data.dataloader import SlotDataLoader, build_dataloader
 from swallow_titan.data.slots import SlotWindow
 from swallow_titan.data.sources import DataSourceError
@@ -131,14 +132,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.batches < 1 or args.dp_size < 1 or not 0 <= args.dp_rank < args.dp_size:
         parser.error("need --batches >= 1 and 0 <= --dp-rank < --dp-size")
     try:
-        config = SwallowConfigManager().parse_args(
-            ["--job.config_file", args.config, *overrides]
-        )
+        config = load_job_config(args.config, overrides)
         tokenizer = Llama3Tokenizer(config.model.hf_assets_path)
         loader = build_dataloader(args.dp_size, args.dp_rank, tokenizer, config)
     except (ConfigError, DataSourceError, TokenizerFileError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return ExitCode.BAD_INPUT
     if args.dump:
         with open(args.dump, "w", encoding="utf-8") as dump:
             report = run(loader, args.batches, dump)
@@ -153,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             f"(this rank: {len(loader.slots)} per batch), seq_len {loader.spec.seq_len}"
         )
         print(format_report(report, header))
-    return 0
+    return ExitCode.OK
 
 
 if __name__ == "__main__":
