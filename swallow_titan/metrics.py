@@ -41,6 +41,9 @@ from torchtitan.components.metrics import MetricsProcessor
 from torchtitan.tools.logging import logger
 from torchtitan.tools.utils import device_type
 
+from swallow_titan.config.paths import RunPaths
+from swallow_titan.ranks import process_rank
+
 # Scalar tags logged at every log step (data/<source>/... come on top).
 SCALARS = {
     "loss": "train/loss",
@@ -162,9 +165,6 @@ class _Writer:
         self.summary.close()
 
 
-RUN_LOG_NAME = "metrics.jsonl"
-
-
 class RunLog:
     """``<dump_folder>/metrics.jsonl``: one JSON object per log step, across restarts.
 
@@ -255,20 +255,20 @@ class SwallowMetricsProcessor(MetricsProcessor):
         return self.job_config.metrics.save_for_all_ranks or self._is_metrics_rank()
 
     def _is_metrics_rank(self) -> bool:
-        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        rank = process_rank()
         dims = self.parallel_dims
         # With pipelining the loss lives on the last stage's first rank.
         metrics_rank = (dims.world_size // dims.pp) * (dims.pp - 1) if dims.pp_enabled else 0
         return rank == metrics_rank
 
     def run_log_path(self) -> str:
-        return os.path.join(self.job_config.job.dump_folder, RUN_LOG_NAME)
+        return RunPaths.of(self.job_config).metrics_log
 
     def tensorboard_folder(self) -> str:
         m = self.job_config.metrics
-        folder = os.path.join(self.job_config.job.dump_folder, m.save_tb_folder)
+        folder = RunPaths.of(self.job_config).tensorboard
         if m.save_for_all_ranks:
-            folder = os.path.join(folder, f"rank_{torch.distributed.get_rank()}")
+            folder = os.path.join(folder, f"rank_{process_rank()}")
         return folder
 
     def start(self, first_step: int) -> None:

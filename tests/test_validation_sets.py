@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from support import TINY_CONFIG, tiny_tokenizer
-from swallow_titan.config.checks import check_job_config
+from swallow_titan.preflight import check_job_config
 from swallow_titan.config.manager import ConfigError, load_job_config
 from swallow_titan.validation import PerDomainValidator
 

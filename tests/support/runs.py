@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from support import REPO, TINY_CONFIG
-from swallow_titan.metrics import RUN_LOG_NAME, SCALARS, read_run_log
+from swallow_titan.config.paths import METRICS_LOG
+from swallow_titan.metrics import SCALARS, read_run_log
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -80,7 +81,7 @@ def series(records: list[dict], tag: str) -> dict[int, float]:
 
 def run_log(dump_folder: Path, since: float = 0.0) -> list[dict]:
     """The run log's records written at or after the wall time ``since``."""
-    return [r for r in read_run_log(dump_folder / RUN_LOG_NAME) if r["time"] >= since]
+    return [r for r in read_run_log(dump_folder / METRICS_LOG) if r["time"] >= since]
 
 
 def finished(proc_returncode: int, output: str, dump_folder: Path, started: float) -> RunResult:
