@@ -219,6 +219,12 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     # ------------------------------------------------------------- RMSNorm kernels
     Mutation(
+        "kernels-rmsnorm-config-ignored", "swallow_titan/model/args.py",
+        "self.rmsnorm_impl = job_config.kernels.rmsnorm", 'self.rmsnorm_impl = "torch"',
+        ("tests/test_kernels_strength.py", "-k", "kernels_from"),
+        "[kernels] rmsnorm is never applied to the model",
+    ),
+    Mutation(
         "rmsnorm-bwd-dw-overwritten", "kernels/rmsnorm.py",
         "dw += tl.sum(dy * x_hat, axis=0)", "dw = tl.sum(dy * x_hat, axis=0)",
         RMSNORM, "each program keeps only its last row block's weight gradient",
