@@ -350,7 +350,7 @@ def run_tests(root: Path, tests: tuple[str, ...], timeout: float) -> tuple[int, 
         "PYTHONPATH": os.pathsep.join([str(root), *filter(None, [os.environ.get("PYTHONPATH")])]),
         "PYTHONDONTWRITEBYTECODE": "1",
     }
-    command = [sys.executable, "-m", "pytest", "-x", "-q", "-rf", "-p", "no:cacheprovider", *tests]
+    command = [sys.executable, "-m", "pytest", "-x", "-q", "-rfE", "-p", "no:cacheprovider", *tests]
     try:
         proc = subprocess.run(
             command, cwd=root, env=env, capture_output=True, text=True, timeout=timeout
@@ -361,7 +361,7 @@ def run_tests(root: Path, tests: tuple[str, ...], timeout: float) -> tuple[int, 
 
 
 def first_failure(output: str) -> str:
-    match = re.search(r"^FAILED (\S+)", output, re.M)
+    match = re.search(r"^(?:FAILED|ERROR) (\S+)", output, re.M)
     if not match:
         return "?"
     return match.group(1).split("::", 1)[-1].split("[")[0][:60]
