@@ -129,10 +129,12 @@ MUTATIONS: tuple[Mutation, ...] = (
         "                self.state.block,\n",
         LOADER, "documents are permuted the same way in every epoch",
     ),
+    # (`state.epoch >= limit` -> `>` in _end_epoch is equivalent: the fractional
+    # check in _check_epoch_limit also stops an integer limit at the epoch's start.)
     Mutation(
-        "lane-max-epochs-off-by-one", "swallow_titan/data/lane.py",
-        "if limit and state.epoch >= limit:", "if limit and state.epoch > limit:",
-        LOADER, "a source with max_epochs = N is read N + 1 times",
+        "lane-fractional-max-epochs-ignored", "swallow_titan/data/lane.py",
+        "state.epoch != math.floor(limit)", "state.epoch != math.ceil(limit)",
+        LOADER, "max_epochs = 1.5 reads two whole epochs",
     ),
     # -------------------------------------------- checkpoint integrity, publication
     Mutation(

@@ -154,6 +154,16 @@ def test_max_epochs_1_reads_each_document_once(tmp_path):
     assert len(ids) > 40
 
 
+def test_fractional_max_epochs_stops_at_the_block_boundary_past_the_fraction(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", numbered_docs(40))
+    source = DataSource(name="d", path=str(path), max_epochs=1.5)
+    spec = make_spec([source], global_batch=1, block_docs=4)
+    loader = make_loaders(spec, dp=1, local=1)[0]
+    all_windows([loader])
+    # One whole epoch (40), then blocks of 4 until 0.5 x 40 records are behind.
+    assert loader.metrics()["data/d/documents"] == 60
+
+
 def test_resume_across_shuffle_blocks_continues_exactly():
     # Blocks of 4 documents: the resume point lies many blocks into the epoch,
     # so the saved block cursor (unit, record, offset) is what a restart reads from.
