@@ -166,6 +166,7 @@ def check_structure(config, world_size: int, source: str) -> Layout:
     _check_checkpoint(config, source)
     _check_guard(config, source)
     _check_kernels(config, layout, source)
+    _check_float8_options(config, source)
     _check_hf(config, source)
     return layout
 
@@ -403,6 +404,23 @@ def _check_checkpoint(config, source: str) -> None:
             )
 
 
+def _check_float8_options(config, source: str) -> None:
+    """Combinations torchtitan 0.2.2's float8 converter refuses while building the model."""
+    if FLOAT8_CONVERTER not in config.model.converters:
+        return
+    f8 = config.quantize.linear.float8
+    # Float8LinearConverter asserts this: a named recipe builds torchao's config
+    # from the recipe alone, which has no float8 all-gather.
+    if f8.recipe_name is not None and f8.enable_fsdp_float8_all_gather:
+        raise ConfigError(
+            f"{source}: quantize.linear.float8.recipe_name = {f8.recipe_name!r} cannot "
+            "be combined with quantize.linear.float8.enable_fsdp_float8_all_gather = "
+            "true (torchtitan refuses it). For tensorwise scaling with the float8 "
+            "all-gather remove recipe_name (tensorwise is the default); for "
+            "'rowwise' set enable_fsdp_float8_all_gather = false"
+        )
+
+
 def _check_float8(config, source: str) -> None:
     if FLOAT8_CONVERTER not in config.model.converters:
         return
@@ -413,6 +431,13 @@ def _check_float8(config, source: str) -> None:
         raise ConfigError(
             f"{source}: model.converters: float8 needs an SM89+ GPU; on CPU set "
             "quantize.linear.float8.emulate = true (for testing only)"
+        )
+    # Without an SM89+ GPU torchtitan's converter allows emulation in eager mode only.
+    if DEVICE_TYPE == "cpu" and config.compile.enable and "model" in config.compile.components:
+        raise ConfigError(
+            f"{source}: quantize.linear.float8.emulate: emulated float8 runs only "
+            "without compiling the model (torchtitan refuses it); on CPU set "
+            "compile.enable = false or remove \"model\" from compile.components"
         )
 
 
