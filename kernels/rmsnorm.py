@@ -3,9 +3,12 @@
 ``y = x / sqrt(mean(x^2) + eps) * weight``, with the statistics in fp32 whatever
 the input dtype. The fused variant takes ``(x, residual)`` and returns
 ``(norm(x + residual), x + residual)``: a Llama block's "add then norm" in one
-pass over memory. The sum is rounded to the input dtype before it is normalised,
-exactly as eager ``h = x + residual; norm(h)`` does, so the fused variant gives
-the same numbers as the unfused pair.
+pass over memory. The sum is formed in fp32 and rounded to the wider of the two
+input dtypes (type promotion, as eager ``h = x + residual`` does) before it is
+normalised, so the fused variant gives the same numbers as the unfused pair. The
+dtypes may differ: under bf16 autocast without FSDP the residual stream stays
+fp32 (the embedding's output) while attention returns bf16; then ``h`` and the
+normalised output are fp32, as eager's ``norm(x + residual)`` is.
 
 Backward computes ``dx`` row by row and the weight gradient as fp32 partial sums,
 one row of partials per program of a persistent kernel, reduced afterwards.
@@ -54,7 +57,8 @@ def rms_norm(
 
     Returns ``norm(x) * weight``; with ``residual`` given, returns
     ``(norm(x + residual) * weight, x + residual)``. Statistics are fp32; outputs
-    have ``x``'s dtype. DTensor inputs (tensor/sequence parallel, or a DTensor
+    have ``x``'s dtype, or with ``residual`` the promoted dtype of ``x`` and
+    ``residual`` (the dtype of eager ``x + residual``). DTensor inputs (tensor/sequence parallel, or a DTensor
     weight) are handled without gathering anything; the weight gradient of a
     sequence-sharded input is returned as a partial sum that DTensor reduces.
     """
@@ -206,6 +210,11 @@ def _check_args(x: torch.Tensor, weight: torch.Tensor) -> int:
     return n
 
 
+def _out_dtype(x: torch.Tensor, residual: torch.Tensor | None) -> torch.dtype:
+    """The dtype of ``x`` or, with a residual, of eager ``x + residual``."""
+    return x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+
+
 def _forward(
     x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
@@ -213,16 +222,17 @@ def _forward(
     check_device(x, weight)
     x2 = _rows(x, n)
     m = x2.shape[0]
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    out_dtype = _out_dtype(x, residual)
+    y = torch.empty((m, n), dtype=out_dtype, device=x.device)
     rstd = torch.empty((m,), dtype=torch.float32, device=x.device)
     if residual is not None:
-        if residual.shape != x.shape or residual.dtype != x.dtype:
+        if residual.shape != x.shape:
             raise ValueError(
-                f"rms_norm: residual {tuple(residual.shape)} {residual.dtype} must match "
-                f"x {tuple(x.shape)} {x.dtype}"
+                f"rms_norm: residual {tuple(residual.shape)} must have the shape of "
+                f"x {tuple(x.shape)}"
             )
         r2 = _rows(residual, n)
-        h = torch.empty((m, n), dtype=x.dtype, device=x.device)
+        h = torch.empty((m, n), dtype=out_dtype, device=x.device)
     else:
         r2 = h = x2  # unused by the kernel
     if m > 0:
@@ -319,7 +329,9 @@ def _rms_norm_residual_op(
 @_rms_norm_residual_op.register_fake
 def _(x, residual, weight, eps):
     rstd = x.new_empty(x.shape[:-1], dtype=torch.float32)
-    return torch.empty_like(x), torch.empty_like(x), rstd
+    out_dtype = _out_dtype(x, residual)
+    y = torch.empty_like(x, dtype=out_dtype)
+    return y, torch.empty_like(y), rstd
 
 
 @torch.library.custom_op("swallow::rms_norm_backward", mutates_args=())
@@ -351,16 +363,19 @@ def _backward_norm(ctx, dy, _drstd):
 
 
 def _setup_norm_residual(ctx, inputs, output) -> None:
-    _, _, weight, _ = inputs
+    x, residual, weight, _ = inputs
     _, h, rstd = output
     ctx.save_for_backward(h, weight, rstd)
+    ctx.input_dtypes = (x.dtype, residual.dtype)
 
 
 def _backward_norm_residual(ctx, dy, dh, _drstd):
     h, weight, rstd = ctx.saved_tensors
     dsum, dw = torch.ops.swallow.rms_norm_backward(dy, h, weight, rstd, dh)
-    # h = x + residual: both inputs receive the gradient of the sum.
-    return dsum, dsum, dw, None
+    # h = x + residual: both inputs receive the gradient of the sum, each in its
+    # own dtype (as eager's add does when it promoted one of them).
+    x_dtype, r_dtype = ctx.input_dtypes
+    return dsum.to(x_dtype), dsum.to(r_dtype), dw, None
 
 
 _rms_norm_op.register_autograd(_backward_norm, setup_context=_setup_norm)
