@@ -173,16 +173,17 @@ def _flce_local(
 # Triton kernel: one program per row of a logits chunk
 
 
+GPU_CONFIGS = [
+    triton.Config({"BLOCK_M": 1, "BLOCK_V": b}, num_warps=w)
+    for b in (2048, 4096, 8192)
+    for w in (8, 16)
+]
+# The interpreter pays per operation: many rows and a wide block per step.
+INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_V": 2048}, num_warps=4)
+
+
 @triton.autotune(
-    configs=autotune_configs(
-        gpu=[
-            triton.Config({"BLOCK_M": 1, "BLOCK_V": b}, num_warps=w)
-            for b in (2048, 4096, 8192)
-            for w in (8, 16)
-        ],
-        # The interpreter pays per operation: many rows and a wide block per step.
-        interpreter=triton.Config({"BLOCK_M": 32, "BLOCK_V": 2048}, num_warps=4),
-    ),
+    configs=autotune_configs(gpu=GPU_CONFIGS, interpreter=INTERPRETER_CONFIG),
     key=["V", "DO_LSE", "DO_GRAD"],
 )
 @triton.jit
