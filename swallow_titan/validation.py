@@ -32,11 +32,10 @@ from typing import Any
 from torchtitan.components.validate import Validator
 from torchtitan.tools.logging import logger
 
-from swallow_titan.config.sections import DataSource, ValidationSet
+from swallow_titan.config.sections import FUSED_LOSS, DataSource, ValidationSet
 from swallow_titan.data.dataloader import Batch, GlobalStreamDataLoader
 from swallow_titan.data.mixture import MixtureStream
 from swallow_titan.loss import LABELS_KEY
-from swallow_titan.model.transformer import FUSED_LOSS
 
 
 def set_source(validation_set: ValidationSet) -> DataSource:

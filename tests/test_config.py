@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from helpers import REPO, TINY_CONFIG
-from swallow_titan.config.checks import check_job_config
+from swallow_titan.preflight import check_job_config
 from swallow_titan.config.manager import ConfigError, load_job_config
 
 
@@ -166,12 +166,12 @@ def test_float8_tensorwise_default_with_fsdp_float8_all_gather_passes(tmp_path):
 
 
 def test_recipe_float8_options_are_accepted_by_the_check():
-    from swallow_titan.config.checks import check_structure
+    from swallow_titan.config.checks import check_values
 
     recipe = REPO / "train_configs" / "swallow_8b_v05.toml"
     config = load_job_config(recipe)
     assert config.quantize.linear.float8.enable_fsdp_float8_all_gather
-    check_structure(config, 64, str(recipe))
+    check_values(config, 64, str(recipe))
 
 
 def test_emulated_float8_with_a_compiled_model_is_refused_on_cpu():
