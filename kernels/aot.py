@@ -96,8 +96,10 @@ def recipe_jobs(hidden: int = RECIPE_HIDDEN, vocabs=RECIPE_VOCABS) -> list[Compi
 
     jobs: list[CompileJob] = []
     block_n = triton.next_power_of_2(hidden)
+    # The configs the autotuner keeps at this width (rmsnorm.configs_for_width).
+    norm_configs = rmsnorm.configs_for_width(rmsnorm.GPU_CONFIGS, block_n)
     fwd = rmsnorm._rms_norm_fwd_kernel.fn
-    for has_residual, config in itertools.product((True, False), rmsnorm.GPU_CONFIGS):
+    for has_residual, config in itertools.product((True, False), norm_configs):
         sig = {
             "X": "*bf16", "R": "*bf16", "W": "*bf16", "Y": "*bf16", "H": "*bf16",
             "RSTD": "*fp32", "stride_x": "i32", "stride_r": "i32", "stride_y": "i32",
@@ -111,7 +113,7 @@ def recipe_jobs(hidden: int = RECIPE_HIDDEN, vocabs=RECIPE_VOCABS) -> list[Compi
             _divisible_by_16(fwd, sig, {**ints, "M": 8192}),
         ))
     bwd = rmsnorm._rms_norm_bwd_kernel.fn
-    for has_dh, config in itertools.product((True, False), rmsnorm.GPU_CONFIGS):
+    for has_dh, config in itertools.product((True, False), norm_configs):
         sig = {
             "DY": "*bf16", "X": "*bf16", "W": "*bf16", "RSTD": "*fp32", "DH": "*bf16",
             "DX": "*bf16", "DW_PARTIAL": "*fp32", "stride_dy": "i32", "stride_x": "i32",

@@ -87,7 +87,34 @@ INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 32}, num_warps=4)
 _CONFIGS = autotune_configs(gpu=GPU_CONFIGS, interpreter=INTERPRETER_CONFIG)
 
 
-@triton.autotune(configs=_CONFIGS, key=["N", "HAS_RESIDUAL"])
+def configs_for_width(configs: list[triton.Config], block_n: int) -> list[triton.Config]:
+    """The configs whose rows fit in registers at this (power-of-two) width.
+
+    A thread holds ``BLOCK_M * BLOCK_N / threads`` elements of each row tile;
+    the backward keeps several such tiles live. Compiled for sm_90, at most 32
+    per thread fit without spilling while a thread may use 255 registers (up to
+    256 threads), 16 at 512 threads (128 registers each): at hidden 4096 every
+    config fits, at 8192 the 4-warp and BLOCK_M=2 ones spill
+    (benchmarks/kernels_aot.py --hidden 8192). If none fits, the config with the
+    fewest elements per thread is kept.
+    """
+
+    def per_thread(c: triton.Config) -> float:
+        return c.kwargs["BLOCK_M"] * block_n / (32 * c.num_warps)
+
+    def fits(c: triton.Config) -> bool:
+        return per_thread(c) <= (32 if 32 * c.num_warps <= 256 else 16)
+
+    return [c for c in configs if fits(c)] or [min(configs, key=per_thread)]
+
+
+def _prune(configs, named_args, **kwargs):
+    return configs_for_width(configs, kwargs["BLOCK_N"])
+
+
+@triton.autotune(
+    configs=_CONFIGS, key=["N", "HAS_RESIDUAL"], prune_configs_by={"early_config_prune": _prune}
+)
 @triton.jit
 def _rms_norm_fwd_kernel(
     X,
@@ -131,7 +158,9 @@ def _rms_norm_fwd_kernel(
     tl.store(RSTD + rows, rstd, mask=row_ok)
 
 
-@triton.autotune(configs=_CONFIGS, key=["N", "HAS_DH"])
+@triton.autotune(
+    configs=_CONFIGS, key=["N", "HAS_DH"], prune_configs_by={"early_config_prune": _prune}
+)
 @triton.jit
 def _rms_norm_bwd_kernel(
     DY,

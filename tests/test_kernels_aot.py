@@ -60,3 +60,18 @@ def test_every_kernel_and_config_compiles_for_sm90_within_the_limits():
     expected = 4 * len(rmsnorm.GPU_CONFIGS) + 2 * 3 * len(cross_entropy.GPU_CONFIGS)
     assert len(rows) == expected
     assert all(row.rstrip(" |").endswith("ok") for row in rows)
+
+
+def _warps_and_rows(configs):
+    return [(c.kwargs["BLOCK_M"], c.num_warps) for c in configs]
+
+
+def test_rmsnorm_autotuning_keeps_only_configs_that_fit_the_width():
+    from kernels.rmsnorm import GPU_CONFIGS, configs_for_width
+
+    # Recipe width: every config compiles clean (test above), none is pruned.
+    assert configs_for_width(GPU_CONFIGS, 4096) == GPU_CONFIGS
+    # 8192: the 4-warp and BLOCK_M=2 configs spill on sm_90 (kernels_aot.py --hidden 8192).
+    assert _warps_and_rows(configs_for_width(GPU_CONFIGS, 8192)) == [(1, 8), (1, 16)]
+    # Wider than anything fits: the lightest config is still offered.
+    assert _warps_and_rows(configs_for_width(GPU_CONFIGS, 65536)) == [(1, 16)]
