@@ -22,17 +22,13 @@ import torch.distributed.checkpoint as dcp
 from safetensors import safe_open
 from torch import nn
 from torch.distributed.checkpoint import HuggingFaceStorageReader
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    set_model_state_dict,
-)
 from torchtitan.models.llama3.model.model import Transformer
 from torchtitan.models.llama3.model.state_dict_adapter import Llama3StateDictAdapter
 
 from swallow_titan.checkpoint.integrity import HF_INDEX
 from swallow_titan.hf.progress import Progress
 from swallow_titan.model.args import SwallowModelArgs
+from swallow_titan.model.state import model_state, set_model_state
 
 # Some older conversions store RoPE's inverse frequencies; the model computes them.
 _IGNORED_HF_TENSOR = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
@@ -217,16 +213,11 @@ def load_hf_weights(
     """
     check_hf_tensors(list_safetensors(folder), args, folder)
     adapter = state_dict_adapter(args)
-    native = {
-        name: tensor
-        for part in model_parts
-        for name, tensor in get_model_state_dict(part).items()
-    }
+    native = model_state(model_parts)
     # The HF-named views are permuted copies; DCP fills them, then they are
     # permuted back and copied into the parameters.
     hf_state = adapter.to_hf(native)
     dcp.load(hf_state, storage_reader=HuggingFaceStorageReader(str(folder)))
     loaded = adapter.from_hf(hf_state)
-    for part in model_parts:
-        set_model_state_dict(part, loaded, options=StateDictOptions(strict=False))
+    set_model_state(model_parts, loaded)
     return len(loaded)
