@@ -56,10 +56,11 @@ import swallow_titan
 import swallow_titan.device as device
 import torchtitan.tools.utils as titan
 import torchtitan.train
-from swallow_titan.profiling import install_cpu_profiler, maybe_enable_profiling
 from swallow_titan.config.manager import load_job_config
 from swallow_titan.preflight import _check_float8, _check_kernels_device
-install_cpu_profiler()
+from swallow_titan.profiling import available_activities, maybe_enable_profiling
+from swallow_titan.seams import use_cpu_profiler_in_stock_trainer
+use_cpu_profiler_in_stock_trainer()
 config = load_job_config(sys.argv[1], [
     "--model.converters", "quantize.linear.float8",
     "--kernels.rmsnorm", "triton", "--kernels.loss", "fused_linear_ce",
@@ -74,9 +75,10 @@ print(json.dumps({
     "swallow": swallow_titan.DEVICE_TYPE,
     "torchtitan": titan.device_type,
     "device_module": titan.device_module.__name__,
-    "cpu_device_module": isinstance(titan.device_module, device._CpuDeviceModule),
+    "cpu_device_module": isinstance(titan.device_module, device.CpuDeviceModule),
     "device_type_patched": torch._utils._get_available_device_type is not original,
     "cpu_profiler": torchtitan.train.maybe_enable_profiling is maybe_enable_profiling,
+    "cuda_activity": torch.profiler.ProfilerActivity.CUDA in available_activities(),
     "ngpu": device.default_ngpu(),
     "refused": refused,
 }))
@@ -106,7 +108,7 @@ def test_where_torch_reports_cuda_no_cpu_shim_is_installed():
     assert seen["swallow"] == seen["torchtitan"] == "cuda"
     assert seen["device_module"] == "torch.cuda" and not seen["cpu_device_module"]
     assert not seen["device_type_patched"] and not seen["cpu_profiler"]
-    assert seen["ngpu"] == 1
+    assert seen["cuda_activity"] and seen["ngpu"] == 1
     # float8 without emulation and Triton without the interpreter are allowed.
     assert seen["refused"] == []
 
@@ -115,5 +117,5 @@ def test_where_torch_reports_no_cuda_the_cpu_shims_are_installed():
     seen = _probe(report_cuda=False)
     assert seen["swallow"] == seen["torchtitan"] == "cpu"
     assert seen["cpu_device_module"] and seen["device_type_patched"]
-    assert seen["cpu_profiler"]
+    assert seen["cpu_profiler"] and not seen["cuda_activity"]
     assert seen["refused"] == ["_check_float8", "_check_kernels_device"]
