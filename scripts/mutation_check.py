@@ -248,7 +248,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "rmsnorm-autograd-residual-input", "kernels/rmsnorm.py",
-        "return dsum, dsum, dw, None", "return dsum, None, dw, None",
+        "return dsum.to(x_dtype), dsum.to(r_dtype), dw, None",
+        "return dsum.to(x_dtype), None, dw, None",
         RMSNORM, "the residual input of the fused op gets no gradient",
     ),
     # ---------------------------------------------------------- fused loss kernels
@@ -277,7 +278,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "ce-weight-grad-last-chunk-only", "kernels/cross_entropy.py",
-        "dw.addmm_(dlogits.t(), h_c)", "dw.copy_(dlogits.t() @ h_c)",
+        "dw.addmm_(dlogits.t(), h)", "dw.copy_(dlogits.t() @ h)",
         CROSS_ENTROPY, "the weight gradient keeps only the last chunk",
     ),
     Mutation(
