@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import glob
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -219,19 +218,3 @@ def check_data_options(data, where: str) -> None:
         raise DataSourceError(
             f"{where}.max_document_chars: must be >= 1, got {data.max_document_chars}"
         )
-
-
-def open_source(source: DataSource, skip: int = 0) -> Iterator[str]:
-    """Iterate the document texts of ``source`` file by file, after skipping
-    ``skip`` documents. Bad records are left out (the training loader counts
-    them; this reader serves the small held-out sets of validation)."""
-    from swallow_titan.data.records import iter_records, whole_file_unit
-
-    seen = 0
-    for file in source_files(source):
-        for record in iter_records(whole_file_unit(file), source.text_field, source.name):
-            if record.text is None:
-                continue
-            if seen >= skip:
-                yield record.text
-            seen += 1
