@@ -163,6 +163,7 @@ def build_plan(config, ngpu: int, nnodes: int, source: str) -> dict:
     lr_points = lr_at_steps(config, [1, max(warmup, 1), max((steps + 1) // 2, 1), steps])
     total_tokens = steps * global_seqs * seq_len
     memory = estimate_memory(args, config, layout, n_params)
+    sources = plan_sources(config, total_tokens, global_seqs)
     opt = config.optimizer
     return {
         "config": source,
@@ -196,7 +197,7 @@ def build_plan(config, ngpu: int, nnodes: int, source: str) -> dict:
         "compile": config.compile.enable,
         "float8": "quantize.linear.float8" in config.model.converters,
         "activation_checkpoint": config.activation_checkpoint.mode,
-        "sources": plan_sources(config, total_tokens),
+        "sources": sources,
         "validation": {
             "enable": config.validation.enable,
             "freq": config.validation.freq,
@@ -206,7 +207,8 @@ def build_plan(config, ngpu: int, nnodes: int, source: str) -> dict:
         },
         "memory_gib": {**asdict(memory), "total": memory.total},
         "outputs": output_paths(config),
-        "problems": file_problems(config, source),
+        "problems": file_problems(config, source)
+        + [f"{source}: {s['problem']}" for s in sources if s["problem"]],
     }
 
 

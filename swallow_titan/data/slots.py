@@ -80,7 +80,7 @@ def build_stream_spec(
     for source in sources:
         files = source_files(source)
         check_text_field(source, files)
-        lanes.append(plan_lanes(files, global_batch, source.name))
+        lanes.append(plan_lanes(files, global_batch, source.name, source.text_field))
         _log_sharding(source, files, lanes[-1])
     return StreamSpec(
         sources=list(sources),
@@ -97,6 +97,13 @@ def build_stream_spec(
 def _log_sharding(source: DataSource, files, lanes: list[LaneSpec]) -> None:
     units = {u for lane in lanes for u in lane.units}
     shared = max(lane.stride for lane in lanes)
+    if lanes and lanes[0].whole:
+        logger.info(
+            f"data source '{source.name}': {len(files)} file(s) hold too few documents "
+            f"for {len(lanes)} slots to get one each, so every slot reads all of it in "
+            "its own seeded order (its share stays exact)"
+        )
+        return
     logger.info(
         f"data source '{source.name}': {len(files)} file(s) -> {len(units)} read "
         f"unit(s) for {len(lanes)} slots"

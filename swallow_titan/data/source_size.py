@@ -19,6 +19,7 @@ from swallow_titan.data.records import (
     open_binary,
     parquet_file,
 )
+from swallow_titan.data.sharding import plan_lanes
 from swallow_titan.data.sources import DataSourceError, SourceFile, source_files
 from swallow_titan.data.tokenizer import Llama3Tokenizer
 
@@ -89,8 +90,25 @@ def _estimate_parquet(files: list[SourceFile], text_field: str, tokenizer) -> in
     return round(tokens * total_rows / max(rows_sampled, 1))
 
 
-def plan_sources(config, total_tokens: int) -> list[dict]:
-    """The plan's ``sources`` entries: weight, planned tokens and, when the
+def slot_sharing(source: DataSource, slots: int) -> tuple[bool, str | None]:
+    """(read whole by every slot, problem) for a local source split among
+    ``slots`` (``sharding.py`` step 4); hub sources are not opened: (False, None)."""
+    if not source.path:
+        return False, None
+    try:
+        files = source_files(source)
+    except (DataSourceError, OSError):
+        return False, None  # reported among the config's file problems
+    try:
+        lanes = plan_lanes(files, slots, source.name, source.text_field)
+    except DataSourceError as e:
+        return False, str(e)
+    return bool(lanes and lanes[0].whole), None
+
+
+def plan_sources(config, total_tokens: int, slots: int) -> list[dict]:
+    """The plan's ``sources`` entries: weight, planned tokens, whether every
+    one of the ``slots`` reads it whole (a small source), and, when the
     source's size is known, available tokens and epochs."""
     try:
         tokenizer = Llama3Tokenizer(config.model.hf_assets_path)
@@ -104,6 +122,7 @@ def plan_sources(config, total_tokens: int) -> list[dict]:
         planned = round(total_tokens * share)
         size = source_size(s, tokenizer)
         epochs = planned / size.tokens if size.tokens else None
+        whole, problem = slot_sharing(s, slots)
         out.append(
             {
                 "name": s.name,
@@ -116,6 +135,8 @@ def plan_sources(config, total_tokens: int) -> list[dict]:
                 "available_from": size.basis,
                 "epochs": epochs,
                 "max_epochs": s.max_epochs or None,
+                "read_whole_by_every_slot": whole,
+                "problem": problem,
             }
         )
     return out
@@ -137,4 +158,6 @@ def format_source_line(s: dict, tokens_text) -> str:
             line += f", stops at max_epochs = {s['max_epochs']:g}"
         elif s["epochs"] > 1:
             line += ", repeats"
+    if s.get("read_whole_by_every_slot"):
+        line += "; small: every slot reads all of it"
     return line
