@@ -28,7 +28,13 @@ class DataSource:
     """Label for metrics and reports, e.g. ja, en, code or math."""
 
     path: str = ""
-    """Local files: a path or glob of .jsonl, .jsonl.gz, .json or .parquet."""
+    """Local files: a path or glob of .jsonl, .jsonl.gz, .json or .parquet
+    (with ``format = "megatron"``: of Megatron .bin files, each with its .idx)."""
+
+    format: Literal["text", "megatron"] = "text"
+    """"text": documents are text records, tokenised while training.
+    "megatron": Megatron-LM indexed datasets (.bin + .idx) of token ids, read
+    without a tokenizer (ids checked against its vocabulary)."""
 
     hf_dataset: str = ""
     """A Hugging Face hub dataset id (read with streaming); excludes ``path``."""

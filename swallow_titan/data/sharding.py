@@ -10,7 +10,8 @@ what makes resuming on another number of GPUs exact.
    byte ranges (a line belongs to the range it starts in) in proportion to their
    size, at least ``MIN_RANGE_BYTES`` each, and Parquet files into row groups;
    compressed files and JSON arrays stay whole because they cannot be entered
-   in the middle.
+   in the middle. Megatron ``.bin`` files are cut into document ranges of about
+   equal bytes (``megatron.document_boundaries``).
 2. With at least ``G`` units, each unit goes to one slot, largest first to the
    slot with the fewest bytes (LPT), so every slot gets about the same amount of
    data and no unit is read twice.
@@ -38,6 +39,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from swallow_titan.data.megatron import document_boundaries, open_index
 from swallow_titan.data.records import ReadUnit, iter_records, open_binary, parquet_file
 from swallow_titan.data.sources import DataSourceError, SourceFile
 
@@ -132,7 +134,9 @@ def split_units(files: Sequence[SourceFile], slots: int, source_name: str) -> li
     total = sum(f.size for f in files)
     units: list[ReadUnit] = []
     for f in files:
-        if _is_plain_json_lines(f, source_name) and f.size > 0 and total > 0:
+        if f.format == "megatron":
+            units.extend(_document_range_units(f, slots, total, source_name))
+        elif _is_plain_json_lines(f, source_name) and f.size > 0 and total > 0:
             pieces = max(1, min(math.ceil(slots * f.size / total), f.size // MIN_RANGE_BYTES))
             bounds = [f.size * i // pieces for i in range(pieces + 1)]
             units.extend(
@@ -153,6 +157,19 @@ def _is_plain_json_lines(f: SourceFile, source_name: str) -> bool:
     # A .json file is JSON Lines unless it starts with "[" (one JSON array).
     with open_binary(f.path, source_name) as raw:
         return raw.read(4096).lstrip()[:1] != b"["
+
+
+def _document_range_units(
+    f: SourceFile, slots: int, total: int, source_name: str
+) -> list[ReadUnit]:
+    index = open_index(f.path, source_name)
+    pieces = max(1, math.ceil(slots * f.size / total)) if total else 1
+    bounds = document_boundaries(index, pieces)
+    return [
+        ReadUnit(f.path, "megatron", "", a, b,
+                 index.document_start_byte(b) - index.document_start_byte(a))
+        for a, b in zip(bounds, bounds[1:])
+    ]
 
 
 def _row_group_units(f: SourceFile, source_name: str) -> list[ReadUnit]:

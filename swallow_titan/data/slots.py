@@ -28,6 +28,7 @@ from torchtitan.tools.logging import logger
 
 from swallow_titan.config.sections import DataSource
 from swallow_titan.data.lane import DEFAULT_BLOCK_DOCS, Lane, LaneState
+from swallow_titan.data.megatron import check_vocabulary, open_index
 from swallow_titan.data.records import check_text_field
 from swallow_titan.data.schedule import MixtureSchedule
 from swallow_titan.data.sharding import LaneSpec, plan_lanes
@@ -79,7 +80,12 @@ def build_stream_spec(
     lanes = []
     for source in sources:
         files = source_files(source)
-        check_text_field(source, files)
+        if source.format == "megatron":
+            for f in files:
+                index = open_index(f.path, source.name)  # refuses a corrupt pair
+                check_vocabulary(index, tokenizer.n_words, source.name, str(tokenizer.path))
+        else:
+            check_text_field(source, files)
         lanes.append(plan_lanes(files, global_batch, source.name, source.text_field))
         _log_sharding(source, files, lanes[-1])
     return StreamSpec(

@@ -1,7 +1,9 @@
 """How many tokens a source holds, so the plan can show how often it repeats.
 
-A source's size is either the user's figure, ``num_tokens`` (e.g. from the
-dataset card), or, for local files, an estimate: the first ~256 KB of the
+A Megatron source's size is read from its indexes: exact, BOS/EOS as the
+packer adds them (``megatron.packed_tokens``). A text source's size is either the
+user's figure, ``num_tokens`` (e.g. from the dataset card), or, for local files,
+an estimate: the first ~256 KB of the
 source are tokenised and the tokens per byte (per compressed byte for
 compressed files; per row for Parquet) are scaled to all its files. Hub sources
 without ``num_tokens`` are unknown: the plan does not touch the network.
@@ -19,6 +21,7 @@ from swallow_titan.data.records import (
     open_binary,
     parquet_file,
 )
+from swallow_titan.data.megatron import open_index, packed_tokens
 from swallow_titan.data.sharding import plan_lanes
 from swallow_titan.data.sources import DataSourceError, SourceFile, source_files
 from swallow_titan.data.tokenizer import Llama3Tokenizer
@@ -29,11 +32,14 @@ SAMPLE_BYTES = 256 * 1024
 @dataclass(frozen=True)
 class SourceSize:
     tokens: int | None  # None when unknown
-    basis: str  # "num_tokens", "estimate" or "unknown"
+    basis: str  # "index", "num_tokens", "estimate" or "unknown"
 
 
 def source_size(source: DataSource, tokenizer: Llama3Tokenizer | None) -> SourceSize:
-    """The source's size in tokens (BOS/EOS counted), given or estimated."""
+    """The source's size in tokens (BOS/EOS counted): from its indexes, given
+    or estimated."""
+    if source.format == "megatron":
+        return _megatron_size(source, tokenizer)
     if source.num_tokens > 0:
         return SourceSize(int(source.num_tokens), "num_tokens")
     if not source.path or tokenizer is None:
@@ -43,6 +49,18 @@ def source_size(source: DataSource, tokenizer: Llama3Tokenizer | None) -> Source
         return SourceSize(_estimate(files, source.text_field, tokenizer), "estimate")
     except (DataSourceError, OSError):
         return SourceSize(None, "unknown")
+
+
+def _megatron_size(source: DataSource, tokenizer: Llama3Tokenizer | None) -> SourceSize:
+    try:
+        indexes = [open_index(f.path, source.name) for f in source_files(source)]
+    except (DataSourceError, OSError):
+        return SourceSize(None, "unknown")  # the file problems name it
+    if tokenizer is None:  # BOS/EOS ids unknown: count the stored tokens only
+        return SourceSize(sum(i.tokens for i in indexes), "index")
+    counts = [packed_tokens(i, tokenizer.bos_id, tokenizer.eos_id) for i in indexes]
+    exact = all(e for _, e in counts)
+    return SourceSize(sum(n for n, _ in counts), "index" if exact else "index_sampled")
 
 
 def _estimate(files: list[SourceFile], text_field: str, tokenizer: Llama3Tokenizer) -> int:
@@ -149,7 +167,8 @@ def format_source_line(s: dict, tokens_text) -> str:
         f"{tokens_text(s['planned_tokens']):>8} tokens"
     )
     if s["epochs"] is not None:
-        basis = "given" if s["available_from"] == "num_tokens" else "estimated"
+        basis = {"num_tokens": "given", "index": "exact, from the index",
+                 "index_sampled": "from the index"}.get(s["available_from"], "estimated")
         line += (
             f"  of {tokens_text(s['available_tokens'])} ({basis}): "
             f"{s['epochs']:.2f} epochs"
