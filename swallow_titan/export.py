@@ -18,12 +18,12 @@ import sys
 import swallow_titan  # noqa: F401  (selects the device before torchtitan loads)
 from torchtitan.tools.logging import init_logger
 
-from swallow_titan.checkpoint.atomic import OutputFolderError
+from swallow_titan.hf.atomic import OutputFolderError
 from swallow_titan.checkpoint.dcp_reader import CheckpointReadError
-from swallow_titan.checkpoint.hf_config import HFConfigError
-from swallow_titan.checkpoint.hf_export import EXPORT_DTYPES, ExportError, export_hf
-from swallow_titan.checkpoint.hub import HubPushError, push_to_hub
-from swallow_titan.checkpoint.run_record import RunRecordError
+from swallow_titan.hf.hf_config import HFConfigError
+from swallow_titan.hf.hf_export import EXPORT_DTYPES, ExportError, export_hf
+from swallow_titan.hf.hub import HubPushError, push_to_hub
+from swallow_titan.hf.run_record import RunRecordError
 
 INPUT_ERRORS = (
     CheckpointReadError,

@@ -24,10 +24,10 @@ import torch
 from torchtitan.tools.logging import init_logger, logger
 
 import swallow_titan.train_spec  # noqa: F401  (registers the "swallow" TrainSpec)
-from swallow_titan.checkpoint.final_export import export_at_end
-from swallow_titan.checkpoint.hub import HubPushError
+from swallow_titan.final_export import export_at_end
+from swallow_titan.hf.hub import HubPushError
 from swallow_titan.checkpoint.manager import CheckpointError
-from swallow_titan.checkpoint.start import start_run
+from swallow_titan.start_rule import start_run
 from swallow_titan.config.checks import check_job_config
 from swallow_titan.config.manager import ConfigError, SwallowConfigManager
 from swallow_titan.guard import NonfiniteError

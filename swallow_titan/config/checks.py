@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from torchtitan.tools.logging import logger
 
 from swallow_titan.checkpoint.dcp_reader import checkpoint_steps
-from swallow_titan.checkpoint.hf_config import HFConfigError, check_hf_config_matches_flavor
-from swallow_titan.checkpoint.hf_export import ExportError, parse_size
-from swallow_titan.checkpoint.hf_weights import (
+from swallow_titan.hf.hf_config import HFConfigError, check_hf_config_matches_flavor
+from swallow_titan.hf.hf_export import ExportError, parse_size
+from swallow_titan.hf.hf_weights import (
     HFWeightsError,
     check_hf_tensors,
     list_safetensors,

@@ -12,9 +12,9 @@ from pathlib import Path
 from torchtitan.tools.logging import logger
 
 from swallow_titan.checkpoint.dcp_reader import locate_checkpoint
-from swallow_titan.checkpoint.hf_export import ExportResult, export_hf
-from swallow_titan.checkpoint.hub import push_to_hub
-from swallow_titan.checkpoint.start import checkpoint_folder
+from swallow_titan.hf.hf_export import ExportResult, export_hf
+from swallow_titan.hf.hub import push_to_hub
+from swallow_titan.start_rule import checkpoint_folder
 
 
 def export_folder_for(config, step: int | None) -> Path:

@@ -34,13 +34,13 @@ from torch import nn
 from torchtitan.tools.logging import logger
 
 from swallow_titan.checkpoint.dcp_reader import checkpoint_steps
-from swallow_titan.checkpoint.hf_config import (
+from swallow_titan.hf.hf_config import (
     check_hf_config_matches_flavor,
     hf_config_from_model_args,
     read_hf_config,
 )
-from swallow_titan.checkpoint.hf_weights import load_hf_weights
-from swallow_titan.checkpoint.run_record import RunRecord, read_run_record
+from swallow_titan.hf.hf_weights import load_hf_weights
+from swallow_titan.hf.run_record import RunRecord, read_run_record
 from swallow_titan.config.checks import global_batch_sequences, resolve_layout
 
 StartKind = Literal["resume", "hf", "dcp", "random"]
