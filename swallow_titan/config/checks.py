@@ -27,6 +27,7 @@ from swallow_titan.data.sources import (
     check_source,
     local_files,
 )
+from swallow_titan.data.stages import check_stages
 from swallow_titan.data.tokenizer import (
     Llama3Tokenizer,
     TokenizerFileError,
@@ -291,6 +292,7 @@ def _check_sources(config, source: str) -> None:
             raise ConfigError(str(e)) from None
     try:
         check_data_options(config.data, f"{source}: data")
+        check_stages(sources, config.data.stages, config.training.steps, f"{source}: data")
     except DataSourceError as e:
         raise ConfigError(str(e)) from None
 

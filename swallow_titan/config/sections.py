@@ -61,11 +61,30 @@ class DataSource:
 
 
 @dataclass
+class MixtureStage:
+    """One ``[[data.stages]]`` entry: the mixture for a range of steps."""
+
+    name: str = ""
+    """Unique name, shown in logs, the plan and the data CLI."""
+
+    until_step: int = 0
+    """Last step of the stage; the stage after it starts at the next step. The
+    last stage runs to the end of training (its until_step may be left out)."""
+
+    weights: dict[str, float] = field(default_factory=dict)
+    """Source name -> weight in this stage; a source not listed has weight 0."""
+
+
+@dataclass
 class Data:
     """``[data]``: the training document sources and how they are packed."""
 
     sources: list[DataSource] = field(default_factory=list)
     """The ``[[data.sources]]`` entries."""
+
+    stages: list[MixtureStage] = field(default_factory=list)
+    """The ``[[data.stages]]`` entries, in order; without any, the sources'
+    ``weight`` is the mixture for the whole run."""
 
     seed: int = 1234
     """Seed of the data order (document shuffling; the mixture needs none)."""

@@ -103,6 +103,7 @@ class SlotDataLoader(BaseDataLoader):
         }
         self._epochs_logged: dict[str, int] = {}
         self._stops_logged: set[str] = set()
+        self._stage_logged = -1
 
     @property
     def microsteps(self) -> int:
@@ -162,6 +163,14 @@ class SlotDataLoader(BaseDataLoader):
 
     def _consume(self, window: SlotWindow) -> None:
         self._consumed[window.slot] = window.state
+        stage = window.state["stage"]
+        if stage > self._stage_logged and len(self.spec.stages) > 1:
+            self._stage_logged = stage
+            weights = window.state["stage_weights"]
+            logger.info(
+                f"data stage {window.state['stage_name']!r} ({stage + 1} of "
+                f"{len(self.spec.stages)}) begins at step {window.batch + 1}: weights {weights}"
+            )
         name = self.spec.sources[window.source].name
         lane = window.state["lanes"][name]
         epoch = lane["epoch"] + 1
@@ -197,7 +206,8 @@ class SlotDataLoader(BaseDataLoader):
         source, the difference is extrapolated to all slots. ``epoch`` is the
         highest epoch (1-based) any of this rank's lanes of the source reached;
         ``documents``, ``skipped`` and ``skipped/<reason>`` count this rank's
-        reading only.
+        reading only. ``data/stage`` is the 1-based number of the mixture stage
+        of the last batch handed to training (0 before the first).
         """
         names = self.spec.names
         states = self.consumed_states()
@@ -208,6 +218,7 @@ class SlotDataLoader(BaseDataLoader):
             drift = sum(s["taken"][name] - s["scheduled"][name] for s in states)
             sequences[name] = max(states[0]["counts"][name] + drift * scale, 0.0)
         total = sum(sequences.values()) or 1.0
+        out["data/stage"] = states[0]["stage"] + 1
         for name in names:
             lanes = [s["lanes"][name] for s in states]
             prefix = f"data/{name}/"
@@ -260,6 +271,7 @@ class SlotDataLoader(BaseDataLoader):
                 )
                 if lane["stopped"]:
                     self._stops_logged.add(name)
+            self._stage_logged = max(self._stage_logged, state.get("stage", -1))
 
 
 def _unchanged(item):
@@ -329,6 +341,7 @@ def build_dataloader(
         seed=data.seed,
         block_docs=data.shuffle_block_docs,
         max_chars=data.max_document_chars,
+        stages=data.stages,
     )
     loader_config = job_config.training.dataloader
     return SlotDataLoader(

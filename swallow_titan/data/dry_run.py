@@ -8,7 +8,8 @@ slots only), then prints per source the input tokens, documents, realised share,
 epochs and skipped records by reason, and the tokens per second. ``--json``
 prints one object instead: ``{"sources": [{"name", "domain", "weight",
 "tokens", "documents", "share", "epochs", "skipped": {reason: n}}],
-"sequences": n, "tokens_per_s": x}``. ``--dump FILE`` writes every packed
+"sequences": n, "tokens_per_s": x, "stage": {"name", "number", "stages"}}``
+(``stage``: the ``[[data.stages]]`` entry of the last batch read). ``--dump FILE`` writes every packed
 sequence as a JSON line ``{"tokens": [...], "segments": [{"source", "start",
 "end"}]}`` (one segment per document piece, token ranges with ``end``
 exclusive), exactly what the model would see (inputs are ``tokens[:-1]``,
@@ -92,10 +93,16 @@ def run(loader: SlotDataLoader, batches: int, dump=None) -> dict:
                 }
                 dump.write(json.dumps(record) + "\n")
     elapsed = time.perf_counter() - start
+    stage = loader.consumed_states()[0]["stage"]
     return {
         "sources": source_report(loader, sequences_by_source),
         "sequences": sequences,
         "tokens_per_s": sequences * loader.spec.seq_len / max(elapsed, 1e-9),
+        "stage": {
+            "name": loader.spec.stages[stage].name if stage >= 0 else "",
+            "number": stage + 1,
+            "stages": len(loader.spec.stages),
+        },
     }
 
 
@@ -114,6 +121,12 @@ def format_report(report: dict, header: str) -> str:
     lines.append(
         f"  {report['sequences']:,} sequences, {report['tokens_per_s']:,.0f} tokens/s"
     )
+    stage = report["stage"]
+    if stage["stages"] > 1:
+        lines.append(
+            f"  mixture stage {stage['name']!r} ({stage['number']} of {stage['stages']}) "
+            "at the last batch read"
+        )
     return "\n".join(lines)
 
 

@@ -124,8 +124,11 @@ def slot_sharing(source: DataSource, slots: int) -> tuple[bool, str | None]:
     return bool(lanes and lanes[0].whole), None
 
 
-def plan_sources(config, total_tokens: int, slots: int) -> list[dict]:
-    """The plan's ``sources`` entries: weight, planned tokens, whether every
+def plan_sources(
+    config, total_tokens: int, slots: int, planned_tokens: dict[str, int] | None = None
+) -> list[dict]:
+    """The plan's ``sources`` entries: weight, planned tokens (from the
+    weights, or ``planned_tokens`` summed over mixture stages), whether every
     one of the ``slots`` reads it whole (a small source), and, when the
     source's size is known, available tokens and epochs."""
     try:
@@ -136,8 +139,12 @@ def plan_sources(config, total_tokens: int, slots: int) -> list[dict]:
     weights = sum(s.weight for s in sources) or 1.0
     out = []
     for s in sources:
-        share = s.weight / weights
-        planned = round(total_tokens * share)
+        if planned_tokens is None:
+            share = s.weight / weights
+            planned = round(total_tokens * share)
+        else:
+            planned = planned_tokens[s.name]
+            share = planned / total_tokens if total_tokens else 0.0
         size = source_size(s, tokenizer)
         epochs = planned / size.tokens if size.tokens else None
         whole, problem = slot_sharing(s, slots)
