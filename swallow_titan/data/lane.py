@@ -58,6 +58,20 @@ def seeded_permutation(n: int, *key: object) -> list[int]:
     return order
 
 
+def tokenize_text(tokenizer: Llama3Tokenizer, text: str) -> tuple[list[int] | None, str | None]:
+    """(ids, None), or (None, reason) for text the tokenizer cannot encode."""
+    try:
+        return tokenizer.encode_ordinary(text), None
+    except Exception:
+        return None, "tokenizer_error"
+    except BaseException as e:
+        # tiktoken's Rust panics surface as pyo3's PanicException, which is
+        # a BaseException; anything else (KeyboardInterrupt, ...) goes on.
+        if type(e).__name__ != "PanicException":
+            raise
+        return None, "tokenizer_panic"
+
+
 @dataclass
 class LaneState:
     """Where a lane is; JSON-able, saved in checkpoints."""
@@ -187,18 +201,10 @@ class Lane:
         return ids.tolist()
 
     def _tokenize(self, u_pos: int, record: Record) -> list[int] | None:
-        try:
-            return self._tokenizer.encode_ordinary(record.text)
-        except Exception:
-            reason = "tokenizer_error"
-        except BaseException as e:
-            # tiktoken's Rust panics surface as pyo3's PanicException, which is
-            # a BaseException; anything else (KeyboardInterrupt, ...) goes on.
-            if type(e).__name__ != "PanicException":
-                raise
-            reason = "tokenizer_panic"
-        self._skip(reason, u_pos, record)
-        return None
+        ids, reason = tokenize_text(self._tokenizer, record.text)
+        if ids is None:
+            self._skip(reason, u_pos, record)
+        return ids
 
     def _skip(self, reason: str, u_pos: int, record: Record) -> None:
         skipped = self.state.skipped

@@ -131,8 +131,10 @@ def _bin_memmap(bin_path: str) -> np.memmap:
     return np.memmap(bin_path, dtype=np.uint8, mode="r")
 
 
-@lru_cache(maxsize=4096)
-def _open_index(bin_path: str, source_name: str) -> MegatronIndex:
+def read_index(bin_path: str, source_name: str) -> MegatronIndex:
+    """The validated index of ``bin_path``, read now (``open_index`` caches);
+    raises ``DataSourceError`` naming the file when the pair is missing,
+    truncated or corrupt."""
     idx_path = idx_path_for(bin_path)
     if not os.path.isfile(idx_path):
         raise _refuse(bin_path, source_name, "has no .idx file beside it")
@@ -194,10 +196,11 @@ def _check_entries(bin_path, source_name, lengths, pointers, documents, dtype) -
                       "the .idx is corrupt")
 
 
+_open_index = lru_cache(maxsize=4096)(read_index)
+
+
 def open_index(bin_path: str, source_name: str) -> MegatronIndex:
-    """The validated index of ``bin_path`` (cached per process); raises
-    ``DataSourceError`` naming the file when the pair is missing, truncated or
-    corrupt."""
+    """``read_index``, cached per process (a lane opens its files often)."""
     return _open_index(bin_path, source_name)
 
 
@@ -272,3 +275,56 @@ def packed_tokens(index: MegatronIndex, bos_id: int, eos_id: int,
     if docs > sample:
         stored = round(stored * docs / len(picked))
     return index.tokens + 2 * docs - stored, docs <= sample
+
+
+def dtype_for_vocab(vocab_size: int) -> np.dtype:
+    """The dtype Megatron's preprocessing picks: uint16 below 65,500 ids, else int32."""
+    return np.dtype(np.uint16 if vocab_size < 65500 else np.int32)
+
+
+class IndexedDatasetWriter:
+    """Writes one ``.bin``/``.idx`` pair (one sequence per document) so that it
+    never looks complete before it is: both are written as ``*.tmp``, flushed
+    to disk, and renamed, the ``.idx`` last. A pair whose ``.idx`` exists is
+    whole; a ``.bin`` without its ``.idx`` is an interrupted write."""
+
+    def __init__(self, bin_path: str, dtype: np.dtype):
+        if not bin_path.endswith(".bin"):
+            raise ValueError(f"a Megatron data file ends with .bin, got {bin_path!r}")
+        self.bin_path = bin_path
+        self.dtype = np.dtype(dtype)
+        self._code = {np.dtype(v): k for k, v in DTYPES.items()}[self.dtype]
+        self._bin = open(bin_path + ".tmp", "wb")
+        self._lengths: list[int] = []
+
+    def add_document(self, ids) -> None:
+        array = np.asarray(ids, dtype=self.dtype)
+        self._bin.write(array.tobytes(order="C"))
+        self._lengths.append(len(array))
+
+    def finish(self) -> None:
+        """Write the index and publish the pair (``.bin`` first, ``.idx`` last)."""
+        self._bin.flush()
+        os.fsync(self._bin.fileno())
+        self._bin.close()
+        lengths = np.asarray(self._lengths, dtype=np.int32)
+        pointers = np.zeros(len(lengths), dtype=np.int64)
+        np.cumsum(lengths[:-1].astype(np.int64) * self.dtype.itemsize, out=pointers[1:])
+        documents = np.arange(len(lengths) + 1, dtype=np.int64)
+        idx_path = idx_path_for(self.bin_path)
+        with open(idx_path + ".tmp", "wb") as f:
+            f.write(INDEX_MAGIC)
+            f.write(struct.pack("<QBQQ", INDEX_VERSION, self._code, len(lengths), len(documents)))
+            f.write(lengths.tobytes(order="C"))
+            f.write(pointers.tobytes(order="C"))
+            f.write(documents.tobytes(order="C"))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(self.bin_path + ".tmp", self.bin_path)
+        os.replace(idx_path + ".tmp", idx_path)
+
+    def abandon(self) -> None:
+        self._bin.close()
+        for path in (self.bin_path + ".tmp", idx_path_for(self.bin_path) + ".tmp"):
+            if os.path.exists(path):
+                os.remove(path)
