@@ -157,3 +157,29 @@ def test_the_data_cli_reports_the_current_stage(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(proc.stdout)
     assert report["stage"] == {"name": "anneal", "number": 2, "stages": 2}
+
+
+@pytest.mark.slow
+def test_a_run_trains_through_a_stage_boundary_on_megatron_data_and_logs_the_stage(tmp_path):
+    # The whole path in a real torchtitan run: a Megatron source in the mixture,
+    # two stages, TensorBoard's data/stage switching at the boundary.
+    from data_helpers import numbered_docs, tiny_tokenizer
+    from helpers import run_training
+    from megatron_files import write_megatron
+    from tensorboard_events import scalars
+
+    tok = tiny_tokenizer()
+    write_megatron(tmp_path / "mega" / "code_text_document",
+                   [[*tok.encode_ordinary(t), tok.eos_id] for t in numbered_docs(300, "c")])
+    text = TINY_CONFIG.read_text()
+    old = 'path = "./assets/samples/code.jsonl"'
+    text = text.replace(old, f'format = "megatron"\npath = "{tmp_path}/mega/*.bin"')
+    path = tmp_path / "job.toml"
+    path.write_text(text + STAGE_TOML.format(until=2, anneal="code_sample = 1, math_sample = 1"))
+    result = run_training(tmp_path / "run", "--training.steps", "4",
+                          "--metrics.enable_tensorboard", "true", config=path).check()
+    assert sorted(result.losses) == [1, 2, 3, 4]
+    assert "data stage 'anneal' (2 of 2) begins at step 3" in result.output
+    assert scalars(tmp_path / "run", "data/stage") == {1: 1, 2: 1, 3: 2, 4: 2}
+    shares = scalars(tmp_path / "run", "data/code_sample/share")
+    assert shares[2] == 0 and shares[4] > 0  # read only in the anneal stage
