@@ -181,11 +181,17 @@ def read_index(bin_path: str, source_name: str) -> MegatronIndex:
     return MegatronIndex(bin_path, dtype, lengths, pointers, documents, bin_bytes)
 
 
+def sequence_pointers(lengths: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Byte offsets of sequences of ``lengths`` tokens stored back to back."""
+    pointers = np.zeros(len(lengths), dtype=np.int64)
+    np.cumsum(lengths[:-1].astype(np.int64) * np.dtype(dtype).itemsize, out=pointers[1:])
+    return pointers
+
+
 def _check_entries(bin_path, source_name, lengths, pointers, documents, dtype) -> None:
     if len(lengths) and int(lengths.min()) < 0:
         raise _refuse(bin_path, source_name, "has a negative sequence length")
-    expected = np.zeros(len(lengths), dtype=np.int64)
-    np.cumsum(lengths[:-1].astype(np.int64) * dtype.itemsize, out=expected[1:])
+    expected = sequence_pointers(lengths, dtype)
     if not np.array_equal(expected, pointers):
         bad = int(np.argmax(expected != pointers))
         raise _refuse(bin_path, source_name, f"has sequence {bad} at byte "
@@ -308,8 +314,7 @@ class IndexedDatasetWriter:
         os.fsync(self._bin.fileno())
         self._bin.close()
         lengths = np.asarray(self._lengths, dtype=np.int32)
-        pointers = np.zeros(len(lengths), dtype=np.int64)
-        np.cumsum(lengths[:-1].astype(np.int64) * self.dtype.itemsize, out=pointers[1:])
+        pointers = sequence_pointers(lengths, self.dtype)
         documents = np.arange(len(lengths) + 1, dtype=np.int64)
         idx_path = idx_path_for(self.bin_path)
         with open(idx_path + ".tmp", "wb") as f:
