@@ -209,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("config", help="TOML config file")
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--sources", default="", help="comma-separated source names (default: all text sources)")
+    parser.add_argument("--sources", default="",
+                        help="comma-separated source names (default: every text source)")
     parser.add_argument("--workers", type=int, default=1, help="processes (default 1)")
     parser.add_argument("--shard-mb", type=float, default=1024.0,
                         help="input megabytes per output pair (default 1024)")

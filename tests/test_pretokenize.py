@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from data_helpers import (
-    make_loaders, make_spec, numbered_docs, run_global_batches, tiny_tokenizer, write_jsonl,
+    make_loaders, make_spec, numbered_docs, run_global_batches, tiny_tokenizer,
 )
 from helpers import REPO, TINY_CONFIG
 from swallow_titan.config.sections import DataSource

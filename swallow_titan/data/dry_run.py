@@ -6,13 +6,14 @@
 
 Reads ``N`` global batches as data-parallel rank ``R`` of ``S`` would (its
 slots only; ``S`` defaults to the data-parallel degree of the config's layout
-on ``G`` x ``M`` processes, ``G`` to the visible GPUs, else 1), then prints per source the input tokens, documents, realised share,
-epochs and skipped records by reason, and the tokens per second. ``--json``
+on ``G`` x ``M`` processes, ``G`` to the visible GPUs, else 1), then prints per
+source the input tokens, documents, realised share, epochs and skipped records
+by reason, the tokens per second and the mixture stage reached. ``--json``
 prints one object instead: ``{"sources": [{"name", "domain", "weight",
 "tokens", "documents", "share", "epochs", "skipped": {reason: n}}],
 "sequences": n, "tokens_per_s": x, "stage": {"name", "number", "stages"}}``
-(``stage``: the ``[[data.stages]]`` entry of the last batch read). ``--dump FILE`` writes every packed
-sequence as a JSON line ``{"tokens": [...], "segments": [{"source", "start",
+(``stage``: the ``[[data.stages]]`` entry of the last batch read). ``--dump
+FILE`` writes every packed sequence as a JSON line ``{"tokens": [...], "segments": [{"source", "start",
 "end"}]}`` (one segment per document piece, token ranges with ``end``
 exclusive), exactly what the model would see (inputs are ``tokens[:-1]``,
 labels ``tokens[1:]``).

@@ -266,7 +266,10 @@ def packed_tokens(index: MegatronIndex, bos_id: int, eos_id: int,
     docs = index.documents
     if docs == 0:
         return 0, True
-    picked = np.arange(docs) if docs <= sample else np.linspace(0, docs - 1, sample).astype(np.int64)
+    if docs <= sample:
+        picked = np.arange(docs)
+    else:
+        picked = np.linspace(0, docs - 1, sample).astype(np.int64)
     firsts = index.document_indices[picked]
     lasts = index.document_indices[picked + 1]
     nonempty = lasts > firsts

@@ -16,8 +16,8 @@ Bad records are returned with a reason instead of text, never raised:
 ends its unit; or a Megatron document whose index entry points outside its
 ``.bin``). The lane adds ``tokenizer_panic`` / ``tokenizer_error`` (text that
 tiktoken cannot encode) and ``token_out_of_range`` (a Megatron document with
-an id outside the tokenizer's vocabulary). A file that cannot be opened at all, or a Parquet file without
-the text column, raises ``DataSourceError`` naming the source and file.
+an id outside the tokenizer's vocabulary). A file that cannot be opened at
+all, or a Parquet file without the text column, raises ``DataSourceError`` naming the source and file.
 """
 
 from __future__ import annotations
