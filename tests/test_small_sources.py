@@ -86,3 +86,11 @@ def test_the_plan_shows_a_small_source_and_refuses_one_too_large(tmp_path, monke
     monkeypatch.setattr(sharding, "WHOLE_SOURCE_MAX_BYTES", 100)
     held_out, _ = plan_sources(config, total_tokens=100_000, slots=16)
     assert "'held_out'" in held_out["problem"] and "at least 16 files" in held_out["problem"]
+
+
+def test_a_small_source_with_max_epochs_is_refused_by_name(tmp_path):
+    sources = held_out_and_code(tmp_path)
+    sources[0].max_epochs = 2
+    with pytest.raises(DataSourceError) as e:
+        make_spec(sources, seq_len=32, global_batch=16)
+    assert "'held_out'" in str(e.value) and "Remove max_epochs" in str(e.value)

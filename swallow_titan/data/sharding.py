@@ -63,11 +63,16 @@ class LaneSpec:
 
 
 def plan_lanes(
-    files: Sequence[SourceFile], slots: int, source_name: str, text_field: str = "text"
+    files: Sequence[SourceFile],
+    slots: int,
+    source_name: str,
+    text_field: str = "text",
+    max_epochs: float = 0.0,
 ) -> list[LaneSpec]:
     """One ``LaneSpec`` per slot for a source's files (steps 1-4 of the module
     docstring); raises ``DataSourceError`` for a small source too large to be
-    read whole by every slot."""
+    read whole by every slot, or limited by ``max_epochs`` (every slot reading
+    it whole would repeat it ``slots`` times as often as the limit says)."""
     units = split_units(files, slots, source_name)
     lanes = assign_lanes(units, slots)
     empty = _empty_lanes(lanes, source_name, text_field)
@@ -82,6 +87,14 @@ def plan_lanes(
             f"slot to read whole (limit {WHOLE_SOURCE_MAX_BYTES >> 20} MiB). Split it "
             f"into at least {slots} files of about equal size (or into JSON Lines / "
             "Parquet files, which are split by byte range / row group)"
+        )
+    if max_epochs:
+        raise DataSourceError(
+            f"[[data.sources]] '{source_name}': {len(empty)} of the {slots} slots "
+            f"(e.g. slot {empty[0]}) would get no record of it, so every slot must read "
+            f"all of it to keep its share exact, and max_epochs = {max_epochs:g} cannot "
+            "then limit how often its documents are seen. Remove max_epochs (the source "
+            f"repeats as its weight needs) or give it at least {slots} documents"
         )
     return [LaneSpec(tuple(units), 1, 0, whole=True) for _ in range(slots)]
 

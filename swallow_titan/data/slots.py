@@ -90,7 +90,9 @@ def build_stream_spec(
                 check_vocabulary(index, tokenizer.n_words, source.name, str(tokenizer.path))
         else:
             check_text_field(source, files)
-        lanes.append(plan_lanes(files, global_batch, source.name, source.text_field))
+        lanes.append(
+            plan_lanes(files, global_batch, source.name, source.text_field, source.max_epochs)
+        )
         _log_sharding(source, files, lanes[-1])
     resolved = resolve_stages(sources, stages)
     return StreamSpec(

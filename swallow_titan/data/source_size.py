@@ -118,7 +118,7 @@ def slot_sharing(source: DataSource, slots: int) -> tuple[bool, str | None]:
     except (DataSourceError, OSError):
         return False, None  # reported among the config's file problems
     try:
-        lanes = plan_lanes(files, slots, source.name, source.text_field)
+        lanes = plan_lanes(files, slots, source.name, source.text_field, source.max_epochs)
     except DataSourceError as e:
         return False, str(e)
     return bool(lanes and lanes[0].whole), None
