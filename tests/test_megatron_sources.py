@@ -248,3 +248,17 @@ def test_the_data_cli_and_plan_read_a_config_with_a_megatron_source(tmp_path):
                            "1", "--json"], cwd=REPO, capture_output=True, text=True, timeout=300)
     code = {s["name"]: s for s in json.loads(plan.stdout)["sources"]}["code_sample"]
     assert code["available_from"] == "index" and code["epochs"] is not None
+
+
+def test_a_validation_set_can_be_a_megatron_file(tmp_path):
+    from swallow_titan.data.dataloader import held_out_batches
+
+    tok = tiny_tokenizer()
+    docs = token_docs(30)
+    write_megatron(tmp_path / "val", [[*d, tok.eos_id] for d in docs])
+    batches = held_out_batches(megatron_source(tmp_path / "val.bin", max_epochs=1), tok,
+                               seq_len=16, sequences=8, local_batch_size=2, dp_rank=0,
+                               dp_world_size=2, emit_positions=False)
+    assert len(batches) == 2  # 8 windows in global batches of 2 x 2; rank 0's half
+    first = batches[0][0]["input"][0].tolist()
+    assert first[: len(docs[0]) + 2] == [tok.bos_id, *docs[0], tok.eos_id][:16]
