@@ -95,6 +95,20 @@ def plan_shards(
     return shards
 
 
+def foreign_pairs(shards: list[Shard]) -> list[str]:
+    """Megatron files in the shards' folders that this plan would not write (an
+    earlier run with another --shard-mb or other input): a ``*.bin`` glob over
+    the folder would read them too."""
+    planned = {p for s in shards for p in (s.bin_path, idx_path_for(s.bin_path))}
+    found = []
+    for folder in sorted({os.path.dirname(s.bin_path) for s in shards}):
+        if os.path.isdir(folder):
+            found += [os.path.join(folder, n) for n in sorted(os.listdir(folder))
+                      if n.endswith((".bin", ".idx"))
+                      and os.path.join(folder, n) not in planned]
+    return found
+
+
 def finished(shard: Shard) -> dict | None:
     """The stats of a shard already written from the same input, else None."""
     if not (os.path.exists(idx_path_for(shard.bin_path)) and os.path.exists(shard.stats_path)):
@@ -235,6 +249,14 @@ def main(argv: list[str] | None = None) -> int:
             check_source(s)
         shards = plan_shards(sources, args.out, str(tokenizer.path),
                              config.data.max_document_chars, int(args.shard_mb * 2**20))
+        foreign = foreign_pairs(shards)
+        if foreign:
+            raise DataSourceError(
+                f"--out {args.out}: {len(foreign)} Megatron file(s) there are not part of "
+                f"this split (e.g. {foreign[0]!r}, from a run with another --shard-mb or "
+                "other input); a *.bin glob would read them too. Remove them or choose "
+                "another --out"
+            )
     except (ConfigError, DataSourceError, TokenizerFileError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

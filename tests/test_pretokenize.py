@@ -154,3 +154,16 @@ def test_cli_writes_the_chosen_sources(tmp_path):
     assert report["sources"]["code_sample"]["documents"] == sum(
         1 for _ in (REPO / "assets/samples/code.jsonl").open())
     assert list((tmp_path / "code_sample").glob("*.idx"))
+
+
+def test_cli_refuses_an_output_folder_holding_pairs_of_another_split(tmp_path):
+    def run(*extra):
+        return subprocess.run(
+            [sys.executable, "-m", "swallow_titan.pretokenize", str(TINY_CONFIG), "--out",
+             str(tmp_path), "--sources", "math_sample", *extra],
+            cwd=REPO, capture_output=True, text=True, timeout=300)
+
+    assert run("--shard-mb", "0.05").returncode == 0
+    proc = run()  # one pair now, where five were written
+    assert proc.returncode == 2 and "not part of this split" in proc.stderr
+    assert "math_sample_00001_text_document" in proc.stderr
