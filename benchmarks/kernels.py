@@ -19,7 +19,7 @@ It prints one table (and with ``--out DIR`` writes it and a JSON there).
     python benchmarks/kernels.py --cpu-smoke   # the same code on CPU at tiny sizes,
                                                # Triton's interpreter, fp32
 
-Targets (issue 4): RMSNorm at >= 85% of copy bandwidth and faster than
+Targets: RMSNorm at >= 85% of copy bandwidth and faster than
 torch.compile; the fused loss at <= 1.15x the three bare GEMMs and < 10% of
 eager's extra memory. CPU numbers are not performance claims.
 """

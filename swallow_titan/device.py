@@ -1,22 +1,21 @@
-"""Make torchtitan run on a machine without a GPU.
+"""What torchtitan needs to run on a machine without a GPU, and the GPU count.
 
 torchtitan 0.2.2 picks its device once, at import time, with
 ``torch._utils._get_available_device_type() or "cuda"``, and several of its
 modules copy ``device_type``/``device_module`` by name. On a CPU-only machine
-that yields "cuda" and the trainer fails on its first ``set_device``. This module
-must therefore run before the first ``import torchtitan``; ``swallow_titan``'s
-package ``__init__`` imports it first for that reason.
-
-On CPU it also supplies the memory calls torchtitan's metrics expect from a
+that yields "cuda" and the trainer fails on its first ``set_device``.
+:func:`swallow_titan.seams.select_device` (run by ``import swallow_titan``,
+before torchtitan loads) therefore makes it pick "cpu" and installs
+:class:`CpuDeviceModule`: the memory calls torchtitan's metrics expect from a
 device module (``torch.cpu`` lacks them). Peak memory on CPU is the process's
 peak resident set size, so the "memory" metric stays meaningful.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import resource
-import sys
 import types
 from dataclasses import dataclass
 
@@ -38,6 +37,24 @@ def default_ngpu() -> int:
     swallow_titan.data`` (``--ngpu``) all default to this.
     """
     return torch.cuda.device_count() if torch.cuda.is_available() else 1
+
+
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def add_process_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--ngpu`` (default :func:`default_ngpu`) and ``--nnodes`` (default 1)."""
+    parser.add_argument(
+        "--ngpu",
+        type=_at_least_one,
+        default=default_ngpu(),
+        help="processes per node (default: visible GPUs, else 1; like run_train.sh)",
+    )
+    parser.add_argument("--nnodes", type=_at_least_one, default=1, help="nodes (default 1)")
 
 
 @dataclass(frozen=True)
@@ -65,7 +82,7 @@ def _cpu_memory_stats(device: object = None) -> dict[str, int]:
     }
 
 
-class _CpuDeviceModule(types.ModuleType):
+class CpuDeviceModule(types.ModuleType):
     """``torch.cpu`` plus the ``torch.cuda`` calls torchtitan makes on its device module.
 
     Given to torchtitan only (as ``torchtitan.tools.utils.device_module``); torch
@@ -96,32 +113,3 @@ def _cpu_shims() -> dict:
         # to barrier(device_ids=[...]), which needs an index.
         "current_device": lambda: 0,
     }
-
-
-def _report_cpu() -> str:
-    return "cpu"
-
-
-def prepare_device() -> str:
-    """Select the device type torchtitan will use and return it.
-
-    Idempotent. Raises if torchtitan was imported earlier on a CPU-only machine,
-    because its device choice can no longer be changed then.
-    """
-    if gpu_available():
-        return torch._utils._get_available_device_type()
-    if "torchtitan.tools.utils" in sys.modules:
-        imported = sys.modules["torchtitan.tools.utils"].device_type
-        if imported != "cpu":
-            raise RuntimeError(
-                "torchtitan was imported before swallow_titan on a machine without "
-                f"a GPU, so it picked device type {imported!r}. Import swallow_titan "
-                "first."
-            )
-    torch._utils._get_available_device_type = _report_cpu
-    import torchtitan.tools.utils as titan_utils
-
-    # Modules importing `device_module` by name do so later, and get this one.
-    if not isinstance(titan_utils.device_module, _CpuDeviceModule):
-        titan_utils.device_module = _CpuDeviceModule()
-    return "cpu"

@@ -27,8 +27,8 @@ from torch.distributed.tensor import DTensor, Shard
 from torchtitan.components.dataloader import BaseDataLoader
 from torchtitan.components.loss import IGNORE_INDEX, build_cross_entropy_loss
 
+from swallow_titan.config.sections import FUSED_LOSS
 from swallow_titan.data.dataloader import build_dataloader
-from swallow_titan.model.transformer import FUSED_LOSS
 
 LABELS_KEY = "labels"
 

@@ -31,7 +31,7 @@ from swallow_titan.config.paths import RunPaths
 from swallow_titan.config.sections import FUSED_LOSS
 from swallow_titan.data.source_size import format_source_line, plan_sources
 from swallow_titan.data.stages import plan_stages
-from swallow_titan.device import default_ngpu
+from swallow_titan.device import add_process_arguments
 from swallow_titan.model.args import SwallowModelArgs
 from swallow_titan.preflight import check_structure, file_problems, model_args
 
@@ -314,13 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m swallow_titan.plan", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("config", help="TOML config file")
-    parser.add_argument(
-        "--ngpu",
-        type=int,
-        default=default_ngpu(),
-        help="processes per node (default: visible GPUs, else 1; like run_train.sh)",
-    )
-    parser.add_argument("--nnodes", type=int, default=1, help="nodes (default 1)")
+    add_process_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument(
         "--outputs",
@@ -328,8 +322,6 @@ def main(argv: list[str] | None = None) -> int:
         help="print only where logs and checkpoints go (used by run_train.sh)",
     )
     args, overrides = parser.parse_known_args(argv)
-    if args.ngpu < 1 or args.nnodes < 1:
-        parser.error("--ngpu and --nnodes must be >= 1")
     try:
         config = load_job_config(args.config, overrides)
         plan = build_plan(config, args.ngpu, args.nnodes, args.config)
