@@ -157,6 +157,8 @@ def test_the_data_cli_reports_the_current_stage(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(proc.stdout)
     assert report["stage"] == {"name": "anneal", "number": 2, "stages": 2}
+    weights = {s["name"]: s["weight"] for s in report["sources"]}
+    assert weights == {"ja_sample": 0, "en_sample": 0, "code_sample": 1, "math_sample": 1}
 
 
 @pytest.mark.slow

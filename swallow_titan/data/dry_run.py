@@ -50,12 +50,14 @@ def window_segments(window: SlotWindow, source_name: str) -> list[dict]:
 
 
 def source_report(loader: SlotDataLoader, sequences_by_source: dict[str, int]) -> list[dict]:
-    """Per source: what this rank's slots read and packed."""
+    """Per source: its weight (in the mixture stage reached), and what this
+    rank's slots read and packed."""
     seq_len = loader.spec.seq_len
     total = sum(sequences_by_source.values()) or 1
     states = loader.consumed_states()
+    weights = loader.spec.stages[max(states[0]["stage"], 0)].weights
     out = []
-    for source in loader.spec.sources:
+    for source, weight in zip(loader.spec.sources, weights):
         lanes = [s["lanes"][source.name] for s in states]
         skipped: dict[str, int] = {}
         for lane in lanes:
@@ -66,7 +68,7 @@ def source_report(loader: SlotDataLoader, sequences_by_source: dict[str, int]) -
             {
                 "name": source.name,
                 "domain": source.domain,
-                "weight": source.weight,
+                "weight": weight,
                 "tokens": sequences * seq_len,
                 "documents": sum(lane["documents"] for lane in lanes),
                 "share": sequences / total,
