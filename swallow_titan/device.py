@@ -113,3 +113,98 @@ def _cpu_shims() -> dict:
         # to barrier(device_ids=[...]), which needs an index.
         "current_device": lambda: 0,
     }
+
+
+# ---------------------------------------------------------------------------
+# Every place where swallow-titan's training code (swallow_titan/, kernels/)
+# behaves differently on CPU and on a CUDA GPU, in one list. Benchmarks
+# (benchmarks/) choose their device themselves and are not listed.
+# tests/test_device_seams.py checks that every source file with such a branch
+# appears here, and that a process where torch reports CUDA gets none of the
+# CPU shims.
+
+
+@dataclass(frozen=True)
+class DeviceSeam:
+    """One device-dependent behaviour: where it lives, what CPU and CUDA get."""
+
+    where: str  # "path/to/module.py: function or class"
+    cpu: str
+    cuda: str
+    shim: bool  # installs a CPU replacement for something torch or torchtitan provides
+
+
+DEVICE_SEAMS: tuple[DeviceSeam, ...] = (
+    DeviceSeam(
+        "swallow_titan/seams.py: select_device",
+        "replaces torch._utils._get_available_device_type (reports 'cpu') before "
+        "torchtitan is imported, so torchtitan's device_type is 'cpu', and installs "
+        "CpuDeviceModule",
+        "nothing replaced: torchtitan's device_type is 'cuda'",
+        shim=True,
+    ),
+    DeviceSeam(
+        "swallow_titan/device.py: CpuDeviceModule",
+        "torchtitan.tools.utils.device_module becomes torch.cpu plus memory and "
+        "device-name calls (peak RSS as memory)",
+        "torchtitan's device_module stays torch.cuda",
+        shim=True,
+    ),
+    DeviceSeam(
+        "swallow_titan/device.py: default_ngpu",
+        "1 process per node",
+        "one process per visible GPU",
+        shim=False,
+    ),
+    DeviceSeam(
+        "swallow_titan/profiling.py: profiling_context, available_activities",
+        "swallow-titan's trainer profiles with this module's CPU-activities profiler",
+        "torchtitan's profiler (CPU + CUDA activities)",
+        shim=True,
+    ),
+    DeviceSeam(
+        "swallow_titan/seams.py: use_cpu_profiler_in_stock_trainer",
+        "stock torchtitan's Trainer (benchmarks/) gets the CPU profiler",
+        "torchtitan.train.maybe_enable_profiling left as it is",
+        shim=True,
+    ),
+    DeviceSeam(
+        "swallow_titan/model/parallelize.py: parallelize_swallow",
+        "on gloo (CPU) FSDP2 reduces with SUM instead of PREMUL_SUM(1.0)",
+        "NCCL: torchtitan's FSDP2 reduction unchanged",
+        shim=False,
+    ),
+    DeviceSeam(
+        "swallow_titan/metrics.py: SwallowMetricsProcessor",
+        "no MFU (no peak), memory is peak RSS",
+        "MFU against the card's dense bf16 peak",
+        shim=False,
+    ),
+    DeviceSeam(
+        "swallow_titan/checkpoint/rng.py: RngState",
+        "CPU generator only",
+        "CPU and CUDA generators saved and restored",
+        shim=False,
+    ),
+    DeviceSeam(
+        "swallow_titan/preflight.py: _check_checkpoint_device, _check_float8, "
+        "_check_kernels_device",
+        "refuses pinned-memory async checkpoints, float8 without emulate (or emulated "
+        "with a compiled model), Triton kernels without TRITON_INTERPRET=1",
+        "no device restriction",
+        shim=False,
+    ),
+    DeviceSeam(
+        "kernels/runtime.py: check_device, autotune_configs, num_programs",
+        "kernels run only under Triton's interpreter, one autotune config, 4 programs",
+        "compiled Triton, the GPU autotune lists, programs per SM",
+        shim=False,
+    ),
+    DeviceSeam(
+        "kernels/cross_entropy.py: out_dtype_gemm_available, _gemm_dtype",
+        "no out_dtype GEMMs: logits rounded to the GEMM dtype, weight-gradient GEMM "
+        "in fp32 on upcast operands; autocast dtype read for 'cpu'",
+        "bf16 GEMMs with fp32 output (probed once); autocast dtype read for 'cuda'",
+        shim=False,
+    ),
+)

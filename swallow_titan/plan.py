@@ -70,7 +70,7 @@ def estimate_memory(
     dtype and sharded over FSDP, TP and PP; FSDP gathers two blocks at a time
     in the mixed-precision dtype; activations follow the AC mode; the output
     layer's logits are materialised in bf16 and fp32 with an fp32 gradient, or,
-    with the fused loss, one chunk of them at a time.
+    with the fused loss, one chunk of them at a time plus the fp32 output-weight gradient.
     """
     bytes_param = 4 if config.training.dtype == "float32" else 2
     bytes_compute = 2 if config.training.mixed_precision_param == "bfloat16" else 4
@@ -93,6 +93,8 @@ def estimate_memory(
         gemm_dtype = torch.bfloat16 if bytes_compute == 2 else torch.float32
         chunk = min(tokens, default_chunk_tokens(int(vocab_local), gemm_dtype))
         logits = chunk * vocab_local * (4 + bytes_compute)
+        # Plus the fp32 weight-gradient accumulator of the output layer.
+        logits += vocab_local * args.dim * 4
     else:
         logits = tokens * vocab_local * (bytes_compute + 4 + 4)
     return MemoryEstimate(
