@@ -96,8 +96,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "slots-local-slot-index", "swallow_titan/data/slots.py",
-        "window = stream.next_window(slot_sources[stream.slot], after)",
-        "window = stream.next_window(slot_sources[stream.slot - slots[0]], after)",
+        "window = stream.next_window(slot_sources[stream.slot], after, stage, base)",
+        "window = stream.next_window(slot_sources[stream.slot - slots[0]], after, stage, base)",
         LOADER, "a rank indexes the batch's sources by its local slot number",
     ),
     Mutation(

@@ -4,6 +4,7 @@
   foreground or in the background to signal and kill) and their run logs.
 - ``support.data``: small corpora, stream specs and slot-loader runs.
 - ``support.hf``: small random Hugging Face Llama folders saved by transformers.
+- ``support.megatron``: Megatron indexed datasets written by megatron-core.
 - ``support.model``: the model as a run builds it from a config, in-process.
 - ``support.tensorboard``: a run's TensorBoard events read as TensorBoard does.
 """
