@@ -1,0 +1,30 @@
+"""Downstream evaluation through lm-evaluation-harness (``[eval]``).
+
+lm-eval is the engine: task definitions, few-shot sampling, prompts, answer
+extraction and metrics are its own. swallow-titan supplies only the model
+side (:mod:`swallow_titan.eval.adapter`, an lm-eval ``LM`` over the
+parallelized model and the run's tokenizer), the in-loop hook
+(:mod:`swallow_titan.eval.in_loop`), task checks (:mod:`swallow_titan.eval.tasks`)
+and ``python -m swallow_titan.evaluate``.
+
+lm-eval is an optional dependency: this package imports it only inside the
+modules above, which the trainer imports only when ``[eval] enable = true``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+INSTALL_HINT = 'pip install -e ".[eval]"   (or: pip install "lm-eval==0.4.13")'
+
+
+class EvalUnavailableError(RuntimeError):
+    """lm-eval is not installed but evaluation was asked for."""
+
+
+def require_lm_eval(what: str = "[eval] enable = true") -> None:
+    """Raise :class:`EvalUnavailableError` naming the install command if lm-eval is missing."""
+    if importlib.util.find_spec("lm_eval") is None:
+        raise EvalUnavailableError(
+            f"{what} needs lm-evaluation-harness, which is not installed: {INSTALL_HINT}"
+        )

@@ -1,0 +1,79 @@
+"""Finding and checking lm-eval tasks (imports lm-eval; see ``swallow_titan.eval``)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from lm_eval.tasks import TaskManager, get_task_dict
+
+
+class TaskError(ValueError):
+    """A task that cannot be evaluated; the message names the task and why."""
+
+
+def task_manager(names: list[str], include_path: str = "") -> TaskManager:
+    """lm-eval's TaskManager for ``names``, with ``include_path``'s YAML files.
+
+    Indexing lm-eval's ~15,000 built-in tasks takes seconds; when every name is
+    one of ``include_path``'s own tasks, only that folder is indexed.
+    """
+    if include_path and not os.path.isdir(include_path):
+        raise TaskError(f"include_path {include_path!r} is not a folder")
+    if include_path:
+        own = TaskManager(include_path=include_path, include_defaults=False)
+        if all(name in own.all_tasks for name in names):
+            return own
+        return TaskManager(include_path=include_path)
+    return TaskManager()
+
+
+def check_tasks(names: list[str], include_path: str = "", load_data: bool = True) -> list[str]:
+    """Problems with the tasks, one message per task, naming it; empty when all is well.
+
+    Unknown names are reported with nearby names; with ``load_data`` every
+    task is built as lm-eval builds it for an evaluation (its YAML parsed,
+    its dataset loaded), so a malformed YAML or a dataset that cannot be
+    read is found before training starts.
+    """
+    try:
+        manager = task_manager(names, include_path)
+    except TaskError as e:
+        return [str(e)]
+    problems = []
+    known = set(manager.all_tasks)
+    for name in names:
+        if name not in known:
+            close = sorted(t for t in known if name.lower() in t.lower() or t.lower() in name.lower())
+            problems.append(
+                f"task {name!r}: lm-eval knows no such task or group"
+                + (f" (similar: {', '.join(close[:5])})" if close else "")
+                + (f"; include_path {include_path!r} was searched too" if include_path else "")
+            )
+            continue
+        if load_data:
+            try:
+                get_task_dict([name], manager)
+            except Exception as e:  # noqa: BLE001 - any failure means the task cannot run
+                problems.append(f"task {name!r} cannot be loaded: {type(e).__name__}: {e}")
+    return problems
+
+
+def flatten_results(results: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """``eval/<task>/<metric>`` scalars from simple_evaluate's ``results``.
+
+    lm-eval's metric keys are ``<metric>,<filter>`` (e.g. ``acc,none``,
+    ``exact_match,strip``); the filter is kept unless it is "none". Standard
+    errors, aliases and non-numbers are left out.
+    """
+    scalars: dict[str, float] = {}
+    for task, metrics in results.items():
+        for key, value in metrics.items():
+            if "," not in key or "_stderr" in key:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            metric, filter_name = key.split(",", 1)
+            name = metric if filter_name == "none" else f"{metric}_{filter_name}"
+            scalars[f"eval/{task}/{name}"] = float(value)
+    return scalars
