@@ -30,6 +30,7 @@ from swallow_titan.checkpoint.manager import CheckpointError
 from swallow_titan.checkpoint.start import start_run
 from swallow_titan.config.checks import check_job_config
 from swallow_titan.config.manager import ConfigError, SwallowConfigManager
+from swallow_titan.eval import eval_problems
 from swallow_titan.guard import NonfiniteError
 from swallow_titan.profiling import install_cpu_profiler
 from swallow_titan.trainer import SwallowTrainer
@@ -45,7 +46,11 @@ def parse_config(argv: list[str]):
     manager = SwallowConfigManager()
     config = manager.parse_args(argv)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    check_job_config(config, world_size, manager.config_file or "<command line>")
+    source = manager.config_file or "<command line>"
+    check_job_config(config, world_size, source)
+    problems = eval_problems(config, source)
+    if problems:
+        raise ConfigError("\n".join(problems))
     return config
 
 

@@ -167,6 +167,7 @@ def check_structure(config, world_size: int, source: str) -> Layout:
     _check_guard(config, source)
     _check_kernels(config, layout, source)
     _check_hf(config, source)
+    _check_eval(config, layout, source)
     return layout
 
 
@@ -258,6 +259,33 @@ def _check_training(config, args: SwallowModelArgs, layout: Layout, source: str)
             )
         if v.freq < 1:
             raise ConfigError(f"{source}: validation.freq: must be >= 1, got {v.freq}")
+
+
+def _check_eval(config, layout: Layout, source: str) -> None:
+    e = config.eval
+    if not e.enable:
+        return
+    if not e.tasks:
+        raise ConfigError(f"{source}: eval.tasks: name at least one lm-eval task when eval.enable")
+    for key in ("freq", "batch_size", "max_gen_toks"):
+        if getattr(e, key) < 1:
+            raise ConfigError(f"{source}: eval.{key}: must be >= 1, got {getattr(e, key)}")
+    if e.max_gen_toks >= config.training.seq_len:
+        raise ConfigError(
+            f"{source}: eval.max_gen_toks: must be below training.seq_len "
+            f"({config.training.seq_len}, the longest sequence the model takes), got {e.max_gen_toks}"
+        )
+    if e.limit < 0:
+        raise ConfigError(f"{source}: eval.limit: must be >= 0 (0 = all examples), got {e.limit}")
+    if e.num_fewshot < -1:
+        raise ConfigError(
+            f"{source}: eval.num_fewshot: must be >= 0, or -1 for each task's own, got {e.num_fewshot}"
+        )
+    if layout.pp > 1 or layout.cp > 1:
+        raise ConfigError(
+            f"{source}: eval.enable: in-loop evaluation supports FSDP/HSDP and tensor "
+            "parallel, not pipeline or context parallel"
+        )
 
 
 def _check_tokenizer(config, args: SwallowModelArgs, source: str) -> None:

@@ -28,3 +28,25 @@ def require_lm_eval(what: str = "[eval] enable = true") -> None:
         raise EvalUnavailableError(
             f"{what} needs lm-evaluation-harness, which is not installed: {INSTALL_HINT}"
         )
+
+
+def eval_problems(config, source: str, load_data: bool = True) -> list[str]:
+    """What stops ``[eval]`` from running, one message per problem, naming file, key and task.
+
+    Empty when ``[eval]`` is off. Needs lm-eval only when it is on; with
+    ``load_data`` each task is built as for an evaluation (YAML parsed,
+    dataset loaded), so it runs before training, not at the first evaluation.
+    """
+    e = config.eval
+    if not e.enable:
+        return []
+    try:
+        require_lm_eval()
+    except EvalUnavailableError as err:
+        return [f"{source}: eval.enable: {err}"]
+    from swallow_titan.eval.tasks import check_tasks
+
+    return [
+        f"{source}: eval.tasks: {problem}"
+        for problem in check_tasks(list(e.tasks), e.include_path, load_data=load_data)
+    ]
