@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -129,19 +130,23 @@ def build_model(source: ModelSource, max_length: int, dtype: torch.dtype, device
         from torch.distributed.device_mesh import init_device_mesh
 
         mesh = init_device_mesh(device.type, (world,))
-        policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        policy = MixedPrecisionPolicy(param_dtype=None if dtype == torch.float32 else dtype, reduce_dtype=torch.float32)
         for layer in model.layers.values():
             fully_shard(layer, mesh=mesh, mp_policy=policy)
         fully_shard(model, mesh=mesh, mp_policy=policy)
     model.to_empty(device=device)
+    if world == 1:
+        # Before the RoPE table is built: Module.to(real dtype) would also
+        # cast the complex freqs_cis buffer and drop its imaginary part.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Casting complex values to real")
+            model.to(dtype)
     with torch.no_grad():
         model.init_weights(buffer_device=device)  # RoPE table; weights are loaded next
     if source.kind == "hf":
         load_hf_weights([model], source.path, args)
     else:
         load_dcp_model_weights([model], str(source.path))
-    if world == 1:
-        model.to(dtype)
     return model.eval()
 
 

@@ -16,6 +16,7 @@ leaves a margin of ten.
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -165,3 +166,18 @@ def test_rolling_loglikelihood_equals_the_hf_model_across_windows(hf_tiny):
     for a, b in zip(ours, theirs, strict=True):
         # A sum over ~1,000 tokens: fp32 differences add up to ~1e-5 per token.
         assert abs(a - b) <= TOLERANCE * max(1.0, abs(b) / 100), (a, b)
+
+
+def test_evaluate_cli_on_the_hf_folder_gives_the_same_results(hf_tiny, both, capsys, monkeypatch):
+    from swallow_titan.evaluate import main
+
+    monkeypatch.chdir(EVAL_TASKS.parent.parent)
+    code = main([
+        str(hf_tiny), "--tasks", f"{MC_TASK},{QA_TASK}", "--include-path", str(EVAL_TASKS),
+        "--max-length", str(MAX_LENGTH), "--batch-size", "5", "--json",
+    ])
+    assert code == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    mine, ref, _ = both
+    assert printed["results"] == mine["results"]
+    assert printed["results"][MC_TASK]["acc,none"] == ref["results"][MC_TASK]["acc,none"]

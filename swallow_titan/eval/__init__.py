@@ -24,10 +24,12 @@ class EvalUnavailableError(RuntimeError):
 
 def require_lm_eval(what: str = "[eval] enable = true") -> None:
     """Raise :class:`EvalUnavailableError` naming the install command if lm-eval is missing."""
-    if importlib.util.find_spec("lm_eval") is None:
+    try:
+        importlib.import_module("lm_eval")
+    except ImportError:
         raise EvalUnavailableError(
             f"{what} needs lm-evaluation-harness, which is not installed: {INSTALL_HINT}"
-        )
+        ) from None
 
 
 def eval_problems(config, source: str, load_data: bool = True) -> list[str]:

@@ -96,6 +96,19 @@ def trainer_runner(trainer: Any) -> ModelRunner:
     return ModelRunner(forward, trainer.device, dp_rank, dp_size, seq_multiple=multiple)
 
 
+def _from_rank0(value: Any) -> Any:
+    """Rank 0's value on every rank.
+
+    simple_evaluate computes the metrics on every process but returns them
+    only where LOCAL_RANK is 0 (None elsewhere).
+    """
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 class InLoopEvaluator:
     """Runs ``[eval]`` on the trainer's model and logs ``eval/<task>/<metric>``."""
 
@@ -117,7 +130,7 @@ class InLoopEvaluator:
         return step % self.config.freq == 0 or step == self.trainer.job_config.training.steps
 
     def evaluate(self, step: int) -> dict[str, Any] | None:
-        """Evaluate now; returns simple_evaluate's result, or None if it failed (logged)."""
+        """Evaluate now; returns simple_evaluate's ``results``, or None if it failed (logged)."""
         begin = time.perf_counter()
         try:
             with eval_mode(self.trainer.model_parts, self.rng):
@@ -130,7 +143,7 @@ class InLoopEvaluator:
                 f"{type(e).__name__}: {e}"
             )
             return None
+        results = _from_rank0(result["results"] if result is not None else None)
         seconds = time.perf_counter() - begin
-        scalars = flatten_results(result["results"])
-        self.trainer.metrics_processor.log_eval(step, scalars, seconds)
-        return result
+        self.trainer.metrics_processor.log_eval(step, flatten_results(results), seconds)
+        return results

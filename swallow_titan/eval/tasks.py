@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 from lm_eval.tasks import TaskManager, get_task_dict
@@ -28,6 +29,23 @@ def task_manager(names: list[str], include_path: str = "") -> TaskManager:
     return TaskManager()
 
 
+def unreadable_yaml(include_path: str) -> list[str]:
+    """``file: error`` for each YAML file under ``include_path`` that lm-eval cannot parse.
+
+    lm-eval's task index skips such files silently; their tasks then look unknown.
+    """
+    from lm_eval.tasks._yaml_loader import load_yaml  # lm-eval's own loader (!function tags)
+
+    broken = []
+    for path in sorted(Path(include_path).rglob("*.yaml")):
+        try:
+            load_yaml(path, resolve_func=False)
+        except Exception as e:  # noqa: BLE001 - yaml and lm-eval raise several kinds
+            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            broken.append(f"{path}: {first_line}")
+    return broken
+
+
 def check_tasks(names: list[str], include_path: str = "", load_data: bool = True) -> list[str]:
     """Problems with the tasks, one message per task, naming it; empty when all is well.
 
@@ -42,6 +60,7 @@ def check_tasks(names: list[str], include_path: str = "", load_data: bool = True
         return [str(e)]
     problems = []
     known = set(manager.all_tasks)
+    broken = unreadable_yaml(include_path) if include_path else []
     for name in names:
         if name not in known:
             close = sorted(t for t in known if name.lower() in t.lower() or t.lower() in name.lower())
@@ -49,6 +68,11 @@ def check_tasks(names: list[str], include_path: str = "", load_data: bool = True
                 f"task {name!r}: lm-eval knows no such task or group"
                 + (f" (similar: {', '.join(close[:5])})" if close else "")
                 + (f"; include_path {include_path!r} was searched too" if include_path else "")
+                + (
+                    "; these YAML files there are malformed and were skipped: " + "; ".join(broken)
+                    if broken
+                    else ""
+                )
             )
             continue
         if load_data:
