@@ -28,7 +28,7 @@ fi
 
 PYTHON="${PYTHON:-python}"
 if [[ -z "${NGPU:-}" ]]; then
-    NGPU=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 1)')
+    NGPU=$("$PYTHON" -c 'from swallow_titan.device import default_ngpu; print(default_ngpu())')
 fi
 NNODES="${NNODES:-1}"
 

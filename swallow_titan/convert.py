@@ -17,8 +17,9 @@ import sys
 import swallow_titan  # noqa: F401  (selects the device before torchtitan loads)
 from torchtitan.tools.logging import init_logger
 
-from swallow_titan.checkpoint.hf_import import convert_hf_to_dcp
-from swallow_titan.checkpoint.hf_weights import HFWeightsError
+from swallow_titan.hf.hf_import import convert_hf_to_dcp
+from swallow_titan.config.errors import ExitCode
+from swallow_titan.hf.hf_weights import HFWeightsError
 from swallow_titan.export import INPUT_ERRORS, add_export_arguments, run_export
 
 
@@ -41,9 +42,9 @@ def main(argv: list[str] | None = None) -> int:
         out = convert_hf_to_dcp(args.hf_dir, args.out_dir, overwrite=args.overwrite)
     except (*INPUT_ERRORS, HFWeightsError) as e:
         print(f"convert error: {e}", file=sys.stderr)
-        return 2
+        return ExitCode.BAD_INPUT
     print(f"converted {args.hf_dir} to {out}")
-    return 0
+    return ExitCode.OK
 
 
 if __name__ == "__main__":

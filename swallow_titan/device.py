@@ -31,6 +31,15 @@ def gpu_available() -> bool:
     return torch._utils._get_available_device_type() not in (None, "cpu")
 
 
+def default_ngpu() -> int:
+    """Processes per node when none is asked for: the visible GPUs, else 1.
+
+    ``run_train.sh`` (NGPU), ``python -m swallow_titan.plan`` and ``python -m
+    swallow_titan.data`` (``--ngpu``) all default to this.
+    """
+    return torch.cuda.device_count() if torch.cuda.is_available() else 1
+
+
 @dataclass(frozen=True)
 class _CpuProperties:
     name: str

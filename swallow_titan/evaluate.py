@@ -13,7 +13,7 @@ model), and goes through the same lm-eval adapter as in-loop evaluation
 ``--json`` rank 0 prints one JSON object whose ``results`` member is
 ``lm_eval.simple_evaluate``'s ``results`` dictionary, unchanged.
 
-Exit status: 0 done, 2 bad input (source, task, option), 1 lm-eval missing.
+Exit status: 0 done, 2 bad input (source, task, option) or lm-eval missing.
 """
 
 from __future__ import annotations
@@ -31,10 +31,10 @@ import swallow_titan  # noqa: F401  (selects the device before torchtitan loads)
 import torch
 import torch.distributed as dist
 
+from swallow_titan.config.errors import ExitCode
 from swallow_titan.eval import EvalUnavailableError, require_lm_eval
+from swallow_titan.ranks import job_world_size
 
-EXIT_BAD_INPUT = 2
-EXIT_NO_LM_EVAL = 1
 # Llama 3's pre-training context, for HF folders without a run record.
 DEFAULT_MAX_LENGTH = 8192
 
@@ -68,13 +68,13 @@ class ModelSource:
 def resolve_source(source: str, step: int | None, tokenizer: str | None) -> ModelSource:
     """Find out what SOURCE is (HF folder, run folder, one DCP checkpoint)."""
     from swallow_titan.checkpoint.dcp_reader import CheckpointReadError, locate_checkpoint
-    from swallow_titan.checkpoint.hf_config import (
+    from swallow_titan.hf.hf_config import (
         CONFIG_FILE,
         HFConfigError,
         model_args_from_hf_config,
         read_hf_config,
     )
-    from swallow_titan.checkpoint.run_record import RunRecordError, find_run_record
+    from swallow_titan.hf.run_record import RunRecordError, find_run_record
 
     path = Path(source)
     if not path.exists():
@@ -101,7 +101,7 @@ def resolve_source(source: str, step: int | None, tokenizer: str | None) -> Mode
 
 
 def _init_distributed() -> tuple[int, int, torch.device]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = job_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
@@ -118,8 +118,8 @@ def build_model(source: ModelSource, max_length: int, dtype: torch.dtype, device
     """swallow-titan's Transformer with SOURCE's weights, FSDP2-sharded over all processes."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    from swallow_titan.checkpoint.hf_weights import load_hf_weights
-    from swallow_titan.checkpoint.start import load_dcp_model_weights
+    from swallow_titan.hf.hf_weights import load_hf_weights
+    from swallow_titan.start_rule import load_dcp_model_weights
     from swallow_titan.model.transformer import SwallowTransformer
 
     args = replace(source.args, max_seq_len=max_length)
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         require_lm_eval("python -m swallow_titan.evaluate")
     except EvalUnavailableError as e:
         print(f"error: {e}", file=sys.stderr)
-        return EXIT_NO_LM_EVAL
+        return ExitCode.BAD_INPUT
     from lm_eval.utils import make_table
 
     from swallow_titan.data.tokenizer import Llama3Tokenizer, TokenizerFileError
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             raise EvaluateInputError("\n".join(problems))
     except (EvaluateInputError, TokenizerFileError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return ExitCode.BAD_INPUT
     rank, world, device = _init_distributed()
     try:
         default_dtype = "bfloat16" if device.type == "cuda" else "float32"
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    return 0
+    return ExitCode.OK
 
 
 if __name__ == "__main__":

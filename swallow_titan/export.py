@@ -18,12 +18,13 @@ import sys
 import swallow_titan  # noqa: F401  (selects the device before torchtitan loads)
 from torchtitan.tools.logging import init_logger
 
-from swallow_titan.checkpoint.atomic import OutputFolderError
 from swallow_titan.checkpoint.dcp_reader import CheckpointReadError
-from swallow_titan.checkpoint.hf_config import HFConfigError
-from swallow_titan.checkpoint.hf_export import EXPORT_DTYPES, ExportError, export_hf
-from swallow_titan.checkpoint.hub import HubPushError, push_to_hub
-from swallow_titan.checkpoint.run_record import RunRecordError
+from swallow_titan.config.errors import ExitCode
+from swallow_titan.hf.atomic import OutputFolderError
+from swallow_titan.hf.hf_config import HFConfigError
+from swallow_titan.hf.hf_export import EXPORT_DTYPES, ExportError, export_hf
+from swallow_titan.hf.hub import HubPushError, push_to_hub
+from swallow_titan.hf.run_record import RunRecordError
 
 INPUT_ERRORS = (
     CheckpointReadError,
@@ -51,7 +52,7 @@ def run_export(args: argparse.Namespace) -> int:
     """Export (and push) as the parsed arguments say; returns the exit status."""
     if args.private and not args.push_to_hub:
         print("export: --private needs --push-to-hub REPO_ID", file=sys.stderr)
-        return 2
+        return ExitCode.BAD_INPUT
     try:
         result = export_hf(
             args.checkpoint,
@@ -65,16 +66,16 @@ def run_export(args: argparse.Namespace) -> int:
         )
     except INPUT_ERRORS as e:
         print(f"export error: {e}", file=sys.stderr)
-        return 2
+        return ExitCode.BAD_INPUT
     print(f"exported step {result.step} to {result.folder} ({len(result.shard_files)} safetensors files)")
     if args.push_to_hub:
         try:
             url = push_to_hub(result.folder, args.push_to_hub, private=args.private)
         except HubPushError as e:
             print(f"push error: {e}", file=sys.stderr)
-            return 3
+            return ExitCode.PUSH_FAILED
         print(f"uploaded to {url}")
-    return 0
+    return ExitCode.OK
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -38,6 +38,9 @@ from torchtitan.components.metrics import MetricsProcessor
 from torchtitan.tools.logging import logger
 from torchtitan.tools.utils import device_type
 
+from swallow_titan.config.paths import RunPaths
+from swallow_titan.ranks import process_rank
+
 # Scalar tags logged at every log step (data/<source>/... come on top).
 SCALARS = {
     "loss": "train/loss",
@@ -189,7 +192,7 @@ class SwallowMetricsProcessor(MetricsProcessor):
     def _logs_here(self) -> bool:
         if self.job_config.metrics.save_for_all_ranks:
             return True
-        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        rank = process_rank()
         dims = self.parallel_dims
         # With pipelining the loss lives on the last stage's first rank.
         metrics_rank = (dims.world_size // dims.pp) * (dims.pp - 1) if dims.pp_enabled else 0
@@ -197,9 +200,9 @@ class SwallowMetricsProcessor(MetricsProcessor):
 
     def tensorboard_folder(self) -> str:
         m = self.job_config.metrics
-        folder = os.path.join(self.job_config.job.dump_folder, m.save_tb_folder)
+        folder = RunPaths.of(self.job_config).tensorboard
         if m.save_for_all_ranks:
-            folder = os.path.join(folder, f"rank_{torch.distributed.get_rank()}")
+            folder = os.path.join(folder, f"rank_{process_rank()}")
         return folder
 
     def start(self, first_step: int) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from dataclasses import asdict, dataclass
 
@@ -25,18 +24,15 @@ from torchtitan.models.llama3.model.model import Transformer
 
 from kernels.cross_entropy import default_chunk_tokens
 
-from swallow_titan.config.checks import (
-    Layout,
-    check_structure,
-    file_problems,
-    global_batch_sequences,
-    grad_accum_steps,
-    model_args,
-)
-from swallow_titan.config.manager import ConfigError, SwallowConfigManager
+from swallow_titan.config.checks import Layout, global_batch_sequences, grad_accum_steps
+from swallow_titan.config.errors import ExitCode
+from swallow_titan.config.manager import ConfigError, load_job_config
+from swallow_titan.config.paths import RunPaths
+from swallow_titan.config.sections import FUSED_LOSS
 from swallow_titan.data.source_size import format_source_line, plan_sources
+from swallow_titan.device import default_ngpu
 from swallow_titan.model.args import SwallowModelArgs
-from swallow_titan.model.transformer import FUSED_LOSS
+from swallow_titan.preflight import check_structure, file_problems, model_args
 
 GIB = 1024**3
 
@@ -134,18 +130,13 @@ def lr_at_steps(config, steps: list[int]) -> dict[int, float]:
 
 
 def output_paths(config) -> dict[str, str]:
-    dump = config.job.dump_folder
+    """Where the run writes; "" for what the config switches off."""
+    paths = RunPaths.of(config)
     return {
-        "dump_folder": dump,
-        "tensorboard": os.path.join(dump, config.metrics.save_tb_folder)
-        if config.metrics.enable_tensorboard
-        else "",
-        "checkpoints": os.path.join(dump, config.checkpoint.folder)
-        if config.checkpoint.enable
-        else "",
-        "hf_export": os.path.join(dump, config.hf.export_folder)
-        if config.hf.export_at_end
-        else "",
+        "dump_folder": paths.dump_folder,
+        "tensorboard": paths.tensorboard if config.metrics.enable_tensorboard else "",
+        "checkpoints": paths.checkpoints if config.checkpoint.enable else "",
+        "hf_export": paths.hf_exports if config.hf.export_at_end else "",
     }
 
 
@@ -280,7 +271,12 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m swallow_titan.plan", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("config", help="TOML config file")
-    parser.add_argument("--ngpu", type=int, default=8, help="processes per node (default 8)")
+    parser.add_argument(
+        "--ngpu",
+        type=int,
+        default=default_ngpu(),
+        help="processes per node (default: visible GPUs, else 1; like run_train.sh)",
+    )
     parser.add_argument("--nnodes", type=int, default=1, help="nodes (default 1)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument(
@@ -292,12 +288,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.ngpu < 1 or args.nnodes < 1:
         parser.error("--ngpu and --nnodes must be >= 1")
     try:
-        manager = SwallowConfigManager()
-        config = manager.parse_args(["--job.config_file", args.config, *overrides])
+        config = load_job_config(args.config, overrides)
         plan = build_plan(config, args.ngpu, args.nnodes, args.config)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
-        return 2
+        return ExitCode.BAD_INPUT
     if args.json:
         print(json.dumps(plan, indent=2))
     elif args.outputs:
@@ -306,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"config error: {problem}", file=sys.stderr)
     else:
         print(format_plan(plan))
-    return 1 if plan["problems"] else 0
+    return ExitCode.PROBLEMS if plan["problems"] else ExitCode.OK
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ from collections.abc import Iterator
 import torch
 from torchtitan.tools.logging import logger
 
+from swallow_titan.ranks import process_rank
+
 
 def available_activities() -> list[torch.profiler.ProfilerActivity]:
     activities = [torch.profiler.ProfilerActivity.CPU]
@@ -40,7 +42,7 @@ def maybe_enable_profiling(
         raise ValueError(
             "profiling.profile_freq must be >= profiler_warmup + profiler_active"
         )
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    rank = process_rank()
 
     def write_trace(prof: torch.profiler.profile) -> None:
         folder = os.path.join(trace_dir, f"iteration_{prof.step_num}", leaf_folder)

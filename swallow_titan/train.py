@@ -6,17 +6,14 @@ before any process group is created), then runs :class:`SwallowTrainer`
 atomic checkpoints) with the ``swallow`` TrainSpec. ``run_train.sh`` wraps
 this with torchrun.
 
-Exit status of each process: 0 when the run finished or stopped on SIGTERM
-after writing its checkpoint (restart the same command to continue),
-2 for a config error, 3 when the Hub upload of the final export failed,
-4 when the ``[guard]`` policy stopped the run on NaN/Inf, 5 when the
-checkpoint folder holds checkpoints but none is usable. torchrun itself
-exits 1 when any process failed and names each one's status.
+Exit status of each process: :class:`~swallow_titan.config.errors.ExitCode`
+(0 finished or stopped on SIGTERM after writing its checkpoint: restart the
+same command to continue). torchrun itself exits 1 when any process failed
+and names each one's status.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 
 import swallow_titan  # noqa: F401  (selects the device before torchtitan loads)
@@ -24,30 +21,28 @@ import torch
 from torchtitan.tools.logging import init_logger, logger
 
 import swallow_titan.train_spec  # noqa: F401  (registers the "swallow" TrainSpec)
-from swallow_titan.checkpoint.final_export import export_at_end
-from swallow_titan.checkpoint.hub import HubPushError
 from swallow_titan.checkpoint.manager import CheckpointError
-from swallow_titan.checkpoint.start import start_run
-from swallow_titan.config.checks import check_job_config
-from swallow_titan.config.manager import ConfigError, SwallowConfigManager
+from swallow_titan.config.errors import ConfigError, ExitCode
+from swallow_titan.config.manager import SwallowConfigManager
 from swallow_titan.eval import eval_problems
+from swallow_titan.final_export import export_at_end
 from swallow_titan.guard import NonfiniteError
+from swallow_titan.hf.hub import HubPushError
+from swallow_titan.preflight import check_job_config
 from swallow_titan.profiling import install_cpu_profiler
+from swallow_titan.ranks import job_world_size, process_rank
+from swallow_titan.start_rule import start_run
 from swallow_titan.trainer import SwallowTrainer
-
-EXIT_CONFIG_ERROR = 2
-EXIT_PUSH_ERROR = 3
-EXIT_NONFINITE = 4
-EXIT_NO_USABLE_CHECKPOINT = 5
 
 
 def parse_config(argv: list[str]):
     """Parse and check the config for this process's world size."""
     manager = SwallowConfigManager()
     config = manager.parse_args(argv)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
     source = manager.config_file or "<command line>"
-    check_job_config(config, world_size, source)
+    check_job_config(config, job_world_size(), source)
+    # [eval]'s tasks are built here, datasets loaded, before any step (not in
+    # the plan: that can take minutes and a network).
     problems = eval_problems(config, source)
     if problems:
         raise ConfigError("\n".join(problems))
@@ -62,13 +57,13 @@ def main(argv: list[str] | None = None) -> int:
         config = parse_config(argv)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
+        return ExitCode.BAD_INPUT
     trainer: SwallowTrainer | None = None
     trained_step = 0
     try:
         trainer = SwallowTrainer(config)
-        # HF interop (issue 5): resume, else [hf] load_path, else initial_load_path
-        # (logged rule); writes the run record that exports read.
+        # Resume, else [hf] load_path, else initial_load_path (a logged rule);
+        # writes the run record that exports read.
         start_run(trainer, config)
         if config.checkpoint.create_seed_checkpoint:
             # Unsharded initial weights at step 0, for runs that must start alike.
@@ -80,24 +75,25 @@ def main(argv: list[str] | None = None) -> int:
                 trained_step = trainer.step
     except NonfiniteError as e:
         logger.error(f"Stopped: {e}")
-        return EXIT_NONFINITE
+        return ExitCode.NONFINITE
     except CheckpointError as e:
         logger.error(f"Cannot resume: {e}")
-        return EXIT_NO_USABLE_CHECKPOINT
+        return ExitCode.NO_USABLE_CHECKPOINT
     finally:
         if trainer is not None:
             trainer.close()
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     logger.info("Training finished")
-    # HF interop (issue 5): [hf] export_at_end, on rank 0 from the last checkpoint.
-    if config.hf.export_at_end and trained_step and os.environ.get("RANK", "0") == "0":
+    # [hf] export_at_end, on rank 0 from the last checkpoint (the process
+    # group is gone, so the rank comes from torchrun's environment).
+    if config.hf.export_at_end and trained_step and process_rank() == 0:
         try:
             export_at_end(config, trained_step)
         except HubPushError as e:
             print(f"push error: {e}", file=sys.stderr)
-            return EXIT_PUSH_ERROR
-    return 0
+            return ExitCode.PUSH_FAILED
+    return ExitCode.OK
 
 
 if __name__ == "__main__":

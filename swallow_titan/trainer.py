@@ -52,6 +52,7 @@ from swallow_titan.guard import (
     state_is_finite,
 )
 from swallow_titan.preemption import PreemptionSignal
+from swallow_titan.ranks import process_rank
 
 # Checkpoint entry of the guard's counters (skipped steps).
 GUARD = "guard"
@@ -110,7 +111,7 @@ class SwallowTrainer(Trainer):
                 self.model_args, config.model.hf_assets_path
             )
         stock.close()
-        rank = dist.get_rank() if dist.is_initialized() else 0
+        rank = process_rank()
         return AtomicCheckpointManager(
             dataloader=self.dataloader,
             model_parts=self.model_parts,

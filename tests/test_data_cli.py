@@ -26,6 +26,15 @@ def run_data_cli(*args: str, env: dict | None = None) -> subprocess.CompletedPro
     )
 
 
+def test_cli_reads_as_one_data_parallel_rank_of_the_layout_on_ngpu():
+    # tiny_cpu.toml shards data over every rank: 2 GPUs -> rank 0 of 2 reads
+    # half of each global batch of 16 sequences.
+    proc = run_data_cli(str(TINY_CONFIG), "--batches", "1", "--ngpu", "2", "--json",
+                        "--training.seq_len", "64")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout)["sequences"] == 8
+
+
 def test_cli_reports_per_source_and_dumps_the_packed_sequences(tmp_path):
     dump = tmp_path / "seqs.jsonl"
     proc = run_data_cli(str(TINY_CONFIG), "--batches", "3", "--dp-rank", "1", "--dp-size", "2",

@@ -18,14 +18,14 @@ from safetensors.torch import load_file, save_file
 from torchtitan.models.llama3.model.model import Transformer
 
 from hf_models import ODD_CONFIG, TINY_TOKENIZER, as_transformers4_config, save_random_llama
-from swallow_titan.checkpoint import hf_export
-from swallow_titan.checkpoint.atomic import OutputFolderError
+from swallow_titan.hf import hf_export
+from swallow_titan.hf.atomic import OutputFolderError
 from swallow_titan.checkpoint.dcp_reader import DCPCheckpoint
-from swallow_titan.checkpoint.hf_config import model_args_from_hf_config, read_hf_config
-from swallow_titan.checkpoint.hf_export import export_hf, parse_size, plan_shards
-from swallow_titan.checkpoint.hf_import import convert_hf_to_dcp
-from swallow_titan.checkpoint.hf_weights import HFWeightsError, load_hf_weights
-from swallow_titan.checkpoint.run_record import RunRecordError
+from swallow_titan.hf.hf_config import model_args_from_hf_config, read_hf_config
+from swallow_titan.hf.hf_export import export_hf, parse_size, plan_shards
+from swallow_titan.hf.hf_import import convert_hf_to_dcp
+from swallow_titan.hf.hf_weights import HFWeightsError, load_hf_weights
+from swallow_titan.hf.run_record import RunRecordError
 
 transformers = pytest.importorskip("transformers")
 

@@ -107,6 +107,14 @@ def test_plan_of_tiny_config_has_no_problems():
     assert "tiny" in proc.stdout and "grad-accum 2" in proc.stdout
 
 
+def test_plan_without_ngpu_counts_the_visible_gpus_like_run_train_sh():
+    from swallow_titan.device import default_ngpu
+
+    proc = run_plan("train_configs/tiny_cpu.toml", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["layout"]["ngpu"] == default_ngpu()
+
+
 def test_plan_reports_config_errors_with_file_and_key():
     proc = run_plan("train_configs/tiny_cpu.toml", "--ngpu", "3")
     assert proc.returncode == 2

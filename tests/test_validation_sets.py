@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from helpers import REPO, TINY_CONFIG
-from swallow_titan.config.checks import check_job_config
+from swallow_titan.preflight import check_job_config
 from swallow_titan.config.manager import ConfigError, load_job_config
 from swallow_titan.data.tokenizer import Llama3Tokenizer
 from swallow_titan.validation import PerDomainValidator

@@ -7,7 +7,6 @@ the whole checkpoint with its optimizer state.
 
 from __future__ import annotations
 
-import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -17,10 +16,12 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
 
-from swallow_titan.checkpoint.integrity import checkpoint_problems
-
-DCP_METADATA_FILE = ".metadata"
-_STEP_FOLDER = re.compile(r"step-(\d+)")
+from swallow_titan.checkpoint.integrity import (
+    DCP_METADATA,
+    checkpoint_problems,
+    published_steps,
+)
+from swallow_titan.config.paths import step_of_folder
 
 
 class CheckpointReadError(ValueError):
@@ -29,7 +30,7 @@ class CheckpointReadError(ValueError):
 
 def is_dcp_checkpoint(path: str | Path) -> bool:
     """Whether ``path`` is a complete DCP checkpoint (its metadata is written last)."""
-    return (Path(path) / DCP_METADATA_FILE).is_file()
+    return (Path(path) / DCP_METADATA).is_file()
 
 
 def checkpoint_steps(folder: str | Path) -> dict[int, Path]:
@@ -39,15 +40,11 @@ def checkpoint_steps(folder: str | Path) -> dict[int, Path]:
     ``step-N`` DCP folder that passes ``integrity.checkpoint_problems``; a
     truncated or otherwise broken one does not count.
     """
-    folder = Path(folder)
-    if not folder.is_dir():
-        return {}
-    steps = {}
-    for child in folder.iterdir():
-        match = _STEP_FOLDER.fullmatch(child.name)
-        if match and is_dcp_checkpoint(child) and not checkpoint_problems(str(child)):
-            steps[int(match.group(1))] = child
-    return steps
+    return {
+        step: Path(path)
+        for step, path in published_steps(str(folder)).items()
+        if is_dcp_checkpoint(path) and not checkpoint_problems(path)
+    }
 
 
 def locate_checkpoint(path: str | Path, step: int | None = None) -> tuple[Path, int | None]:
@@ -59,8 +56,7 @@ def locate_checkpoint(path: str | Path, step: int | None = None) -> tuple[Path, 
     """
     path = Path(path)
     if is_dcp_checkpoint(path):
-        match = _STEP_FOLDER.fullmatch(path.name)
-        found = int(match.group(1)) if match else None
+        found = step_of_folder(path.name)
         if step is not None and found != step:
             raise CheckpointReadError(
                 f"{path}: --step {step} was asked for, but this folder is one checkpoint "
@@ -71,7 +67,7 @@ def locate_checkpoint(path: str | Path, step: int | None = None) -> tuple[Path, 
     if not steps:
         raise CheckpointReadError(
             f"{path}: no checkpoint here; expected a DCP checkpoint folder (with "
-            f"{DCP_METADATA_FILE}) or a run's checkpoint folder of step-N checkpoints "
+            f"{DCP_METADATA}) or a run's checkpoint folder of step-N checkpoints "
             "(<job.dump_folder>/<checkpoint.folder>)"
         )
     if step is None:

@@ -13,16 +13,17 @@ from __future__ import annotations
 
 import json
 import os
-import re
+
+from swallow_titan.config.paths import step_of_folder
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 1
 DCP_METADATA = ".metadata"
 HF_INDEX = "model.safetensors.index.json"
 
-# Published checkpoints: exactly "step-N". Other entries of the checkpoint
-# folder are ignored or, for the two prefixes below, cleaned up at start.
-STEP_FOLDER = re.compile(r"^step-(\d+)$")
+# Published checkpoints: exactly "step-N" (config.paths.STEP_FOLDER). Other
+# entries of the checkpoint folder are ignored or, for the two prefixes below,
+# cleaned up at start.
 # Neither prefix may contain "step-<digits>": torchtitan searches names for it.
 STAGING_PREFIX = ".incomplete-"
 DELETING_PREFIX = ".deleting-"
@@ -44,10 +45,10 @@ def published_steps(folder: str) -> dict[int, str]:
         return {}
     steps = {}
     for name in os.listdir(folder):
-        match = STEP_FOLDER.match(name)
+        step = step_of_folder(name)
         path = os.path.join(folder, name)
-        if match and os.path.isdir(path):
-            steps[int(match.group(1))] = path
+        if step is not None and os.path.isdir(path):
+            steps[step] = path
     return steps
 
 

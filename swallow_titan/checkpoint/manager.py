@@ -41,7 +41,6 @@ from torchtitan.components.checkpoint import AsyncMode, CheckpointManager
 from torchtitan.tools.logging import logger
 
 from swallow_titan.checkpoint.integrity import (
-    STEP_FOLDER,
     checkpoint_problems,
     checkpoints_to_prune,
     deleting_name,
@@ -52,14 +51,12 @@ from swallow_titan.checkpoint.integrity import (
     write_manifest,
 )
 from swallow_titan.checkpoint.rng import RNG
+from swallow_titan.config.paths import step_folder_name, step_of_folder
+from swallow_titan.ranks import process_rank
 
 
 class CheckpointError(RuntimeError):
     """No usable checkpoint where one was expected; the message says what to do."""
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
 
 
 def _barrier() -> None:
@@ -101,9 +98,9 @@ class AtomicCheckpointManager(CheckpointManager):
     def _own_step(self, checkpoint_id: str) -> int | None:
         """The step if ``checkpoint_id`` is one of this manager's ``step-N`` folders."""
         parent, name = os.path.split(os.path.normpath(checkpoint_id))
-        match = STEP_FOLDER.match(name)
-        if match and os.path.normpath(parent) == os.path.normpath(self.folder):
-            return int(match.group(1))
+        step = step_of_folder(name)
+        if step is not None and os.path.normpath(parent) == os.path.normpath(self.folder):
+            return step
         return None
 
     def dcp_save(
@@ -126,7 +123,7 @@ class AtomicCheckpointManager(CheckpointManager):
         if async_mode == AsyncMode.DISABLED:
             # HF export consolidates on every rank after dcp.save: wait for all.
             _barrier()
-            if _rank() == 0:
+            if process_rank() == 0:
                 self._publish(staging, checkpoint_id, step)
             _barrier()
             return result
@@ -153,7 +150,7 @@ class AtomicCheckpointManager(CheckpointManager):
         def publish(done: Future) -> None:
             try:
                 done.result()
-                if _rank() == 0:
+                if process_rank() == 0:
                     self._publish(staging, final, step)
             except BaseException as e:
                 published.set_exception(e)
@@ -192,7 +189,7 @@ class AtomicCheckpointManager(CheckpointManager):
             async_mode=AsyncMode.DISABLED,
             enable_garbage_collection=True,
         )
-        logger.info(f"Saved checkpoint step-{step} in {time.monotonic() - begin:.2f}s")
+        logger.info(f"Saved checkpoint {step_folder_name(step)} in {time.monotonic() - begin:.2f}s")
 
     def will_save(self, step: int, last_step: bool, forced: bool = False) -> bool:
         """Whether ``save`` (or ``save_now`` when ``forced``) writes at this step."""
@@ -215,21 +212,21 @@ class AtomicCheckpointManager(CheckpointManager):
             shutil.rmtree(doomed, ignore_errors=True)
 
     def _purge_stale_checkpoints(self) -> None:
-        if self.keep_latest_k <= 0 or _rank() != 0:
+        if self.keep_latest_k <= 0 or process_rank() != 0:
             return
         with self._prune_lock:
             steps = published_steps(self.folder)
             complete = {s: not checkpoint_problems(p) for s, p in steps.items()}
             protected = {self.resumed_from} if self.resumed_from is not None else set()
             for step in checkpoints_to_prune(complete, self.keep_latest_k, protected):
-                logger.info(f"keep_latest_k={self.keep_latest_k}: deleting step-{step}")
+                logger.info(f"keep_latest_k={self.keep_latest_k}: deleting {step_folder_name(step)}")
                 self._discard(steps[step], step)
 
     # ----------------------------------------------------------------- loading
 
     def _remove_leftovers(self) -> None:
         """Rank 0 removes what killed runs left; the folder goes if nothing else is in it."""
-        if _rank() == 0:
+        if process_rank() == 0:
             for path in leftover_folders(self.folder):
                 logger.warning(f"Removing {path}, left by an interrupted save or prune")
                 shutil.rmtree(path, ignore_errors=True)
@@ -243,7 +240,7 @@ class AtomicCheckpointManager(CheckpointManager):
         if folder and os.path.normpath(folder) != os.path.normpath(self.folder):
             return super()._find_load_step(folder)
         # Rank 0 checks, everyone gets the same answer (or the same error).
-        step, error = _from_rank0(self._newest_complete_step() if _rank() == 0 else None)
+        step, error = _from_rank0(self._newest_complete_step() if process_rank() == 0 else None)
         if error:
             raise CheckpointError(error)
         return step
@@ -271,7 +268,7 @@ class AtomicCheckpointManager(CheckpointManager):
 
     def _check_requested_step(self, step: int) -> None:
         path = self._create_checkpoint_id(step)
-        problems = _from_rank0(checkpoint_problems(path) if _rank() == 0 else None)
+        problems = _from_rank0(checkpoint_problems(path) if process_rank() == 0 else None)
         if problems:
             raise CheckpointError(
                 f"checkpoint.load_step = {step}: {path} cannot be loaded: "
@@ -302,7 +299,7 @@ class AtomicCheckpointManager(CheckpointManager):
         for name, entry in optional.items():
             if not load_entry_if_present(name, entry, checkpoint_id):
                 logger.warning(
-                    f"{checkpoint_id} has no '{name}' entry for rank {_rank()} (written by "
+                    f"{checkpoint_id} has no '{name}' entry for rank {process_rank()} (written by "
                     "an older version or a job of another size); it keeps its current state"
                 )
 

@@ -25,10 +25,7 @@ except ModuleNotFoundError:  # Python 3.10
 from torchtitan.config import ConfigManager, JobConfig
 
 from swallow_titan.config import sections
-
-
-class ConfigError(ValueError):
-    """A config problem, phrased for the person who wrote the config."""
+from swallow_titan.config.errors import ConfigError, config_error
 
 
 def merged_job_config_class() -> type:
@@ -77,7 +74,7 @@ class _Checker:
         self.source = source
 
     def error(self, key: str, message: str) -> ConfigError:
-        return ConfigError(f"{self.source}: {key}: {message}")
+        return config_error(self.source, key, message)
 
     def to_dataclass(self, cls: type, data: dict[str, Any], key: str) -> Any:
         hints = typing.get_type_hints(cls)
@@ -165,9 +162,9 @@ class SwallowConfigManager(ConfigManager):
             with open(path, "rb") as f:
                 return tomllib.load(f)
         except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found") from None
+            raise config_error(path, None, "config file not found") from None
         except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: not valid TOML: {e}") from None
+            raise config_error(path, None, f"not valid TOML: {e}") from None
 
     def _dict_to_dataclass(self, cls: type, data: dict[str, Any]) -> Any:
         return _Checker(self.config_file or "<config>").to_dataclass(cls, data, "")
@@ -203,7 +200,7 @@ def _bool_values_to_flags(args: list[str], cls: type) -> list[str]:
                 i += 1
             if eq:
                 if value.lower() not in ("true", "false"):
-                    raise ConfigError(f"--{path}: expected true or false, got {value!r}")
+                    raise config_error("<command line>", f"--{path}", f"expected true or false, got {value!r}")
                 section, _, name = path.rpartition(".")
                 prefix = f"--{section}." if section else "--"
                 arg = f"{prefix}{name}" if value.lower() == "true" else f"{prefix}no_{name}"

@@ -13,6 +13,13 @@ field types at run time.
 from dataclasses import dataclass, field
 from typing import Literal
 
+# The model name the "swallow" TrainSpec is registered under (model.name).
+MODEL_NAME = "swallow"
+# Option values the code branches on.
+TRITON_NORM = "triton"  # kernels.rmsnorm
+FUSED_LOSS = "fused_linear_ce"  # kernels.loss
+FLOAT8_CONVERTER = "quantize.linear.float8"  # an entry of model.converters
+
 
 @dataclass
 class DataSource:

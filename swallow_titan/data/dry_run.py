@@ -1,10 +1,12 @@
 """Run the data pipeline of a config without a model, and report what it read.
 
-    python -m swallow_titan.data CONFIG [--batches N] [--dp-rank R --dp-size S]
+    python -m swallow_titan.data CONFIG [--batches N] [--ngpu G] [--nnodes M]
+                                        [--dp-rank R] [--dp-size S]
                                         [--dump FILE] [--json] [--section.key value ...]
 
 Reads ``N`` global batches as data-parallel rank ``R`` of ``S`` would (its
-slots only), then prints per source the input tokens, documents, realised share,
+slots only; ``S`` defaults to the data-parallel degree of the config's layout
+on ``G`` x ``M`` processes, ``G`` to the visible GPUs, else 1), then prints per source the input tokens, documents, realised share,
 epochs and skipped records by reason, and the tokens per second. ``--json``
 prints one object instead: ``{"sources": [{"name", "domain", "weight",
 "tokens", "documents", "share", "epochs", "skipped": {reason: n}}],
@@ -25,11 +27,14 @@ import time
 import numpy as np
 
 import swallow_titan  # noqa: F401  (device selection before torchtitan loads)
-from swallow_titan.config.manager import ConfigError, SwallowConfigManager
+from swallow_titan.config.checks import resolve_layout
+from swallow_titan.config.errors import ConfigError, ExitCode
+from swallow_titan.config.manager import load_job_config
 from swallow_titan.data.dataloader import SlotDataLoader, build_dataloader
 from swallow_titan.data.slots import SlotWindow
 from swallow_titan.data.sources import DataSourceError
 from swallow_titan.data.tokenizer import Llama3Tokenizer, TokenizerFileError
+from swallow_titan.device import default_ngpu
 
 
 def window_segments(window: SlotWindow, source_name: str) -> list[dict]:
@@ -123,22 +128,36 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("config", help="TOML config file")
     parser.add_argument("--batches", type=int, default=10, help="global batches to read (default 10)")
+    parser.add_argument(
+        "--ngpu",
+        type=int,
+        default=default_ngpu(),
+        help="processes per node (default: visible GPUs, else 1; like run_train.sh)",
+    )
+    parser.add_argument("--nnodes", type=int, default=1, help="nodes (default 1)")
     parser.add_argument("--dp-rank", type=int, default=0, help="data-parallel rank to read as")
-    parser.add_argument("--dp-size", type=int, default=1, help="data-parallel size")
+    parser.add_argument(
+        "--dp-size",
+        type=int,
+        default=None,
+        help="data-parallel size (default: the layout's on --ngpu x --nnodes processes)",
+    )
     parser.add_argument("--dump", help="write the packed sequences to this JSON Lines file")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args, overrides = parser.parse_known_args(argv)
-    if args.batches < 1 or args.dp_size < 1 or not 0 <= args.dp_rank < args.dp_size:
-        parser.error("need --batches >= 1 and 0 <= --dp-rank < --dp-size")
+    if args.ngpu < 1 or args.nnodes < 1:
+        parser.error("--ngpu and --nnodes must be >= 1")
     try:
-        config = SwallowConfigManager().parse_args(
-            ["--job.config_file", args.config, *overrides]
-        )
+        config = load_job_config(args.config, overrides)
+        if args.dp_size is None:
+            args.dp_size = resolve_layout(config, args.ngpu * args.nnodes, args.config).dp
+        if args.batches < 1 or args.dp_size < 1 or not 0 <= args.dp_rank < args.dp_size:
+            parser.error("need --batches >= 1 and 0 <= --dp-rank < --dp-size")
         tokenizer = Llama3Tokenizer(config.model.hf_assets_path)
         loader = build_dataloader(args.dp_size, args.dp_rank, tokenizer, config)
     except (ConfigError, DataSourceError, TokenizerFileError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return ExitCode.BAD_INPUT
     if args.dump:
         with open(args.dump, "w", encoding="utf-8") as dump:
             report = run(loader, args.batches, dump)
@@ -153,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             f"(this rank: {len(loader.slots)} per batch), seq_len {loader.spec.seq_len}"
         )
         print(format_report(report, header))
-    return 0
+    return ExitCode.OK
 
 
 if __name__ == "__main__":

@@ -50,5 +50,7 @@ def eval_problems(config, source: str, load_data: bool = True) -> list[str]:
 
     return [
         f"{source}: eval.tasks: {problem}"
-        for problem in check_tasks(list(e.tasks), e.include_path, load_data=load_data)
+        for problem in check_tasks(
+            [t.strip() for t in e.tasks if t.strip()], e.include_path, load_data=load_data
+        )
     ]

@@ -26,6 +26,7 @@ from torchtitan.tools.utils import device_type
 from swallow_titan.checkpoint.rng import RngState
 from swallow_titan.eval.adapter import ModelRunner, SwallowLM
 from swallow_titan.eval.tasks import flatten_results, task_manager
+from swallow_titan.ranks import process_rank
 
 
 def lm_eval_limit(limit: float) -> int | float | None:
@@ -35,21 +36,19 @@ def lm_eval_limit(limit: float) -> int | float | None:
     return limit if limit < 1 else int(limit)
 
 
-def run_simple_evaluate(
-    lm: SwallowLM, eval_config: Any, task_manager_: Any = None, log_samples: bool = False
-) -> dict[str, Any]:
+def run_simple_evaluate(lm: SwallowLM, eval_config: Any, log_samples: bool = False) -> dict[str, Any]:
     """``lm_eval.simple_evaluate`` with ``[eval]``'s tasks, few-shot count and limit.
 
     No bootstrap standard errors (they cost minutes of CPU per metric);
     lm-eval's own log at WARNING level.
     """
-    manager = task_manager_ or task_manager(list(eval_config.tasks), eval_config.include_path)
+    tasks = [t.strip() for t in eval_config.tasks if t.strip()]
     return simple_evaluate(
         model=lm,
-        tasks=list(eval_config.tasks),
+        tasks=tasks,
         num_fewshot=eval_config.num_fewshot if eval_config.num_fewshot >= 0 else None,
         limit=lm_eval_limit(eval_config.limit),
-        task_manager=manager,
+        task_manager=task_manager(tasks, eval_config.include_path),
         bootstrap_iters=0,
         log_samples=log_samples,
         verbosity="WARNING",
@@ -115,7 +114,7 @@ class InLoopEvaluator:
     def __init__(self, trainer: Any):
         self.trainer = trainer
         self.config = trainer.job_config.eval
-        self.rng = RngState(dist.get_rank() if dist.is_initialized() else 0, device_type)
+        self.rng = RngState(process_rank(), device_type)
         self.lm = SwallowLM(
             trainer_runner(trainer),
             trainer.tokenizer,
@@ -123,7 +122,6 @@ class InLoopEvaluator:
             batch_size=self.config.batch_size,
             max_gen_toks=self.config.max_gen_toks,
         )
-        self._tasks = None
 
     def should_evaluate(self, step: int) -> bool:
         """Every ``freq`` steps and after the last step."""
@@ -134,9 +132,7 @@ class InLoopEvaluator:
         begin = time.perf_counter()
         try:
             with eval_mode(self.trainer.model_parts, self.rng):
-                if self._tasks is None:
-                    self._tasks = task_manager(list(self.config.tasks), self.config.include_path)
-                result = run_simple_evaluate(self.lm, self.config, self._tasks)
+                result = run_simple_evaluate(self.lm, self.config)
         except Exception as e:  # noqa: BLE001 - an evaluation must never stop training
             logger.error(
                 f"[eval] evaluation at step {step} failed and is skipped; training goes on: "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Any
@@ -22,11 +23,17 @@ def task_manager(names: list[str], include_path: str = "") -> TaskManager:
     if include_path and not os.path.isdir(include_path):
         raise TaskError(f"include_path {include_path!r} is not a folder")
     if include_path:
-        own = TaskManager(include_path=include_path, include_defaults=False)
+        own = _indexed(include_path, False)
         if all(name in own.all_tasks for name in names):
             return own
-        return TaskManager(include_path=include_path)
-    return TaskManager()
+    return _indexed(include_path, True)
+
+
+@functools.lru_cache(maxsize=4)
+def _indexed(include_path: str, defaults: bool) -> TaskManager:
+    # One index per process and folder: the start-up check, every in-loop
+    # evaluation and the CLI reuse it.
+    return TaskManager(include_path=include_path or None, include_defaults=defaults)
 
 
 def unreadable_yaml(include_path: str) -> list[str]:

@@ -27,10 +27,8 @@ from torchtitan.components.loss import IGNORE_INDEX
 from torchtitan.models.llama3.model.model import Transformer, TransformerBlock
 
 from kernels import fused_linear_cross_entropy, rms_norm
+from swallow_titan.config.sections import FUSED_LOSS, TRITON_NORM
 from swallow_titan.model.args import SwallowModelArgs
-
-FUSED_LOSS = "fused_linear_ce"
-TRITON_NORM = "triton"
 
 
 class TritonRMSNorm(nn.RMSNorm):

@@ -23,7 +23,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -34,14 +33,16 @@ from torch import nn
 from torchtitan.tools.logging import logger
 
 from swallow_titan.checkpoint.dcp_reader import checkpoint_steps
-from swallow_titan.checkpoint.hf_config import (
+from swallow_titan.config.checks import global_batch_sequences, resolve_layout
+from swallow_titan.config.paths import RunPaths, step_folder_name
+from swallow_titan.hf.hf_config import (
     check_hf_config_matches_flavor,
     hf_config_from_model_args,
     read_hf_config,
 )
-from swallow_titan.checkpoint.hf_weights import load_hf_weights
-from swallow_titan.checkpoint.run_record import RunRecord, read_run_record
-from swallow_titan.config.checks import global_batch_sequences, resolve_layout
+from swallow_titan.hf.hf_weights import load_hf_weights
+from swallow_titan.hf.run_record import RunRecord, read_run_record
+from swallow_titan.ranks import job_world_size, process_rank
 
 StartKind = Literal["resume", "hf", "dcp", "random"]
 
@@ -57,7 +58,7 @@ class StartDecision:
 
 def checkpoint_folder(config) -> Path:
     """The run's own checkpoint folder, as torchtitan names it."""
-    return Path(config.job.dump_folder) / config.checkpoint.folder
+    return Path(RunPaths.of(config).checkpoints)
 
 
 def decide_start(config) -> StartDecision:
@@ -79,8 +80,9 @@ def decide_start(config) -> StartDecision:
         note = f"; {' and '.join(not_read)} not read" if not_read else ""
         return StartDecision(
             "resume",
-            str(folder / f"step-{step}"),
-            f"Start rule: resuming from the run's own checkpoint {folder}/step-{step}{note}",
+            str(folder / step_folder_name(step)),
+            f"Start rule: resuming from the run's own checkpoint "
+            f"{folder / step_folder_name(step)}{note}",
         )
     where = (
         f"no checkpoint in {folder}"
@@ -141,7 +143,7 @@ def start_run(trainer, config) -> StartDecision:
         checkpointer.initial_load_path = None
         checkpointer.initial_load_in_hf = False
     if config.checkpoint.enable and not config.checkpoint.load_only:
-        if not dist.is_initialized() or dist.get_rank() == 0:
+        if process_rank() == 0:
             record = run_record_for(trainer, config)
             folder = checkpoint_folder(config)
             folder.mkdir(parents=True, exist_ok=True)
@@ -182,8 +184,7 @@ def run_record_for(trainer, config) -> RunRecord:
         or (previous.base_model if previous else "")
     )
     config_file = config.job.config_file or ""
-    layout = resolve_layout(config, int(os.environ.get("WORLD_SIZE", "1")), config_file)
-    dump = Path(config.job.dump_folder)
+    layout = resolve_layout(config, job_world_size(), config_file)
     return RunRecord(
         hf_config=hf_config,
         tokenizer_path=os.path.abspath(config.model.hf_assets_path),
@@ -191,5 +192,5 @@ def run_record_for(trainer, config) -> RunRecord:
         job_config=asdict(config),
         config_file=os.path.abspath(config_file) if config_file else "",
         tokens_per_step=global_batch_sequences(config, layout) * config.training.seq_len,
-        tensorboard_folder=str((dump / config.metrics.save_tb_folder).resolve()),
+        tensorboard_folder=str(Path(RunPaths.of(config).tensorboard).resolve()),
     )

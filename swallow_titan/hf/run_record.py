@@ -2,7 +2,7 @@
 
 A DCP checkpoint holds tensors and training state but not the model's
 configuration, the tokenizer or the recipe. A run writes this record into its
-checkpoint folder when it starts (``checkpoint.start``), and ``convert
+checkpoint folder when it starts (``swallow_titan.start_rule``), and ``convert
 hf-to-dcp`` writes one into its output, so ``python -m swallow_titan.export
 CKPT_DIR OUT_DIR`` needs nothing else.
 """
@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from swallow_titan.checkpoint.atomic import write_json_atomically
+from swallow_titan.hf.atomic import write_json_atomically
 
 RUN_RECORD_FILE = "swallow_run.json"
 FORMAT_VERSION = 1

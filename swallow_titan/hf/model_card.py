@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from swallow_titan.checkpoint.run_record import RunRecord
-from swallow_titan.checkpoint.training_log import LoggedValue
+from swallow_titan.hf.run_record import RunRecord
+from swallow_titan.hf.training_log import LoggedValue
 
 NOT_RECORDED = "not recorded"
 

@@ -12,14 +12,14 @@ from pathlib import Path
 from torchtitan.tools.logging import logger
 
 from swallow_titan.checkpoint.dcp_reader import locate_checkpoint
-from swallow_titan.checkpoint.hf_export import ExportResult, export_hf
-from swallow_titan.checkpoint.hub import push_to_hub
-from swallow_titan.checkpoint.start import checkpoint_folder
+from swallow_titan.config.paths import RunPaths
+from swallow_titan.hf.hf_export import ExportResult, export_hf
+from swallow_titan.hf.hub import push_to_hub
 
 
 def export_folder_for(config, step: int | None) -> Path:
     """``<dump_folder>/<hf.export_folder>/step-<N>``."""
-    return Path(config.job.dump_folder) / config.hf.export_folder / f"step-{step}"
+    return Path(RunPaths.of(config).hf_export(step))
 
 
 def export_at_end(config, trained_step: int) -> ExportResult:
@@ -27,7 +27,7 @@ def export_at_end(config, trained_step: int) -> ExportResult:
 
     Raises ``HubPushError`` if the upload fails; the local export is complete.
     """
-    folder = checkpoint_folder(config)
+    folder = Path(RunPaths.of(config).checkpoints)
     _, step = locate_checkpoint(folder)
     if step != trained_step:
         logger.warning(

@@ -18,21 +18,21 @@ from pathlib import Path
 import torch.distributed.checkpoint as dcp
 from torchtitan.tools.logging import logger
 
-from swallow_titan.checkpoint.atomic import staged_folder
-from swallow_titan.checkpoint.hf_config import (
+from swallow_titan.hf.atomic import staged_folder
+from swallow_titan.hf.hf_config import (
     CONFIG_FILE,
     hf_config_from_model_args,
     model_args_from_hf_config,
     read_hf_config,
 )
-from swallow_titan.checkpoint.hf_export import tokenizer_files
-from swallow_titan.checkpoint.hf_weights import (
+from swallow_titan.hf.hf_export import tokenizer_files
+from swallow_titan.hf.hf_weights import (
     check_hf_tensors,
     list_safetensors,
     read_hf_tensors,
     state_dict_adapter,
 )
-from swallow_titan.checkpoint.run_record import RunRecord
+from swallow_titan.hf.run_record import RunRecord
 
 
 def convert_hf_to_dcp(hf_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False) -> Path:

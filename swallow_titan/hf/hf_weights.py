@@ -29,9 +29,9 @@ from torch.distributed.checkpoint.state_dict import (
 from torchtitan.models.llama3.model.model import Transformer
 from torchtitan.models.llama3.model.state_dict_adapter import Llama3StateDictAdapter
 
+from swallow_titan.checkpoint.integrity import HF_INDEX
 from swallow_titan.model.args import SwallowModelArgs
 
-INDEX_FILE = "model.safetensors.index.json"
 # Some older conversions store RoPE's inverse frequencies; the model computes them.
 _IGNORED_HF_TENSOR = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 
@@ -86,7 +86,7 @@ def list_safetensors(folder: str | Path) -> dict[str, StoredTensor]:
     folder = Path(folder)
     if not folder.is_dir():
         raise HFWeightsError(f"{folder}: not a folder (expected an HF model folder)")
-    index_path = folder / INDEX_FILE
+    index_path = folder / HF_INDEX
     indexed: dict[str, str] | None = None
     if index_path.is_file():
         try:
@@ -106,7 +106,7 @@ def list_safetensors(folder: str | Path) -> dict[str, StoredTensor]:
         files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise HFWeightsError(
-            f"{folder}: holds no *.safetensors files (and no {INDEX_FILE})"
+            f"{folder}: holds no *.safetensors files (and no {HF_INDEX})"
         )
     listing: dict[str, StoredTensor] = {}
     for file in files:

@@ -22,18 +22,18 @@ import torch
 from safetensors.torch import save_file
 from torchtitan.tools.logging import logger
 
-from swallow_titan.checkpoint.atomic import staged_folder
 from swallow_titan.checkpoint.dcp_reader import DCPCheckpoint, locate_checkpoint
-from swallow_titan.checkpoint.hf_config import CONFIG_FILE, model_args_from_hf_config
-from swallow_titan.checkpoint.hf_weights import (
-    INDEX_FILE,
+from swallow_titan.hf.atomic import staged_folder
+from swallow_titan.hf.hf_config import CONFIG_FILE, model_args_from_hf_config
+from swallow_titan.hf.hf_weights import (
+    HF_INDEX,
     hf_names,
     native_tensor_shapes,
     state_dict_adapter,
 )
-from swallow_titan.checkpoint.model_card import TrainingSummary, render_model_card
-from swallow_titan.checkpoint.run_record import RunRecord, find_run_record
-from swallow_titan.checkpoint.training_log import (
+from swallow_titan.hf.model_card import TrainingSummary, render_model_card
+from swallow_titan.hf.run_record import RunRecord, find_run_record
+from swallow_titan.hf.training_log import (
     TRAINING_LOSS_TAGS,
     VALIDATION_LOSS_TAGS,
     last_logged_value,
@@ -219,7 +219,7 @@ def export_hf(
             },
             "weight_map": weight_map,
         }
-        _write_json(staging / INDEX_FILE, index)
+        _write_json(staging / HF_INDEX, index)
         hf_config = {**record.hf_config, "dtype": dtype, "torch_dtype": dtype}
         _write_json(staging / CONFIG_FILE, hf_config)
         _write_json(
