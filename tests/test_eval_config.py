@@ -158,3 +158,39 @@ def test_without_lm_eval_training_and_evaluate_stop_at_start_up_with_the_install
     assert f"{TINY_CONFIG}: eval.enable:" in proc.stderr
     assert proc.stderr.count('pip install -e ".[eval]"') == 2
     assert "Training starts" not in proc.stdout + proc.stderr
+
+
+RECIPE = REPO / "train_configs" / "swallow_8b_v05.toml"
+
+
+def test_the_recipe_evaluates_tasks_the_pinned_lm_eval_has():
+    from swallow_titan.eval.tasks import check_tasks
+
+    config = load_job_config(RECIPE)
+    assert config.eval.enable
+    assert {"ja_leaderboard_jcommonsenseqa", "hellaswag", "gsm8k", "mmlu"} <= set(config.eval.tasks)
+    assert check_tasks(list(config.eval.tasks), load_data=False) == []
+
+
+def test_the_plan_shows_the_eval_tasks_and_a_cost_within_two_percent():
+    from swallow_titan.plan import build_plan, format_plan
+
+    config = load_job_config(RECIPE)
+    plan = build_plan(config, 8, 8, str(RECIPE))
+    cost = plan["eval"]["cost"]
+    assert plan["eval"]["tasks"] == list(config.eval.tasks)
+    assert cost["unestimated_tasks"] == []
+    assert cost["evaluations"] == config.training.steps // config.eval.freq + 1
+    assert 0.1 < cost["share_of_training_pct"] <= 2.0
+    text = format_plan(plan)
+    assert "ja_leaderboard_jcommonsenseqa" in text and "% of training time" in text
+
+
+def test_the_cost_of_generation_grows_with_the_square_of_the_answer_length():
+    from swallow_titan.eval.cost import TaskCost, forward_tokens
+
+    short = forward_tokens(TaskCost(10, 1, 100, 10), 0)[1]
+    long = forward_tokens(TaskCost(10, 1, 100, 100), 0)[1]
+    # No KV cache: G passes over prompt + up to G tokens: 10 x G x (100 + G / 2).
+    assert (short, long) == (10 * 10 * 105, 10 * 100 * 150)
+    assert forward_tokens(TaskCost(10, 4, 100), 5) == (5 * 4 * 100, 0.0)

@@ -196,3 +196,15 @@ def test_a_failing_evaluation_is_skipped_and_training_goes_on(tmp_path):
     assert "[eval] evaluation at step 2 failed and is skipped" in text
     train, _ = parse_losses(text)
     assert sorted(train) == [1, 2]
+
+
+def test_the_exported_model_card_has_the_last_evaluation_table(runs, tmp_path):
+    from swallow_titan.hf.hf_export import export_hf
+
+    folder, with_eval, _ = runs
+    export_hf(folder / "checkpoint", tmp_path / "hf", dtype="float32")
+    card = (tmp_path / "hf" / "README.md").read_text(encoding="utf-8")
+    assert f"in-loop at step {STEPS}" in card
+    for tag, value in eval_lines(with_eval.output)[STEPS].items():
+        task, metric = tag.rsplit("/", 1)
+        assert f"| {task} | {metric} | {value:.4f} |" in card
