@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 
-INSTALL_HINT = 'pip install -e ".[eval]"   (or: pip install "lm-eval==0.4.13")'
+INSTALL_HINT = 'pip install -e ".[eval]"   (or: pip install "lm-eval[hf,japanese-leaderboard]==0.4.13")'
 
 
 class EvalUnavailableError(RuntimeError):
