@@ -7,13 +7,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p .whl
-grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
+exclude="$(git rev-parse --git-path info/exclude)"  # also in a worktree
+mkdir -p "$(dirname "$exclude")"
+grep -qx '/.whl/' "$exclude" 2>/dev/null || echo '/.whl/' >> "$exclude"
 PY_VERSION="${PY_VERSION:-3.12}"
 PLATFORMS=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64
            --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
            --platform manylinux1_x86_64 --platform any)
-for req in torchtitan==0.2.2 torchao==0.18.0 torchdata==0.11.0 tyro docstring-parser \
-           typeguard shtab datasets==5.2.0 dill multiprocess; do
+for req in $(grep -v '^#' benchmarks/gpu_wheels.txt); do
     python3 -m pip download --quiet --no-deps --only-binary=:all: \
         --python-version "$PY_VERSION" --implementation cp "${PLATFORMS[@]}" -d .whl "$req"
 done

@@ -26,7 +26,7 @@ from swallow_titan.config.manager import SwallowConfigManager
 from swallow_titan.data.dataloader import build_dataloader
 from swallow_titan.data.tokenizer import build_tokenizer
 from swallow_titan.model.args import FLAVORS
-from swallow_titan.profiling import install_cpu_profiler
+from swallow_titan.seams import use_cpu_profiler_in_stock_trainer
 
 STOCK_MODEL_NAME = "llama3_stock"
 
@@ -55,7 +55,7 @@ def register_stock_spec() -> None:
 
 def main() -> int:
     init_logger()
-    install_cpu_profiler()  # CPU smoke runs only; torchtitan's own on a GPU
+    use_cpu_profiler_in_stock_trainer()  # CPU smoke runs only; torchtitan's own on a GPU
     register_stock_spec()
     # Our parser only for [[data.sources]] tables; torchtitan's Trainer does the rest.
     config = SwallowConfigManager().parse_args(sys.argv[1:])

@@ -27,7 +27,6 @@ import os
 import shutil
 import socket
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -40,12 +39,13 @@ if __name__ == "__main__":
     sys.path[:] = [str(REPO)] + [
         p for p in sys.path if Path(p or ".").resolve() != REPO / "benchmarks"
     ]
+from benchmarks.proctree import run_with_timeout  # noqa: E402
+
 BASE_CONFIG = REPO / "benchmarks" / "proxy_8b.toml"
 
 KERNELS_ON = ["--kernels.rmsnorm", "triton", "--kernels.loss", "fused_linear_ce"]
 FLOAT8 = [
     "--model.converters", "quantize.linear.float8",
-    "--quantize.linear.float8.recipe_name", "tensorwise",
     "--quantize.linear.float8.filter_fqns", "output",
 ]
 
@@ -156,15 +156,8 @@ def run_config(
     ]
     log.write(f"\n===== {config.name}: {' '.join(cmd)}\n")
     log.flush()
-    try:
-        proc = subprocess.run(
-            cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True, timeout=timeout,
-        )
-        output, code = proc.stdout, proc.returncode
-    except subprocess.TimeoutExpired as e:
-        output = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-        output, code = output + f"\nTIMEOUT after {timeout:.0f} s", 124
+    # torchrun's workers run in sessions of their own: a timeout kills the tree.
+    code, output = run_with_timeout(cmd, timeout, cwd=REPO, env=env)
     log.write(output)
     log.flush()
     return code, output
@@ -243,7 +236,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-profile", action="store_true", help="skip the profiled run")
     parser.add_argument("--timeout", type=float, default=420, help="seconds per configuration")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", REPO / "outputs" / "bench")))
+    parser.add_argument("--parse-only", action="store_true",
+                        help="check the arguments and exit (gpu_run.sh --check)")
     args = parser.parse_args(argv)
+    if args.parse_only:
+        return 0
 
     import torch
 

@@ -16,12 +16,24 @@ upstream gradient is one number. Peak extra memory is one chunk of fp32 logits
 plus one chunk of logit gradients (``chunk_tokens * vocab * 6`` bytes in bf16),
 by default about 512 MiB whatever the token count.
 
-Numerics: logits, LSE and logit gradients are fp32; on a GPU the logit gradient
-is rounded to bf16 only as a GEMM operand, like any bf16 matmul input. The hidden
-gradient is rounded to bf16 once by its GEMM and once when scaled; the weight
-gradient once per token chunk (it is accumulated over chunks in the weight's
-dtype to keep the fp32 [vocab, hidden] buffer out of memory). On CPU (Triton's
-interpreter, for tests) every GEMM runs in fp32.
+Numerics: the GEMMs run in the GEMM dtype: autocast's dtype when autocast is on
+for the tensors' device (torchtitan's bf16 autocast without FSDP, where hidden
+states and weight are fp32), else the hidden states' dtype. Logits, LSE and
+logit gradients are fp32; the logit gradient is rounded to the GEMM dtype only as
+a GEMM operand, like any bf16 matmul input. The hidden gradient is rounded to the
+GEMM dtype once by its GEMM and once when scaled. The weight gradient is
+accumulated over token chunks in fp32 and rounded to the weight's dtype once, at
+the end (an fp32 [vocab, hidden] buffer: 2 GiB at Llama 3 8B's full vocabulary,
+a quarter of that per rank under TP 4).
+
+Where torch offers bf16/fp16 GEMMs with fp32 output (``out_dtype``, CUDA in
+torch >= 2.8; probed once per device type, see :func:`out_dtype_gemm_available`)
+the logits come out of their GEMM in fp32 and the weight-gradient GEMM adds into
+the fp32 buffer directly. Elsewhere (CPU) the fallback rounds the logits to the
+GEMM dtype before the fp32 log-sum-exp, exactly as eager ``linear`` + fp32
+cross-entropy does, and runs the weight-gradient GEMM in fp32 on the upcast
+operands (same precision as ``out_dtype``: the products of bf16 values are exact
+in fp32).
 
 ``ignore_index`` targets contribute nothing; a batch in which every target is
 ignored gives a loss of 0 and zero gradients. Targets must otherwise lie in
@@ -134,6 +146,7 @@ def _flce_local(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     h2 = hidden.reshape(-1, hidden.shape[-1])
     t = targets.reshape(-1)
+    gemm_dtype = _gemm_dtype(hidden)
     if t.shape[0] != h2.shape[0]:
         raise ValueError(
             f"fused_linear_cross_entropy: {t.shape[0]} targets for {h2.shape[0]} "
@@ -151,6 +164,7 @@ def _flce_local(
         chunk_tokens,
         vocab_start,
         group_name,
+        gemm_dtype,
     )
     return loss, z
 
@@ -159,16 +173,17 @@ def _flce_local(
 # Triton kernel: one program per row of a logits chunk
 
 
+GPU_CONFIGS = [
+    triton.Config({"BLOCK_M": 1, "BLOCK_V": b}, num_warps=w)
+    for b in (2048, 4096, 8192)
+    for w in (8, 16)
+]
+# The interpreter pays per operation: many rows and a wide block per step.
+INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_V": 2048}, num_warps=4)
+
+
 @triton.autotune(
-    configs=autotune_configs(
-        gpu=[
-            triton.Config({"BLOCK_M": 1, "BLOCK_V": b}, num_warps=w)
-            for b in (2048, 4096, 8192)
-            for w in (8, 16)
-        ],
-        # The interpreter pays per operation: many rows and a wide block per step.
-        interpreter=triton.Config({"BLOCK_M": 32, "BLOCK_V": 2048}, num_warps=4),
-    ),
+    configs=autotune_configs(gpu=GPU_CONFIGS, interpreter=INTERPRETER_CONFIG),
     key=["V", "DO_LSE", "DO_GRAD"],
 )
 @triton.jit
@@ -239,31 +254,80 @@ def _ce_rows_kernel(
 # The chunked forward (with gradients)
 
 
-def _gemm_dtype(t: torch.Tensor) -> torch.dtype:
-    # CPU runs only under the interpreter, for tests: fp32 GEMMs there.
-    return t.dtype if t.is_cuda else torch.float32
+def _gemm_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """Autocast's dtype when it is on for ``hidden``'s device, else ``hidden``'s.
+
+    Custom ops are invisible to autocast, so the op is told the dtype that an
+    autocast ``linear`` would have used.
+    """
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return hidden.dtype
+
+
+# Per device type: whether GEMMs with out_dtype=float32 work (see below).
+_OUT_DTYPE_GEMM: dict[str, bool] = {}
+
+
+def out_dtype_gemm_available(device: torch.device) -> bool:
+    """Whether ``torch.mm``/``torch.addmm`` with ``out_dtype=torch.float32`` work on
+    bf16 operands on this device type (CUDA in torch >= 2.8; not CPU).
+
+    Probed once per device type on a small product checked against an fp32 GEMM,
+    so a torch that has the overload but computes it differently is not used.
+    """
+    if device.type not in _OUT_DTYPE_GEMM:
+        ok = _probe_out_dtype_gemm(device)
+        _OUT_DTYPE_GEMM[device.type] = ok
+        if not ok and device.type == "cuda":
+            warnings.warn(
+                "fused_linear_cross_entropy: this torch has no bf16 GEMM with fp32 "
+                "output on CUDA; logits are rounded to bf16 before the fp32 "
+                "log-sum-exp (as eager PyTorch does) and the weight-gradient GEMM "
+                "runs in fp32 (slower, same precision)"
+            )
+    return _OUT_DTYPE_GEMM[device.type]
+
+
+def _probe_out_dtype_gemm(device: torch.device) -> bool:
+    g = torch.Generator().manual_seed(0)
+    a, b, acc = (torch.randn(shape, generator=g) for shape in ((16, 32), (32, 8), (16, 8)))
+    a, b = (t.to(device=device, dtype=torch.bfloat16) for t in (a, b))
+    acc = acc.to(device)
+    # Products of bf16 values are exact in fp32 (and in TF32).
+    expected = a.float() @ b.float()
+    try:
+        with torch.autocast(device.type, enabled=False):
+            product = torch.mm(a, b, out_dtype=torch.float32)
+            total = acc.clone()
+            torch.addmm(total, a, b, out_dtype=torch.float32, out=total)
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+    return (
+        product.dtype == total.dtype == torch.float32
+        and torch.allclose(product, expected, rtol=1e-5, atol=1e-4)
+        and torch.allclose(total, acc + expected, rtol=1e-5, atol=1e-4)
+    )
 
 
 def _chunk_logits(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """fp32 logits of one chunk (a bf16/fp16 GEMM with fp32 output on a GPU)."""
-    global _MM_OUT_DTYPE
+    """fp32 logits of one chunk (a bf16/fp16 GEMM with fp32 output where offered)."""
     if h.dtype == torch.float32:
         return h @ w.t()
-    if _MM_OUT_DTYPE:
-        try:
-            return torch.mm(h, w.t(), out_dtype=torch.float32)
-        except (RuntimeError, NotImplementedError, TypeError) as e:
-            _MM_OUT_DTYPE = False
-            warnings.warn(
-                f"fused_linear_cross_entropy: torch.mm(..., out_dtype=float32) is not "
-                f"available ({e}); logits are rounded to {h.dtype} before the fp32 "
-                "log-sum-exp, as eager PyTorch does"
-            )
+    if out_dtype_gemm_available(h.device):
+        return torch.mm(h, w.t(), out_dtype=torch.float32)
     return torch.mm(h, w.t()).float()
 
 
-# Whether this torch offers a bf16/fp16 GEMM with fp32 output (CUDA, torch >= 2.8).
-_MM_OUT_DTYPE = True
+def _add_weight_grad(dw: torch.Tensor, dlogits: torch.Tensor, h: torch.Tensor) -> None:
+    """``dw += dlogits.T @ h`` into the fp32 ``dw``, the product never rounded below fp32."""
+    if dlogits.dtype == torch.float32:
+        dw.addmm_(dlogits.t(), h)
+    elif out_dtype_gemm_available(dw.device):
+        torch.addmm(dw, dlogits.t(), h, out_dtype=torch.float32, out=dw)
+    else:
+        dw.addmm_(dlogits.t().float(), h.float())
 
 
 def default_chunk_tokens(vocab: int, gemm_dtype: torch.dtype) -> int:
@@ -326,6 +390,28 @@ def _forward(
     chunk_tokens: int,
     vocab_start: int,
     group_name: str,
+    gemm_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    with torch.autocast(hidden.device.type, enabled=False):
+        # The dtypes are chosen here (gemm_dtype), not by autocast.
+        return _forward_chunks(
+            hidden, weight, targets, ignore_index, z_loss, grad_hidden, grad_weight,
+            chunk_tokens, vocab_start, group_name, gemm_dtype,
+        )
+
+
+def _forward_chunks(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    ignore_index: int,
+    z_loss: float,
+    grad_hidden: bool,
+    grad_weight: bool,
+    chunk_tokens: int,
+    vocab_start: int,
+    group_name: str,
+    gemm_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     n, h_dim = hidden.shape
     vocab = weight.shape[0]
@@ -336,7 +422,6 @@ def _forward(
         )
     check_device(hidden, weight, targets)
     group = dist.distributed_c10d._resolve_process_group(group_name) if group_name else None
-    gemm_dtype = _gemm_dtype(hidden)
     h = hidden.to(gemm_dtype)
     w = weight.to(gemm_dtype)
     chunk = chunk_tokens or default_chunk_tokens(vocab, gemm_dtype)
@@ -345,7 +430,10 @@ def _forward(
     lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
     target_logit = torch.empty(n, dtype=torch.float32, device=hidden.device)
     dh = torch.empty((n, h_dim) if grad_hidden else (0,), dtype=gemm_dtype, device=h.device)
-    dw = torch.zeros((vocab, h_dim) if grad_weight else (0,), dtype=gemm_dtype, device=h.device)
+    # fp32 across chunks whatever the GEMM dtype; rounded once, in backward.
+    dw = torch.zeros(
+        (vocab, h_dim) if grad_weight else (0,), dtype=torch.float32, device=h.device
+    )
     for start in range(0, n, chunk):
         end = min(n, start + chunk)
         h_c, t_c = h[start:end], targets[start:end]
@@ -372,7 +460,7 @@ def _forward(
         if grad_hidden:
             torch.mm(dlogits, w, out=dh[start:end])
         if grad_weight:
-            dw.addmm_(dlogits.t(), h_c)
+            _add_weight_grad(dw, dlogits, h_c)
         del dlogits
 
     counted = targets != ignore_index
@@ -397,22 +485,23 @@ def _flce_op(
     chunk_tokens: int,
     vocab_start: int,
     group_name: str,
+    gemm_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (loss, z_term, d loss/d hidden, d loss/d weight); the gradients are
-    empty when not requested and are scaled by the upstream gradient in backward."""
+    empty when not requested and are scaled by the upstream gradient in backward.
+    The hidden gradient is in ``gemm_dtype``, the weight gradient in fp32."""
     return _forward(
         hidden, weight, targets, ignore_index, z_loss, grad_hidden, grad_weight,
-        chunk_tokens, vocab_start, group_name,
+        chunk_tokens, vocab_start, group_name, gemm_dtype,
     )
 
 
 @_flce_op.register_fake
 def _(hidden, weight, targets, ignore_index, z_loss, grad_hidden, grad_weight,
-      chunk_tokens, vocab_start, group_name):
-    gemm_dtype = _gemm_dtype(hidden)
+      chunk_tokens, vocab_start, group_name, gemm_dtype):
     scalar = hidden.new_empty((), dtype=torch.float32)
     dh = hidden.new_empty(hidden.shape if grad_hidden else (0,), dtype=gemm_dtype)
-    dw = weight.new_empty(weight.shape if grad_weight else (0,), dtype=gemm_dtype)
+    dw = weight.new_empty(weight.shape if grad_weight else (0,), dtype=torch.float32)
     return scalar, torch.empty_like(scalar), dh, dw
 
 
@@ -456,7 +545,7 @@ def _backward_flce(ctx, g_loss, _g_z, _g_dh, _g_dw):
 
     d_hidden = scaled(dh, h_dtype) if grad_hidden else None
     d_weight = scaled(dw, w_dtype) if grad_weight else None
-    return d_hidden, d_weight, None, None, None, None, None, None, None, None
+    return d_hidden, d_weight, None, None, None, None, None, None, None, None, None
 
 
 _flce_op.register_autograd(_backward_flce, setup_context=_setup_flce)

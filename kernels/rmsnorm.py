@@ -3,9 +3,12 @@
 ``y = x / sqrt(mean(x^2) + eps) * weight``, with the statistics in fp32 whatever
 the input dtype. The fused variant takes ``(x, residual)`` and returns
 ``(norm(x + residual), x + residual)``: a Llama block's "add then norm" in one
-pass over memory. The sum is rounded to the input dtype before it is normalised,
-exactly as eager ``h = x + residual; norm(h)`` does, so the fused variant gives
-the same numbers as the unfused pair.
+pass over memory. The sum is formed in fp32 and rounded to the wider of the two
+input dtypes (type promotion, as eager ``h = x + residual`` does) before it is
+normalised, so the fused variant gives the same numbers as the unfused pair. The
+dtypes may differ: under bf16 autocast without FSDP the residual stream stays
+fp32 (the embedding's output) while attention returns bf16; then ``h`` and the
+normalised output are fp32, as eager's ``norm(x + residual)`` is.
 
 Backward computes ``dx`` row by row and the weight gradient as fp32 partial sums,
 one row of partials per program of a persistent kernel, reduced afterwards.
@@ -54,7 +57,8 @@ def rms_norm(
 
     Returns ``norm(x) * weight``; with ``residual`` given, returns
     ``(norm(x + residual) * weight, x + residual)``. Statistics are fp32; outputs
-    have ``x``'s dtype. DTensor inputs (tensor/sequence parallel, or a DTensor
+    have ``x``'s dtype, or with ``residual`` the promoted dtype of ``x`` and
+    ``residual`` (the dtype of eager ``x + residual``). DTensor inputs (tensor/sequence parallel, or a DTensor
     weight) are handled without gathering anything; the weight gradient of a
     sequence-sharded input is returned as a partial sum that DTensor reduces.
     """
@@ -72,16 +76,45 @@ def rms_norm(
 
 # One row per program is right for Llama widths on a GPU; the interpreter pays
 # per operation, not per element, so it gets many rows per program.
-_CONFIGS = autotune_configs(
-    gpu=[
-        triton.Config({"BLOCK_M": m}, num_warps=w)
-        for m, w in ((1, 4), (1, 8), (1, 16), (2, 8), (4, 8))
-    ],
-    interpreter=triton.Config({"BLOCK_M": 32}, num_warps=4),
+# No BLOCK_M=4: at hidden 4096 its backward needs 250+ registers per thread
+# with 8 warps (one block per SM; spills under Triton 3.6) and spills with 16
+# (benchmarks/kernels_aot.py, tests/test_kernels_aot.py).
+GPU_CONFIGS = [
+    triton.Config({"BLOCK_M": m}, num_warps=w)
+    for m, w in ((1, 4), (1, 8), (1, 16), (2, 8), (2, 16))
+]
+INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 32}, num_warps=4)
+_CONFIGS = autotune_configs(gpu=GPU_CONFIGS, interpreter=INTERPRETER_CONFIG)
+
+
+def configs_for_width(configs: list[triton.Config], block_n: int) -> list[triton.Config]:
+    """The configs whose rows fit in registers at this (power-of-two) width.
+
+    A thread holds ``BLOCK_M * BLOCK_N / threads`` elements of each row tile;
+    the backward keeps several such tiles live. Compiled for sm_90, at most 32
+    per thread fit without spilling while a thread may use 255 registers (up to
+    256 threads), 16 at 512 threads (128 registers each): at hidden 4096 every
+    config fits, at 8192 the 4-warp and BLOCK_M=2 ones spill
+    (benchmarks/kernels_aot.py --hidden 8192). If none fits, the config with the
+    fewest elements per thread is kept.
+    """
+
+    def per_thread(c: triton.Config) -> float:
+        return c.kwargs["BLOCK_M"] * block_n / (32 * c.num_warps)
+
+    def fits(c: triton.Config) -> bool:
+        return per_thread(c) <= (32 if 32 * c.num_warps <= 256 else 16)
+
+    return [c for c in configs if fits(c)] or [min(configs, key=per_thread)]
+
+
+def _prune(configs, named_args, **kwargs):
+    return configs_for_width(configs, kwargs["BLOCK_N"])
+
+
+@triton.autotune(
+    configs=_CONFIGS, key=["N", "HAS_RESIDUAL"], prune_configs_by={"early_config_prune": _prune}
 )
-
-
-@triton.autotune(configs=_CONFIGS, key=["N", "HAS_RESIDUAL"])
 @triton.jit
 def _rms_norm_fwd_kernel(
     X,
@@ -125,7 +158,9 @@ def _rms_norm_fwd_kernel(
     tl.store(RSTD + rows, rstd, mask=row_ok)
 
 
-@triton.autotune(configs=_CONFIGS, key=["N", "HAS_DH"])
+@triton.autotune(
+    configs=_CONFIGS, key=["N", "HAS_DH"], prune_configs_by={"early_config_prune": _prune}
+)
 @triton.jit
 def _rms_norm_bwd_kernel(
     DY,
@@ -206,6 +241,11 @@ def _check_args(x: torch.Tensor, weight: torch.Tensor) -> int:
     return n
 
 
+def _out_dtype(x: torch.Tensor, residual: torch.Tensor | None) -> torch.dtype:
+    """The dtype of ``x`` or, with a residual, of eager ``x + residual``."""
+    return x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+
+
 def _forward(
     x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
@@ -213,16 +253,17 @@ def _forward(
     check_device(x, weight)
     x2 = _rows(x, n)
     m = x2.shape[0]
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    out_dtype = _out_dtype(x, residual)
+    y = torch.empty((m, n), dtype=out_dtype, device=x.device)
     rstd = torch.empty((m,), dtype=torch.float32, device=x.device)
     if residual is not None:
-        if residual.shape != x.shape or residual.dtype != x.dtype:
+        if residual.shape != x.shape:
             raise ValueError(
-                f"rms_norm: residual {tuple(residual.shape)} {residual.dtype} must match "
-                f"x {tuple(x.shape)} {x.dtype}"
+                f"rms_norm: residual {tuple(residual.shape)} must have the shape of "
+                f"x {tuple(x.shape)}"
             )
         r2 = _rows(residual, n)
-        h = torch.empty((m, n), dtype=x.dtype, device=x.device)
+        h = torch.empty((m, n), dtype=out_dtype, device=x.device)
     else:
         r2 = h = x2  # unused by the kernel
     if m > 0:
@@ -319,7 +360,9 @@ def _rms_norm_residual_op(
 @_rms_norm_residual_op.register_fake
 def _(x, residual, weight, eps):
     rstd = x.new_empty(x.shape[:-1], dtype=torch.float32)
-    return torch.empty_like(x), torch.empty_like(x), rstd
+    out_dtype = _out_dtype(x, residual)
+    y = torch.empty_like(x, dtype=out_dtype)
+    return y, torch.empty_like(y), rstd
 
 
 @torch.library.custom_op("swallow::rms_norm_backward", mutates_args=())
@@ -351,16 +394,19 @@ def _backward_norm(ctx, dy, _drstd):
 
 
 def _setup_norm_residual(ctx, inputs, output) -> None:
-    _, _, weight, _ = inputs
+    x, residual, weight, _ = inputs
     _, h, rstd = output
     ctx.save_for_backward(h, weight, rstd)
+    ctx.input_dtypes = (x.dtype, residual.dtype)
 
 
 def _backward_norm_residual(ctx, dy, dh, _drstd):
     h, weight, rstd = ctx.saved_tensors
     dsum, dw = torch.ops.swallow.rms_norm_backward(dy, h, weight, rstd, dh)
-    # h = x + residual: both inputs receive the gradient of the sum.
-    return dsum, dsum, dw, None
+    # h = x + residual: both inputs receive the gradient of the sum, each in its
+    # own dtype (as eager's add does when it promoted one of them).
+    x_dtype, r_dtype = ctx.input_dtypes
+    return dsum.to(x_dtype), dsum.to(r_dtype), dw, None
 
 
 _rms_norm_op.register_autograd(_backward_norm, setup_context=_setup_norm)

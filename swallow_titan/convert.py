@@ -5,7 +5,8 @@
 
 ``hf-to-dcp`` works for any Llama-architecture config.json; start a run from
 its output with ``checkpoint.initial_load_path = OUT_DIR``. ``dcp-to-hf`` is
-``python -m swallow_titan.export``. Exit status: 0 done, 2 bad input (nothing
+``python -m swallow_titan.export``. Progress (tensors or shards, bytes, rate,
+ETA) goes to stderr. Exit status (``ExitCode``): 0 done, 2 bad input (nothing
 written), 3 the Hub upload failed (the local folder is complete).
 """
 

@@ -1,22 +1,21 @@
-"""Make torchtitan run on a machine without a GPU.
+"""What torchtitan needs to run on a machine without a GPU, and the GPU count.
 
 torchtitan 0.2.2 picks its device once, at import time, with
 ``torch._utils._get_available_device_type() or "cuda"``, and several of its
 modules copy ``device_type``/``device_module`` by name. On a CPU-only machine
-that yields "cuda" and the trainer fails on its first ``set_device``. This module
-must therefore run before the first ``import torchtitan``; ``swallow_titan``'s
-package ``__init__`` imports it first for that reason.
-
-On CPU it also supplies the memory calls torchtitan's metrics expect from a
+that yields "cuda" and the trainer fails on its first ``set_device``.
+:func:`swallow_titan.seams.select_device` (run by ``import swallow_titan``,
+before torchtitan loads) therefore makes it pick "cpu" and installs
+:class:`CpuDeviceModule`: the memory calls torchtitan's metrics expect from a
 device module (``torch.cpu`` lacks them). Peak memory on CPU is the process's
 peak resident set size, so the "memory" metric stays meaningful.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import resource
-import sys
 import types
 from dataclasses import dataclass
 
@@ -38,6 +37,24 @@ def default_ngpu() -> int:
     swallow_titan.data`` (``--ngpu``) all default to this.
     """
     return torch.cuda.device_count() if torch.cuda.is_available() else 1
+
+
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def add_process_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--ngpu`` (default :func:`default_ngpu`) and ``--nnodes`` (default 1)."""
+    parser.add_argument(
+        "--ngpu",
+        type=_at_least_one,
+        default=default_ngpu(),
+        help="processes per node (default: visible GPUs, else 1; like run_train.sh)",
+    )
+    parser.add_argument("--nnodes", type=_at_least_one, default=1, help="nodes (default 1)")
 
 
 @dataclass(frozen=True)
@@ -65,7 +82,7 @@ def _cpu_memory_stats(device: object = None) -> dict[str, int]:
     }
 
 
-class _CpuDeviceModule(types.ModuleType):
+class CpuDeviceModule(types.ModuleType):
     """``torch.cpu`` plus the ``torch.cuda`` calls torchtitan makes on its device module.
 
     Given to torchtitan only (as ``torchtitan.tools.utils.device_module``); torch
@@ -98,30 +115,96 @@ def _cpu_shims() -> dict:
     }
 
 
-def _report_cpu() -> str:
-    return "cpu"
+# ---------------------------------------------------------------------------
+# Every place where swallow-titan's training code (swallow_titan/, kernels/)
+# behaves differently on CPU and on a CUDA GPU, in one list. Benchmarks
+# (benchmarks/) choose their device themselves and are not listed.
+# tests/test_device_seams.py checks that every source file with such a branch
+# appears here, and that a process where torch reports CUDA gets none of the
+# CPU shims.
 
 
-def prepare_device() -> str:
-    """Select the device type torchtitan will use and return it.
+@dataclass(frozen=True)
+class DeviceSeam:
+    """One device-dependent behaviour: where it lives, what CPU and CUDA get."""
 
-    Idempotent. Raises if torchtitan was imported earlier on a CPU-only machine,
-    because its device choice can no longer be changed then.
-    """
-    if gpu_available():
-        return torch._utils._get_available_device_type()
-    if "torchtitan.tools.utils" in sys.modules:
-        imported = sys.modules["torchtitan.tools.utils"].device_type
-        if imported != "cpu":
-            raise RuntimeError(
-                "torchtitan was imported before swallow_titan on a machine without "
-                f"a GPU, so it picked device type {imported!r}. Import swallow_titan "
-                "first."
-            )
-    torch._utils._get_available_device_type = _report_cpu
-    import torchtitan.tools.utils as titan_utils
+    where: str  # "path/to/module.py: function or class"
+    cpu: str
+    cuda: str
+    shim: bool  # installs a CPU replacement for something torch or torchtitan provides
 
-    # Modules importing `device_module` by name do so later, and get this one.
-    if not isinstance(titan_utils.device_module, _CpuDeviceModule):
-        titan_utils.device_module = _CpuDeviceModule()
-    return "cpu"
+
+DEVICE_SEAMS: tuple[DeviceSeam, ...] = (
+    DeviceSeam(
+        "swallow_titan/seams.py: select_device",
+        "replaces torch._utils._get_available_device_type (reports 'cpu') before "
+        "torchtitan is imported, so torchtitan's device_type is 'cpu', and installs "
+        "CpuDeviceModule",
+        "nothing replaced: torchtitan's device_type is 'cuda'",
+        shim=True,
+    ),
+    DeviceSeam(
+        "swallow_titan/device.py: CpuDeviceModule",
+        "torchtitan.tools.utils.device_module becomes torch.cpu plus memory and "
+        "device-name calls (peak RSS as memory)",
+        "torchtitan's device_module stays torch.cuda",
+        shim=True,
+    ),
+    DeviceSeam(
+        "swallow_titan/device.py: default_ngpu",
+        "1 process per node",
+        "one process per visible GPU",
+        shim=False,
+    ),
+    DeviceSeam(
+        "swallow_titan/profiling.py: profiling_context, available_activities",
+        "swallow-titan's trainer profiles with this module's CPU-activities profiler",
+        "torchtitan's profiler (CPU + CUDA activities)",
+        shim=True,
+    ),
+    DeviceSeam(
+        "swallow_titan/seams.py: use_cpu_profiler_in_stock_trainer",
+        "stock torchtitan's Trainer (benchmarks/) gets the CPU profiler",
+        "torchtitan.train.maybe_enable_profiling left as it is",
+        shim=True,
+    ),
+    DeviceSeam(
+        "swallow_titan/model/parallelize.py: parallelize_swallow",
+        "on gloo (CPU) FSDP2 reduces with SUM instead of PREMUL_SUM(1.0)",
+        "NCCL: torchtitan's FSDP2 reduction unchanged",
+        shim=False,
+    ),
+    DeviceSeam(
+        "swallow_titan/metrics.py: SwallowMetricsProcessor",
+        "no MFU (no peak), memory is peak RSS",
+        "MFU against the card's dense bf16 peak",
+        shim=False,
+    ),
+    DeviceSeam(
+        "swallow_titan/checkpoint/rng.py: RngState",
+        "CPU generator only",
+        "CPU and CUDA generators saved and restored",
+        shim=False,
+    ),
+    DeviceSeam(
+        "swallow_titan/preflight.py: _check_checkpoint_device, _check_float8, "
+        "_check_kernels_device",
+        "refuses pinned-memory async checkpoints, float8 without emulate (or emulated "
+        "with a compiled model), Triton kernels without TRITON_INTERPRET=1",
+        "no device restriction",
+        shim=False,
+    ),
+    DeviceSeam(
+        "kernels/runtime.py: check_device, autotune_configs, num_programs",
+        "kernels run only under Triton's interpreter, one autotune config, 4 programs",
+        "compiled Triton, the GPU autotune lists, programs per SM",
+        shim=False,
+    ),
+    DeviceSeam(
+        "kernels/cross_entropy.py: out_dtype_gemm_available, _gemm_dtype",
+        "no out_dtype GEMMs: logits rounded to the GEMM dtype, weight-gradient GEMM "
+        "in fp32 on upcast operands; autocast dtype read for 'cpu'",
+        "bf16 GEMMs with fp32 output (probed once); autocast dtype read for 'cuda'",
+        shim=False,
+    ),
+)

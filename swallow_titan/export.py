@@ -6,8 +6,9 @@
 
 CKPT_DIR is a run's checkpoint folder (<dump_folder>/checkpoint; the latest
 step unless --step) or one DCP checkpoint (a step-N folder or the output of
-``convert hf-to-dcp``). Exit status: 0 done, 2 bad input (nothing written),
-3 the Hub upload failed (the local folder is complete).
+``convert hf-to-dcp``). Progress (shards, bytes, rate, ETA) goes to stderr.
+Exit status (``ExitCode``): 0 done, 2 bad input (nothing written), 3 the Hub
+upload failed (the local folder is complete).
 """
 
 from __future__ import annotations

@@ -93,8 +93,7 @@ class NonfiniteGuard:
 class NonfiniteInjector:
     """Test hook (``[debug] inject_nonfinite_at_steps``): a loss that turns NaN at given steps.
 
-    Wraps the loss function; other attributes (e.g. ``last_z_loss``) are the
-    wrapped function's.
+    Wraps the loss function; its other attributes are the wrapped function's.
     """
 
     def __init__(self, loss_fn: Callable, steps: Iterable[int], current_step: Callable[[], int]):

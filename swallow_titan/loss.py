@@ -7,7 +7,8 @@ the model in the input dict (:class:`LabelsInInputs`), the model's output layer
 returns ``[loss_sum, z_loss_sum]`` (``model/transformer.py``) and
 :class:`SwallowLoss` unpacks it. Either way the trainer gets a sum over
 non-ignored tokens and divides it by the global token count, as torchtitan does.
-Validation calls the model without labels, so it always goes through the logits.
+Validation passes the labels the same way (``swallow_titan.validation``), so with the
+fused loss it never materialises the logits either.
 
 z-loss for logging: every training forward adds its z-loss sum and its number of
 counted tokens to :data:`Z_LOSS` (this process's meter). Anything can read it
@@ -27,8 +28,8 @@ from torch.distributed.tensor import DTensor, Shard
 from torchtitan.components.dataloader import BaseDataLoader
 from torchtitan.components.loss import IGNORE_INDEX, build_cross_entropy_loss
 
+from swallow_titan.config.sections import FUSED_LOSS
 from swallow_titan.data.dataloader import build_dataloader
-from swallow_titan.model.transformer import FUSED_LOSS
 
 LABELS_KEY = "labels"
 

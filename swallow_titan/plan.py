@@ -30,7 +30,7 @@ from swallow_titan.config.manager import ConfigError, load_job_config
 from swallow_titan.config.paths import RunPaths
 from swallow_titan.config.sections import FUSED_LOSS
 from swallow_titan.data.source_size import format_source_line, plan_sources
-from swallow_titan.device import default_ngpu
+from swallow_titan.device import add_process_arguments
 from swallow_titan.eval.cost import estimate_eval_cost
 from swallow_titan.model.args import SwallowModelArgs
 from swallow_titan.preflight import check_structure, file_problems, model_args
@@ -70,7 +70,7 @@ def estimate_memory(
     dtype and sharded over FSDP, TP and PP; FSDP gathers two blocks at a time
     in the mixed-precision dtype; activations follow the AC mode; the output
     layer's logits are materialised in bf16 and fp32 with an fp32 gradient, or,
-    with the fused loss, one chunk of them at a time.
+    with the fused loss, one chunk of them at a time plus the fp32 output-weight gradient.
     """
     bytes_param = 4 if config.training.dtype == "float32" else 2
     bytes_compute = 2 if config.training.mixed_precision_param == "bfloat16" else 4
@@ -93,6 +93,8 @@ def estimate_memory(
         gemm_dtype = torch.bfloat16 if bytes_compute == 2 else torch.float32
         chunk = min(tokens, default_chunk_tokens(int(vocab_local), gemm_dtype))
         logits = chunk * vocab_local * (4 + bytes_compute)
+        # Plus the fp32 weight-gradient accumulator of the output layer.
+        logits += vocab_local * args.dim * 4
     else:
         logits = tokens * vocab_local * (bytes_compute + 4 + 4)
     return MemoryEstimate(
@@ -313,13 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m swallow_titan.plan", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("config", help="TOML config file")
-    parser.add_argument(
-        "--ngpu",
-        type=int,
-        default=default_ngpu(),
-        help="processes per node (default: visible GPUs, else 1; like run_train.sh)",
-    )
-    parser.add_argument("--nnodes", type=int, default=1, help="nodes (default 1)")
+    add_process_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument(
         "--outputs",
@@ -327,8 +323,6 @@ def main(argv: list[str] | None = None) -> int:
         help="print only where logs and checkpoints go (used by run_train.sh)",
     )
     args, overrides = parser.parse_known_args(argv)
-    if args.ngpu < 1 or args.nnodes < 1:
-        parser.error("--ngpu and --nnodes must be >= 1")
     try:
         config = load_job_config(args.config, overrides)
         plan = build_plan(config, args.ngpu, args.nnodes, args.config)

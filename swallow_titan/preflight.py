@@ -203,6 +203,15 @@ def _check_float8(config, source: str) -> None:
             "float8 needs an SM89+ GPU; on CPU set "
             "quantize.linear.float8.emulate = true (for testing only)",
         )
+    # Without an SM89+ GPU torchtitan's converter allows emulation in eager mode only.
+    if DEVICE_TYPE == "cpu" and config.compile.enable and "model" in config.compile.components:
+        raise config_error(
+            source,
+            "quantize.linear.float8.emulate",
+            "emulated float8 runs only without compiling the model (torchtitan "
+            "refuses it); on CPU set compile.enable = false or remove \"model\" from "
+            "compile.components",
+        )
 
 
 def _check_kernels_device(config, source: str) -> None:

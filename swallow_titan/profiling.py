@@ -2,7 +2,7 @@
 
 torchtitan 0.2.2 builds its profiler with ``activities=[CPU, <gpu or None>]``
 and torch rejects the ``None`` on a CPU-only machine, so ``enable_profiling``
-crashes there. ``install_cpu_profiler`` swaps in a profiler context with the
+crashes there. :func:`maybe_enable_profiling` is a profiler context with the
 same TOML semantics (``profile_freq``, ``profiler_warmup``,
 ``profiler_active``, traces under ``<dump_folder>/<save_traces_folder>/
 iteration_<step>/rank<r>_trace.json``) that records the activities present.
@@ -13,8 +13,10 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import torch
+from torchtitan.tools import profiling as titan_profiling
 from torchtitan.tools.logging import logger
 
 from swallow_titan.ranks import process_rank
@@ -60,9 +62,8 @@ def maybe_enable_profiling(
         yield profiler
 
 
-def install_cpu_profiler() -> None:
-    """Use this module's profiler in torchtitan's Trainer when no GPU is present."""
-    import torchtitan.train
-
-    if not torch.cuda.is_available():
-        torchtitan.train.maybe_enable_profiling = maybe_enable_profiling
+def profiling_context(profiling_config, **kwargs: Any):
+    """torchtitan's profiler with a GPU, this module's without one."""
+    if torch.cuda.is_available():
+        return titan_profiling.maybe_enable_profiling(profiling_config, **kwargs)
+    return maybe_enable_profiling(profiling_config, **kwargs)

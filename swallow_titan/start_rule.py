@@ -24,11 +24,6 @@ from pathlib import Path
 from typing import Literal
 
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    set_model_state_dict,
-)
 from torch import nn
 from torchtitan.tools.logging import logger
 
@@ -42,6 +37,7 @@ from swallow_titan.hf.hf_config import (
 )
 from swallow_titan.hf.hf_weights import load_hf_weights
 from swallow_titan.hf.run_record import RunRecord, read_run_record
+from swallow_titan.model.state import model_state, set_model_state
 from swallow_titan.ranks import job_world_size, process_rank
 
 StartKind = Literal["resume", "hf", "dcp", "random"]
@@ -110,14 +106,9 @@ def decide_start(config) -> StartDecision:
 
 def load_dcp_model_weights(model_parts: list[nn.Module], path: str) -> int:
     """Load the model entries of a DCP checkpoint into a (sharded) model; collective."""
-    state = {
-        name: tensor
-        for part in model_parts
-        for name, tensor in get_model_state_dict(part).items()
-    }
+    state = model_state(model_parts)
     dcp.load(state, checkpoint_id=path)
-    for part in model_parts:
-        set_model_state_dict(part, state, options=StateDictOptions(strict=False))
+    set_model_state(model_parts, state)
     return len(state)
 
 

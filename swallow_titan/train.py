@@ -29,7 +29,6 @@ from swallow_titan.final_export import export_at_end
 from swallow_titan.guard import NonfiniteError
 from swallow_titan.hf.hub import HubPushError
 from swallow_titan.preflight import check_job_config
-from swallow_titan.profiling import install_cpu_profiler
 from swallow_titan.ranks import job_world_size, process_rank
 from swallow_titan.start_rule import start_run
 from swallow_titan.trainer import SwallowTrainer
@@ -51,7 +50,6 @@ def parse_config(argv: list[str]):
 
 def main(argv: list[str] | None = None) -> int:
     init_logger()
-    install_cpu_profiler()
     argv = sys.argv[1:] if argv is None else argv
     try:
         config = parse_config(argv)

@@ -39,11 +39,12 @@ from torchtitan.components.loss import IGNORE_INDEX
 from torchtitan.distributed import utils as dist_utils
 from torchtitan.tools.logging import logger
 from torchtitan.tools.utils import device_type
-import torchtitan.train as titan_train
+from torchtitan.tools.profiling import maybe_enable_memory_snapshot
 from torchtitan.train import Trainer
 
 from swallow_titan.checkpoint.manager import AtomicCheckpointManager
 from swallow_titan.checkpoint.rng import RNG, RngState
+from swallow_titan.config.paths import step_folder_name
 from swallow_titan.data.dataloader import Batch
 from swallow_titan.guard import (
     NonfiniteError,
@@ -51,7 +52,9 @@ from swallow_titan.guard import (
     NonfiniteInjector,
     state_is_finite,
 )
+from swallow_titan.loss import Z_LOSS
 from swallow_titan.preemption import PreemptionSignal
+from swallow_titan.profiling import profiling_context
 from swallow_titan.ranks import process_rank
 
 # Checkpoint entry of the guard's counters (skipped steps).
@@ -64,14 +67,10 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 def _z_loss_per_token(mesh: Any) -> float | None:
     """z-loss per token over all data-parallel ranks since the last log step.
 
-    Read from the kernels' meter (``swallow_titan.loss.Z_LOSS``: training
+    Read from the loss's meter (``swallow_titan.loss.Z_LOSS``: training
     forwards add their z-loss sum and counted tokens; ``take()`` returns and
-    resets them) when that module exists and a z-loss is on; else None.
+    resets them) when a z-loss is on; else None.
     """
-    try:
-        from swallow_titan.loss import Z_LOSS
-    except ImportError:
-        return None
     taken = Z_LOSS.take()
     if taken is None:
         return None
@@ -230,13 +229,11 @@ class SwallowTrainer(Trainer):
             self.metrics_processor.start(first_step)
         logger.info(f"Training starts at step {first_step} of {config.training.steps}")
 
-        # Looked up on torchtitan.train, where swallow_titan.profiling installs
-        # its CPU-capable profiler.
         with (
-            titan_train.maybe_enable_profiling(
+            profiling_context(
                 config.profiling, global_step=self.step, base_folder=config.job.dump_folder
             ) as torch_profiler,
-            titan_train.maybe_enable_memory_snapshot(
+            maybe_enable_memory_snapshot(
                 config.profiling, global_step=self.step, base_folder=config.job.dump_folder
             ) as memory_profiler,
         ):
@@ -270,7 +267,7 @@ class SwallowTrainer(Trainer):
                     logger.warning(
                         f"Stopped after step {self.step} on {self._stop_reason()}; "
                         + (
-                            f"the next start resumes from step-{self.step}"
+                            f"the next start resumes from {step_folder_name(self.step)}"
                             if saved
                             else "checkpointing is off, nothing was saved"
                         )

@@ -14,7 +14,11 @@ tokens, for any number of GPUs up to that rounding.
 
 The forward pass and the loss reduction are torchtitan's ``Validator.validate``
 (which handles TP, CP and PP), run once per set: it hands each set's loss to
-``log_validation``, which :class:`_SetLoss` captures.
+``log_validation``, which :class:`_SetLoss` captures. With ``[kernels] loss =
+"fused_linear_ce"`` the labels go into the input dict, as in training, so the
+model's output layer returns the loss without materialising the logits
+(``[batch, seq_len, vocab]`` in fp32 would be about 21 GiB per rank at the
+recipe's validation shapes).
 """
 
 from __future__ import annotations
@@ -28,9 +32,10 @@ from typing import Any
 from torchtitan.components.validate import Validator
 from torchtitan.tools.logging import logger
 
-from swallow_titan.config.sections import DataSource, ValidationSet
+from swallow_titan.config.sections import FUSED_LOSS, DataSource, ValidationSet
 from swallow_titan.data.dataloader import Batch, GlobalStreamDataLoader
 from swallow_titan.data.mixture import MixtureStream
+from swallow_titan.loss import LABELS_KEY
 
 
 def set_source(validation_set: ValidationSet) -> DataSource:
@@ -90,6 +95,7 @@ class PerDomainValidator(Validator):
         self.sets: list[ValidationSet] = list(job_config.validation.sets)
         self._batches: dict[str, list[Batch]] = {}
         self._current: str | None = None
+        self._labels_in_inputs = job_config.kernels.loss == FUSED_LOSS
 
     def batches(self, validation_set: ValidationSet) -> list[Batch]:
         """This rank's batches of a set (built on first use, then reused)."""
@@ -125,7 +131,11 @@ class PerDomainValidator(Validator):
         # validate() moves tensors to the device by assigning into the input
         # dict: hand it copies so the cached CPU batches stay as they are.
         for inputs, labels in self._batches[self._current]:
-            yield dict(inputs), labels
+            inputs = dict(inputs)
+            if self._labels_in_inputs:
+                # The fused output layer computes the loss from the labels.
+                inputs[LABELS_KEY] = labels
+            yield inputs, labels
 
     def validate(self, model_parts: list, step: int) -> None:
         begin = time.perf_counter()

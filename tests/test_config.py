@@ -137,3 +137,43 @@ def test_training_start_stops_on_a_config_error_before_any_work(tmp_path):
 def test_a_warmup_longer_than_a_short_trial_run_is_allowed():
     config = load_job_config(TINY_CONFIG, ["--training.steps", "4"])
     check_job_config(config, 1, str(TINY_CONFIG))  # torchtitan shortens the warm-up
+
+
+FLOAT8 = ("--model.converters", "quantize.linear.float8",
+          "--quantize.linear.float8.emulate", "true")
+
+
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+def test_float8_recipe_name_with_fsdp_float8_all_gather_is_refused(tmp_path, recipe):
+    # torchtitan 0.2.2's Float8LinearConverter asserts against this pair while
+    # building the model; the check must stop it first, naming both keys.
+    path = write_config(
+        tmp_path,
+        f'[quantize.linear.float8]\nrecipe_name = "{recipe}"\n'
+        "enable_fsdp_float8_all_gather = true\n",
+    )
+    message = error_of(path, *FLOAT8)
+    assert str(path) in message
+    assert "quantize.linear.float8.recipe_name" in message
+    assert "quantize.linear.float8.enable_fsdp_float8_all_gather" in message
+
+
+def test_float8_tensorwise_default_with_fsdp_float8_all_gather_passes(tmp_path):
+    path = write_config(
+        tmp_path, "[quantize.linear.float8]\nenable_fsdp_float8_all_gather = true\n"
+    )
+    check_job_config(load_job_config(path, list(FLOAT8)), 1, str(path))
+
+
+def test_recipe_float8_options_are_accepted_by_the_check():
+    from swallow_titan.config.checks import check_values
+
+    recipe = REPO / "train_configs" / "swallow_8b_v05.toml"
+    config = load_job_config(recipe)
+    assert config.quantize.linear.float8.enable_fsdp_float8_all_gather
+    check_values(config, 64, str(recipe))
+
+
+def test_emulated_float8_with_a_compiled_model_is_refused_on_cpu():
+    message = error_of(TINY_CONFIG, *FLOAT8, "--compile.enable", "true")
+    assert "compile.enable" in message and "emulate" in message

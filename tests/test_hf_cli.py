@@ -13,6 +13,7 @@ import pytest
 from helpers import REPO, free_port
 from hf_models import ODD_CONFIG, save_random_llama
 from swallow_titan import convert, export
+from swallow_titan.checkpoint.dcp_reader import DCPCheckpoint
 
 pytest.importorskip("transformers")
 
@@ -50,6 +51,27 @@ def test_dcp_to_hf_is_the_export(converted, tmp_path):
         if name != "README.md":  # the card names its own folder
             assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     assert EXPORT_FILES <= exported_files(tmp_path / "a")
+
+
+def test_convert_and_export_report_progress_in_plain_lines_when_not_a_terminal(
+    converted, tmp_path, capsys
+):
+    # capsys's stderr is not a terminal: no bar, plain lines.
+    hf = converted.parent / "hf"
+    assert convert.main(["hf-to-dcp", str(hf), str(tmp_path / "dcp")]) == 0
+    lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("convert: read: ")]
+    count = len(list(DCPCheckpoint(tmp_path / "dcp").tensors()))
+    assert lines[0].startswith(f"convert: read: 0/{count} tensors, 0 B of ")
+    assert lines[-1].startswith(f"convert: read: {count}/{count} tensors, ")
+    assert "(100%)" in lines[-1] and "done in" in lines[-1]
+
+    assert export.main([str(converted), str(tmp_path / "out"), "--max-shard-size", "20kB"]) == 0
+    lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("export: ")]
+    shards = len(list((tmp_path / "out").glob("*.safetensors")))
+    assert shards > 1
+    assert lines[0].startswith(f"export: 0/{shards} shards, 0 B of ")
+    assert lines[-1].startswith(f"export: {shards}/{shards} shards, ")
+    assert "(100%)" in lines[-1] and "done in" in lines[-1]
 
 
 def test_bad_input_exits_2_and_writes_nothing(converted, tmp_path, capsys):

@@ -26,6 +26,20 @@ SHAPES = [
 TOL = {torch.float32: 1e-4, torch.float16: 2e-3}
 
 
+# Rounding of a value to the dtype, relative (half an ulp); fp32 GEMMs are
+# covered by the fp32 tolerances.
+UNIT_ROUNDOFF = {torch.float32: 0.0, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+
+
+def _max_abs_logit(hidden, weight) -> float:
+    return (hidden.detach().double() @ weight.detach().double().t()).abs().max().item()
+
+
+def _max_abs_lse(hidden, weight) -> float:
+    logits = hidden.detach().double() @ weight.detach().double().t()
+    return torch.logsumexp(logits, dim=-1).abs().max().item()
+
+
 def _inputs(n, h, v, dtype, seed=0, ignore_every=3):
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(n, h, generator=g).to(dtype).requires_grad_()
@@ -63,8 +77,21 @@ def test_loss_and_gradients_match_float64_reference(shape, dtype, z_loss):
     ref_loss, ref_z, ref_dh, ref_dw = _reference(hidden, weight, targets, z_loss, 0.37)
 
     assert loss.dtype == torch.float32 and loss.shape == ()
-    torch.testing.assert_close(loss.double(), ref_loss.detach(), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(z.double(), ref_z, rtol=1e-5, atol=1e-8)
+    # The GEMMs run in the input dtype: on CPU (no out_dtype GEMM) each logit is
+    # rounded to it, a relative error of at most u. lse and the target logit
+    # move by at most u * max|logit| each, so a token's CE by twice that and
+    # its z-term by z * 2 |lse| * u * max|logit| (to first order).
+    u = UNIT_ROUNDOFF[dtype]
+    counted = (targets != IGNORE).sum().item()
+    logit_err = u * _max_abs_logit(hidden, weight)
+    lse_max = _max_abs_lse(hidden, weight)
+    torch.testing.assert_close(
+        loss.double(), ref_loss.detach(), rtol=1e-5, atol=1e-5 + counted * 2 * logit_err
+    )
+    torch.testing.assert_close(
+        z.double(), ref_z, rtol=1e-5,
+        atol=1e-8 + z_loss * counted * 2 * (lse_max + logit_err) * logit_err,
+    )
     assert hidden.grad.dtype == dtype and weight.grad.dtype == dtype
     _assert_close(hidden.grad, ref_dh, dtype)
     _assert_close(weight.grad, ref_dw, dtype)
@@ -160,7 +187,7 @@ def test_opcheck(grads):
     # The op computes exactly the gradients its flags ask for.
     hidden.requires_grad_(grads[0])
     weight.requires_grad_(grads[1])
-    args = (hidden, weight, targets, IGNORE, 1e-3, *grads, 4, 0, "")
+    args = (hidden, weight, targets, IGNORE, 1e-3, *grads, 4, 0, "", torch.float32)
     torch.library.opcheck(torch.ops.swallow.fused_linear_cross_entropy.default, args)
 
 
@@ -203,3 +230,64 @@ def test_second_backward_through_one_forward_is_refused():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="second backward"):
         loss.backward()
+
+
+def test_bf16_weight_gradient_error_does_not_grow_with_the_number_of_chunks():
+    # The weight gradient is summed over token chunks in fp32 and rounded to
+    # bf16 once; summed in bf16 instead, each chunk would add a rounding of the
+    # running sum (error growing with the chunk count).
+    hidden, weight, targets = _inputs(256, 32, 64, torch.bfloat16, seed=11, ignore_every=0)
+    _, _, _, ref_dw = _reference(hidden, weight, targets)
+    errors = {}
+    for chunks in (1, 4, 16, 64):
+        weight.grad = None
+        loss, _ = fused_linear_cross_entropy(
+            hidden, weight, targets, chunk_tokens=256 // chunks
+        )
+        loss.backward()
+        assert weight.grad.dtype == torch.bfloat16
+        errors[chunks] = ((weight.grad.double() - ref_dw).norm() / ref_dw.norm()).item()
+    # The one-chunk error is the rounding of the logit gradient and of the
+    # result to bf16; more chunks only reorder fp32 sums (relative ~1e-7).
+    assert max(errors.values()) <= errors[1] * 1.05 + 1e-6, errors
+
+
+def _bf16_operands(device):
+    g = torch.Generator().manual_seed(12)
+    h = torch.randn(24, 16, generator=g).bfloat16().to(device)
+    w = torch.randn(40, 16, generator=g).bfloat16().to(device)
+    dlogits = torch.randn(24, 40, generator=g).bfloat16().to(device)
+    return h, w, dlogits
+
+
+def test_without_out_dtype_gemms_logits_round_like_eager_and_weight_grad_stays_fp32():
+    from kernels.cross_entropy import _add_weight_grad, _chunk_logits, out_dtype_gemm_available
+
+    assert not out_dtype_gemm_available(torch.device("cpu"))  # CUDA-only in torch
+    h, w, dlogits = _bf16_operands("cpu")
+    # Fallback: logits rounded to bf16 by their GEMM, exactly eager's linear.
+    assert torch.equal(_chunk_logits(h, w), torch.mm(h, w.t()).float())
+    dw = torch.ones(40, 16)
+    _add_weight_grad(dw, dlogits, h)
+    # Products of bf16 values are exact in fp32: only fp32 summation error.
+    exact = 1 + dlogits.t().double() @ h.double()
+    torch.testing.assert_close(dw.double(), exact, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="out_dtype GEMMs are CUDA-only")
+def test_out_dtype_gemms_give_fp32_logits_and_fp32_weight_grad_on_cuda():
+    from kernels.cross_entropy import _add_weight_grad, _chunk_logits, out_dtype_gemm_available
+
+    device = torch.device("cuda")
+    assert out_dtype_gemm_available(device)
+    h, w, dlogits = _bf16_operands(device)
+    exact = h.double() @ w.double().t()
+    logits = _chunk_logits(h, w)
+    assert logits.dtype == torch.float32
+    # Not rounded to bf16: fp32 summation error only.
+    torch.testing.assert_close(logits.double(), exact, rtol=1e-6, atol=1e-5)
+    dw = torch.ones(40, 16, device=device)
+    _add_weight_grad(dw, dlogits, h)
+    torch.testing.assert_close(
+        dw.double(), 1 + dlogits.t().double() @ h.double(), rtol=1e-6, atol=1e-5
+    )

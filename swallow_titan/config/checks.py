@@ -140,6 +140,7 @@ def check_values(config, world_size: int, source: str) -> Layout:
     _check_checkpoint(config, source)
     _check_guard(config, source)
     _check_kernels(config, layout, source)
+    _check_float8_options(config, source)
     _check_hf(config, source)
     _check_eval(config, layout, source)
     return layout
@@ -345,6 +346,25 @@ def _check_kernels(config, layout: Layout, source: str) -> None:
             f"with kernels.loss = "
             f"{FUSED_LOSS!r} the output layer computes the loss and must stay in "
             'high precision; add "output" to filter_fqns',
+        )
+
+
+def _check_float8_options(config, source: str) -> None:
+    """Combinations torchtitan 0.2.2's float8 converter refuses while building the model."""
+    if FLOAT8_CONVERTER not in config.model.converters:
+        return
+    f8 = config.quantize.linear.float8
+    # Float8LinearConverter asserts this: a named recipe builds torchao's config
+    # from the recipe alone, which has no float8 all-gather.
+    if f8.recipe_name is not None and f8.enable_fsdp_float8_all_gather:
+        raise config_error(
+            source,
+            "quantize.linear.float8.recipe_name",
+            f"{f8.recipe_name!r} cannot be combined with "
+            "quantize.linear.float8.enable_fsdp_float8_all_gather = true (torchtitan "
+            "refuses it). For tensorwise scaling with the float8 all-gather remove "
+            "recipe_name (tensorwise is the default); for 'rowwise' set "
+            "enable_fsdp_float8_all_gather = false",
         )
 
 

@@ -34,7 +34,7 @@ from swallow_titan.data.dataloader import SlotDataLoader, build_dataloader
 from swallow_titan.data.slots import SlotWindow
 from swallow_titan.data.sources import DataSourceError
 from swallow_titan.data.tokenizer import Llama3Tokenizer, TokenizerFileError
-from swallow_titan.device import default_ngpu
+from swallow_titan.device import add_process_arguments
 
 
 def window_segments(window: SlotWindow, source_name: str) -> list[dict]:
@@ -128,13 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("config", help="TOML config file")
     parser.add_argument("--batches", type=int, default=10, help="global batches to read (default 10)")
-    parser.add_argument(
-        "--ngpu",
-        type=int,
-        default=default_ngpu(),
-        help="processes per node (default: visible GPUs, else 1; like run_train.sh)",
-    )
-    parser.add_argument("--nnodes", type=int, default=1, help="nodes (default 1)")
+    add_process_arguments(parser)
     parser.add_argument("--dp-rank", type=int, default=0, help="data-parallel rank to read as")
     parser.add_argument(
         "--dp-size",
@@ -145,8 +139,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dump", help="write the packed sequences to this JSON Lines file")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args, overrides = parser.parse_known_args(argv)
-    if args.ngpu < 1 or args.nnodes < 1:
-        parser.error("--ngpu and --nnodes must be >= 1")
     try:
         config = load_job_config(args.config, overrides)
         if args.dp_size is None:

@@ -32,6 +32,7 @@ from swallow_titan.hf.hf_weights import (
     state_dict_adapter,
 )
 from swallow_titan.hf.model_card import TrainingSummary, render_model_card
+from swallow_titan.hf.progress import Progress
 from swallow_titan.hf.run_record import RunRecord, find_run_record
 from swallow_titan.hf.training_log import (
     TRAINING_LOSS_TAGS,
@@ -203,7 +204,12 @@ def export_hf(
     adapter = state_dict_adapter(args)
     weight_map: dict[str, str] = {}
     shard_files = []
-    with staged_folder(out_dir, overwrite=overwrite) as staging:
+    nbytes = dict(sizes)
+    total_bytes = sum(nbytes.values())
+    with (
+        staged_folder(out_dir, overwrite=overwrite) as staging,
+        Progress("export", len(shards), total_bytes, "shards") as progress,
+    ):
         for i, group in enumerate(shards, start=1):
             file_name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
             hf_tensors = adapter.to_hf(ckpt.read_tensors(group))
@@ -213,7 +219,7 @@ def export_hf(
             shard_files.append(file_name)
             logger.info(f"Export: wrote {file_name} ({len(hf_tensors)} tensors)")
             del hf_tensors
-        total_bytes = sum(nbytes for _, nbytes in sizes)
+            progress.advance(1, sum(nbytes[n] for n in group))
         index = {
             "metadata": {
                 "total_size": total_bytes,

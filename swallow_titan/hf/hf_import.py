@@ -30,8 +30,10 @@ from swallow_titan.hf.hf_weights import (
     check_hf_tensors,
     list_safetensors,
     read_hf_tensors,
+    tensors_to_read,
     state_dict_adapter,
 )
+from swallow_titan.hf.progress import Progress
 from swallow_titan.hf.run_record import RunRecord
 
 
@@ -47,7 +49,11 @@ def convert_hf_to_dcp(hf_dir: str | Path, out_dir: str | Path, *, overwrite: boo
     args = model_args_from_hf_config(config, str(hf_dir / CONFIG_FILE))
     listing = list_safetensors(hf_dir)
     check_hf_tensors(listing, args, hf_dir)
-    hf_tensors = read_hf_tensors(listing)
+    to_read = tensors_to_read(listing)
+    with Progress(
+        "convert: read", len(to_read), sum(s.nbytes for s in to_read), "tensors"
+    ) as progress:
+        hf_tensors = read_hf_tensors(listing, progress)
     dtype = str(next(iter(hf_tensors.values())).dtype).removeprefix("torch.")
     native = state_dict_adapter(args).from_hf(hf_tensors)
     del hf_tensors

@@ -12,6 +12,7 @@ files).
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,16 +22,13 @@ import torch.distributed.checkpoint as dcp
 from safetensors import safe_open
 from torch import nn
 from torch.distributed.checkpoint import HuggingFaceStorageReader
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    set_model_state_dict,
-)
 from torchtitan.models.llama3.model.model import Transformer
 from torchtitan.models.llama3.model.state_dict_adapter import Llama3StateDictAdapter
 
 from swallow_titan.checkpoint.integrity import HF_INDEX
+from swallow_titan.hf.progress import Progress
 from swallow_titan.model.args import SwallowModelArgs
+from swallow_titan.model.state import model_state, set_model_state
 
 # Some older conversions store RoPE's inverse frequencies; the model computes them.
 _IGNORED_HF_TENSOR = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
@@ -47,6 +45,13 @@ class StoredTensor:
     file: Path
     shape: tuple[int, ...]
     dtype: str
+    """safetensors' dtype name: BF16, F32, F8_E4M3, BOOL, ..."""
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the tensor's data (the bits in its dtype name; BOOL is one byte)."""
+        bits = re.search(r"\d+", self.dtype)
+        return math.prod(self.shape) * (int(bits.group()) // 8 if bits else 1)
 
 
 def state_dict_adapter(args: SwallowModelArgs) -> Llama3StateDictAdapter:
@@ -172,8 +177,13 @@ def check_hf_tensors(
         )
 
 
-def read_hf_tensors(listing: dict[str, StoredTensor]) -> dict[str, torch.Tensor]:
-    """Every listed tensor, read into memory file by file, in its stored dtype."""
+def read_hf_tensors(
+    listing: dict[str, StoredTensor], progress: Progress | None = None
+) -> dict[str, torch.Tensor]:
+    """Every listed tensor, read into memory file by file, in its stored dtype.
+
+    ``progress`` (counting tensors and bytes) advances after each tensor.
+    """
     by_file: dict[Path, list[str]] = {}
     for name, stored in listing.items():
         if not _IGNORED_HF_TENSOR.fullmatch(name):
@@ -183,7 +193,14 @@ def read_hf_tensors(listing: dict[str, StoredTensor]) -> dict[str, torch.Tensor]
         with safe_open(str(file), framework="pt") as f:
             for name in names:
                 tensors[name] = f.get_tensor(name)
+                if progress is not None:
+                    progress.advance(1, listing[name].nbytes)
     return tensors
+
+
+def tensors_to_read(listing: dict[str, StoredTensor]) -> list[StoredTensor]:
+    """The listed tensors ``read_hf_tensors`` reads (not the ignored ones)."""
+    return [s for name, s in listing.items() if not _IGNORED_HF_TENSOR.fullmatch(name)]
 
 
 def load_hf_weights(
@@ -196,16 +213,11 @@ def load_hf_weights(
     """
     check_hf_tensors(list_safetensors(folder), args, folder)
     adapter = state_dict_adapter(args)
-    native = {
-        name: tensor
-        for part in model_parts
-        for name, tensor in get_model_state_dict(part).items()
-    }
+    native = model_state(model_parts)
     # The HF-named views are permuted copies; DCP fills them, then they are
     # permuted back and copied into the parameters.
     hf_state = adapter.to_hf(native)
     dcp.load(hf_state, storage_reader=HuggingFaceStorageReader(str(folder)))
     loaded = adapter.from_hf(hf_state)
-    for part in model_parts:
-        set_model_state_dict(part, loaded, options=StateDictOptions(strict=False))
+    set_model_state(model_parts, loaded)
     return len(loaded)

@@ -14,8 +14,8 @@ plus two options from ``[kernels]``:
 
 The labels reach the model as an extra key of the dataloader's input dict
 (``swallow_titan.loss.LabelsInInputs``); torchtitan passes every key but
-"input" to the model's forward. Without ``labels`` the model returns logits as
-usual (validation, generation).
+"input" to the model's forward; validation adds them the same way. Without
+``labels`` the model returns logits as usual (generation, HF export checks).
 """
 
 from __future__ import annotations

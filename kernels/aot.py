@@ -1,0 +1,237 @@
+"""Compile every kernel and every GPU autotune config ahead of time, without a GPU.
+
+Triton compiles for a named target without a driver: ``triton.compile`` on an
+``ASTSource`` with ``GPUTarget("cuda", 90, 32)`` (H100/H200, sm_90a) gives the
+PTX and cubin, and the ``ptxas`` bundled with Triton reports registers and
+spills (``-v``). This catches, on a CPU-only machine, what would otherwise show
+on the first GPU run: a kernel that does not compile for Hopper, a config that
+spills registers to local memory, or one that exceeds the SM's registers or the
+per-block shared memory.
+
+The process must not have ``TRITON_INTERPRET=1`` (the kernels would then be
+interpreted functions); the check runs in a subprocess in the tests and in
+``benchmarks/kernels_aot.py``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import triton
+
+# Hopper (sm_90): 64K 32-bit registers per SM, at most 227 KiB of shared
+# memory per block (opt-in), 255 registers per thread.
+REGISTERS_PER_SM = 65536
+SMEM_PER_BLOCK = 227 * 1024
+
+# The recipe's shapes: Llama-3.1-8B's hidden size and vocabulary, and the
+# vocabulary shard of tensor parallel 8.
+RECIPE_HIDDEN = 4096
+RECIPE_VOCABS = (128_256, 128_256 // 8)
+
+
+@dataclass(frozen=True)
+class CompileJob:
+    """One kernel specialisation with one autotune config."""
+
+    kernel: str
+    variant: str
+    config: triton.Config
+    fn: object  # the JITFunction
+    signature: dict[str, str]
+    constexprs: dict[str, object]
+    attrs: dict
+
+    @property
+    def config_name(self) -> str:
+        blocks = ",".join(f"{k}={v}" for k, v in self.config.kwargs.items())
+        return f"{blocks},warps={self.config.num_warps},stages={self.config.num_stages}"
+
+
+@dataclass
+class CompileResult:
+    job: CompileJob
+    registers: int = -1
+    spill_bytes: int = -1
+    smem_bytes: int = -1
+    error: str = ""
+
+    @property
+    def threads(self) -> int:
+        return 32 * self.job.config.num_warps
+
+    def problems(self) -> list[str]:
+        """Why this config cannot run well on the target (empty if it can)."""
+        if self.error:
+            return [f"compile error: {self.error}"]
+        found = []
+        if self.spill_bytes > 0:
+            found.append(f"spills {self.spill_bytes} bytes")
+        if self.registers * self.threads > REGISTERS_PER_SM:
+            found.append(
+                f"{self.registers} registers x {self.threads} threads > {REGISTERS_PER_SM}"
+            )
+        if self.smem_bytes > SMEM_PER_BLOCK:
+            found.append(f"shared memory {self.smem_bytes} > {SMEM_PER_BLOCK} bytes")
+        return found
+
+
+def _divisible_by_16(fn, signature: dict[str, str], values: dict[str, int]) -> dict:
+    # Triton specialises integer arguments divisible by 16 (and pointers, which
+    # the allocator aligns); the launch at these shapes would see the same.
+    pointers = [n for n, t in signature.items() if t.startswith("*")]
+    names = pointers + [n for n, v in values.items() if v % 16 == 0]
+    return {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in names}
+
+
+def recipe_jobs(hidden: int = RECIPE_HIDDEN, vocabs=RECIPE_VOCABS) -> list[CompileJob]:
+    """Every kernel x constexpr variant x GPU autotune config, bf16 activations."""
+    from kernels import cross_entropy, rmsnorm
+
+    jobs: list[CompileJob] = []
+    block_n = triton.next_power_of_2(hidden)
+    # The configs the autotuner keeps at this width (rmsnorm.configs_for_width).
+    norm_configs = rmsnorm.configs_for_width(rmsnorm.GPU_CONFIGS, block_n)
+    fwd = rmsnorm._rms_norm_fwd_kernel.fn
+    for has_residual, config in itertools.product((True, False), norm_configs):
+        sig = {
+            "X": "*bf16", "R": "*bf16", "W": "*bf16", "Y": "*bf16", "H": "*bf16",
+            "RSTD": "*fp32", "stride_x": "i32", "stride_r": "i32", "stride_y": "i32",
+            "stride_h": "i32", "M": "i32", "N": "i32", "eps": "fp32",
+            "HAS_RESIDUAL": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
+        }
+        ints = {n: hidden for n in ("stride_x", "stride_r", "stride_y", "stride_h", "N")}
+        jobs.append(CompileJob(
+            f"rms_norm_fwd[N={hidden}]", f"residual={has_residual}", config, fwd, sig,
+            {"HAS_RESIDUAL": has_residual, **config.kwargs, "BLOCK_N": block_n},
+            _divisible_by_16(fwd, sig, {**ints, "M": 8192}),
+        ))
+    bwd = rmsnorm._rms_norm_bwd_kernel.fn
+    for has_dh, config in itertools.product((True, False), norm_configs):
+        sig = {
+            "DY": "*bf16", "X": "*bf16", "W": "*bf16", "RSTD": "*fp32", "DH": "*bf16",
+            "DX": "*bf16", "DW_PARTIAL": "*fp32", "stride_dy": "i32", "stride_x": "i32",
+            "stride_dh": "i32", "stride_dx": "i32", "M": "i32", "N": "i32",
+            "rows_per_program": "i32",
+            "HAS_DH": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
+        }
+        ints = {n: hidden for n in ("stride_dy", "stride_x", "stride_dh", "stride_dx", "N")}
+        jobs.append(CompileJob(
+            f"rms_norm_bwd[N={hidden}]", f"dh={has_dh}", config, bwd, sig,
+            {"HAS_DH": has_dh, **config.kwargs, "BLOCK_N": block_n},
+            _divisible_by_16(bwd, sig, {**ints, "M": 8192, "rows_per_program": 16}),
+        ))
+    ce = cross_entropy._ce_rows_kernel.fn
+    # Without TP one launch does both passes; vocabulary parallel does them apart.
+    variants = ((True, True), (True, False), (False, True))
+    for vocab, (do_lse, do_grad), config in itertools.product(
+        vocabs, variants, cross_entropy.GPU_CONFIGS
+    ):
+        sig = {
+            "LOGITS": "*fp32", "DLOGITS": "*bf16", "TARGETS": "*i64", "LSE": "*fp32",
+            "TARGET_LOGIT": "*fp32", "stride_l": "i32", "stride_dl": "i32", "M": "i32",
+            "V": "i32", "vocab_start": "i32", "ignore_index": "i32", "z_loss": "fp32",
+            "DO_LSE": "constexpr", "DO_GRAD": "constexpr",
+            "BLOCK_M": "constexpr", "BLOCK_V": "constexpr",
+        }
+        ints = {"stride_l": vocab, "stride_dl": vocab, "V": vocab, "M": 640}
+        jobs.append(CompileJob(
+            f"ce_rows[V={vocab}]", f"lse={do_lse},grad={do_grad}", config, ce, sig,
+            {"DO_LSE": do_lse, "DO_GRAD": do_grad, **config.kwargs},
+            _divisible_by_16(ce, sig, ints),
+        ))
+    return jobs
+
+
+def _ptxas() -> tuple[str, str]:
+    """Path of Triton's bundled ptxas for sm_90, and the arch name Triton uses."""
+    from triton.backends.nvidia import compiler as nv
+
+    arch = nv.sm_arch_from_capability(90)
+    if hasattr(nv, "get_ptxas"):  # Triton >= 3.7 keeps a separate ptxas for sm_90+
+        return nv.get_ptxas(90).path, arch
+    from triton import knobs
+
+    return knobs.nvidia.ptxas.path, arch
+
+
+_REGS = re.compile(r"Used (\d+) registers")
+_SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def compile_job(job: CompileJob, workdir: str) -> CompileResult:
+    """Compile ``job`` for sm_90a and read registers, spills and shared memory."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    result = CompileResult(job)
+    try:
+        src = ASTSource(job.fn, job.signature, constexprs=job.constexprs, attrs=job.attrs)
+        options = {"num_warps": job.config.num_warps, "num_stages": job.config.num_stages}
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    except Exception as e:  # any compiler failure is the finding
+        result.error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}"
+        return result
+    result.smem_bytes = int(compiled.metadata.shared)
+    ptxas, arch = _ptxas()
+    ptx = os.path.join(workdir, f"{compiled.metadata.name}_{compiled.hash[:12]}.ptx")
+    with open(ptx, "w") as f:
+        f.write(compiled.asm["ptx"])
+    proc = subprocess.run(
+        [ptxas, "-v", f"--gpu-name={arch}", ptx, "-o", ptx + ".o"],
+        capture_output=True, text=True,
+    )
+    log = proc.stdout + proc.stderr
+    regs, spills = _REGS.search(log), _SPILLS.search(log)
+    if proc.returncode != 0 or not regs or not spills:
+        result.error = f"ptxas: {log.strip()[-300:]}"
+        return result
+    result.registers = int(regs.group(1))
+    result.spill_bytes = int(spills.group(1)) + int(spills.group(2))
+    return result
+
+
+def compile_all(jobs: list[CompileJob]) -> Iterator[CompileResult]:
+    """Compile the jobs one by one (yielding each result as it is ready)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("the ahead-of-time check needs a process without TRITON_INTERPRET=1")
+    done: dict[tuple, CompileResult] = {}
+    with tempfile.TemporaryDirectory() as workdir:
+        for job in jobs:
+            # Shapes reach the compiler only through constexprs and divisibility:
+            # identical keys (e.g. both vocabularies) compile to the same binary.
+            key = (
+                job.fn.__name__, tuple(job.signature.items()),
+                tuple(sorted(job.constexprs.items())), repr(sorted(job.attrs.items())),
+                job.config.num_warps, job.config.num_stages,
+            )
+            if key not in done:
+                done[key] = compile_job(job, workdir)
+            first = done[key]
+            yield CompileResult(
+                job, first.registers, first.spill_bytes, first.smem_bytes, first.error
+            )
+
+
+def format_table(results: list[CompileResult]) -> str:
+    """One row per compile: kernel, variant, config, registers, spills, shared memory."""
+    header = ("kernel", "variant", "config", "regs", "regs x threads", "spill B", "smem B", "ok")
+    rows = [header]
+    for r in results:
+        problems = r.problems()
+        rows.append((
+            r.job.kernel, r.job.variant, r.job.config_name,
+            str(r.registers), str(r.registers * r.threads) if r.registers >= 0 else "-",
+            str(r.spill_bytes), str(r.smem_bytes),
+            "ok" if not problems else "; ".join(problems),
+        ))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in rows]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)

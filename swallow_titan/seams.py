@@ -1,0 +1,553 @@
+"""Every seam between swallow-titan and torchtitan / torch, and the process-wide patches.
+
+A seam is a place where our code relies on more than a dependency's public,
+documented API: a module attribute we replace (``patch``), a private name we
+call or read (``private``), a method we override and extend with ``super()``
+(``override``), a method we override by re-implementing it without calling
+torchtitan's (``reimplemented``), or attributes torchtitan's ``__init__``
+sets that we read or change (``attributes``). ``SEAMS`` lists them all;
+``seam_problems()`` checks each against the installed packages, and
+``tests/test_seams.py`` fails with that list when a torchtitan or torch
+upgrade renames, removes or changes one. For a re-implemented method the
+check pins a hash of torchtitan's source: when it changes, compare the new
+torchtitan method with ours (named in ``used_in``), port what matters, and
+update the hash.
+
+The two process-wide patches are applied here and nowhere else:
+:func:`select_device` (run by ``import swallow_titan``, before torchtitan
+loads) and :func:`use_cpu_profiler_in_stock_trainer` (stock torchtitan runs
+on CPU in ``benchmarks/``; swallow-titan's own Trainer picks its profiler
+itself and needs no patch). The CPU shims they install live in
+:mod:`swallow_titan.device` and :mod:`swallow_titan.profiling`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+import re
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch._utils
+
+SeamKind = Literal["patch", "private", "override", "reimplemented", "attributes"]
+
+_TRAINER = "torchtitan.train.Trainer"
+_CHECKPOINTER = "torchtitan.components.checkpoint.CheckpointManager"
+_CONFIG_MANAGER = "torchtitan.config.ConfigManager"
+_VALIDATOR = "torchtitan.components.validate.Validator"
+_METRICS = "torchtitan.components.metrics.MetricsProcessor"
+
+
+@dataclass(frozen=True)
+class Seam:
+    """One place where we rely on more than a dependency's public API."""
+
+    target: str
+    """Dotted path of the torch / torchtitan object: ``module.Class.method``."""
+    kind: SeamKind
+    used_in: str
+    """Our module (and function) that relies on it."""
+    why: str
+    params: tuple[str, ...] | None = None
+    """The parameter names we rely on (a callable), checked when given."""
+    source_sha256: str | None = None
+    """First 16 hex digits of sha256(inspect.getsource(target)), for "reimplemented"."""
+    attributes: tuple[str, ...] = field(default=())
+    """For "attributes": names ``target`` (an ``__init__``) must assign on ``self``."""
+
+
+SEAMS: tuple[Seam, ...] = (
+    # ------------------------------------------------------------ device (CPU)
+    Seam(
+        "torch._utils._get_available_device_type",
+        "patch",
+        "swallow_titan.seams.select_device",
+        "torchtitan picks its device at import as this() or 'cuda'; on a CPU-only "
+        "machine it must answer 'cpu' (patched before torchtitan loads).",
+        params=(),
+    ),
+    Seam(
+        "torchtitan.tools.utils.device_module",
+        "patch",
+        "swallow_titan.seams.select_device",
+        "On CPU replaced by device.CpuDeviceModule: torch.cpu plus the torch.cuda "
+        "memory calls torchtitan's metrics make (get_device_name, "
+        "get_device_properties, reset_peak_memory_stats, empty_cache, memory_stats, "
+        "max_memory_allocated, current_device); torchtitan.distributed.utils and "
+        "components.metrics copy it by name at import, after the patch.",
+    ),
+    Seam(
+        "torchtitan.tools.utils.device_type",
+        "private",
+        "swallow_titan.seams.select_device",
+        "Read to detect that torchtitan was imported before swallow_titan on a "
+        "CPU-only machine (its device choice is then final).",
+    ),
+    # --------------------------------------------------------------- profiling
+    Seam(
+        "torchtitan.train.maybe_enable_profiling",
+        "patch",
+        "swallow_titan.seams.use_cpu_profiler_in_stock_trainer",
+        "torchtitan's profiler passes activities=[CPU, None] without a GPU, which "
+        "torch rejects; stock-torchtitan CPU runs (benchmarks/) get "
+        "profiling.maybe_enable_profiling instead.",
+        params=("profiling_config", "global_step", "base_folder", "leaf_folder"),
+    ),
+    Seam(
+        "torchtitan.tools.profiling.maybe_enable_profiling",
+        "private",
+        "swallow_titan.profiling.profiling_context",
+        "torchtitan's profiler, used when a GPU is present.",
+        params=("profiling_config", "global_step", "base_folder", "leaf_folder"),
+    ),
+    Seam(
+        "torchtitan.tools.profiling.maybe_enable_memory_snapshot",
+        "private",
+        "swallow_titan.trainer.SwallowTrainer.train",
+        "Called the way torchtitan's Trainer.train calls it.",
+        params=("profiling_config", "global_step", "base_folder"),
+    ),
+    # ------------------------------------------------------------------ Trainer
+    Seam(
+        f"{_TRAINER}.__init__",
+        "override",
+        "swallow_titan.trainer.SwallowTrainer.__init__",
+        "Builds the guard before, swaps in the atomic CheckpointManager after.",
+        params=("self", "job_config"),
+    ),
+    Seam(
+        f"{_TRAINER}.__init__",
+        "attributes",
+        "swallow_titan.trainer.SwallowTrainer",
+        "train_step / train re-implemented on torchtitan's state.",
+        attributes=(
+            "gradient_accumulation_steps",
+            "ntokens_seen",
+            "gc_handler",
+            "checkpointer",
+            "metrics_processor",
+            "validator",
+            "step",
+        ),
+    ),
+    Seam(
+        f"{_TRAINER}.train_step",
+        "reimplemented",
+        "swallow_titan.trainer.SwallowTrainer.train_step",
+        "The numerical guard and the stop flag decide, in one all-reduce, whether "
+        "the optimizer steps; logging adds z-loss, skipped steps and data metrics.",
+        params=("self", "data_iterator"),
+        source_sha256="471795acb90bf1df",
+    ),
+    Seam(
+        f"{_TRAINER}.train",
+        "reimplemented",
+        "swallow_titan.trainer.SwallowTrainer.train",
+        "Stops (with a checkpoint) on SIGTERM, refuses non-finite checkpoints, opens "
+        "TensorBoard at the attempt's first step, shortens timeouts on every attempt.",
+        params=("self",),
+        source_sha256="6d9a39ca1238efbb",
+    ),
+    Seam(
+        f"{_TRAINER}.close",
+        "override",
+        "swallow_titan.trainer.SwallowTrainer.close",
+        "Restores the signal handlers first.",
+        params=("self",),
+    ),
+    Seam(
+        f"{_TRAINER}.forward_backward_step",
+        "private",
+        "swallow_titan.trainer.SwallowTrainer.train_step",
+        "Called per micro-batch with torchtitan's keyword arguments.",
+        params=("self", "input_dict", "labels", "global_valid_tokens"),
+    ),
+    Seam(
+        f"{_TRAINER}.batch_generator",
+        "private",
+        "swallow_titan.trainer.SwallowTrainer.train",
+        "The data iterator train_step reads (times data loading).",
+        params=("self", "data_iterable"),
+    ),
+    Seam(
+        f"{_TRAINER}.should_continue_training",
+        "private",
+        "swallow_titan.trainer.SwallowTrainer.train",
+        "The loop condition of torchtitan's train.",
+        params=("self",),
+    ),
+    Seam(
+        "torchtitan.distributed.utils.clip_grad_norm_",
+        "private",
+        "swallow_titan.trainer.SwallowTrainer.train_step",
+        "Gradient clipping across FSDP/TP/PP as torchtitan's train_step does it.",
+        params=(
+            "parameters",
+            "max_norm",
+            "norm_type",
+            "error_if_nonfinite",
+            "foreach",
+            "pp_mesh",
+            "ep_enabled",
+        ),
+    ),
+    Seam(
+        "torchtitan.distributed.utils.set_pg_timeouts",
+        "private",
+        "swallow_titan.trainer.SwallowTrainer.train",
+        "Shortens the process-group timeouts after the first step.",
+        params=("timeout", "parallel_dims"),
+    ),
+    # -------------------------------------------------------- CheckpointManager
+    Seam(
+        f"{_CHECKPOINTER}.__init__",
+        "override",
+        "swallow_titan.checkpoint.manager.AtomicCheckpointManager.__init__",
+        "Adds the optional entries and the publish delay; torchtitan's arguments "
+        "are passed through (the trainer rebuilds the manager with them).",
+        params=("self", "dataloader", "model_parts", "optimizers", "lr_schedulers",
+                "states", "checkpoint_config", "sd_adapter", "base_folder"),
+    ),
+    Seam(
+        f"{_CHECKPOINTER}.__init__",
+        "attributes",
+        "swallow_titan.checkpoint.manager / swallow_titan.start_rule",
+        "The manager publishes into `folder`, prunes through `purge_queue` / "
+        "`purge_thread` with `keep_latest_k`, waits on `save_future`; the start "
+        "rule clears `initial_load_path` / `initial_load_in_hf` after loading "
+        "the start weights itself.",
+        attributes=(
+            "enable",
+            "load_only",
+            "folder",
+            "keep_latest_k",
+            "purge_queue",
+            "purge_thread",
+            "save_future",
+            "initial_load_path",
+            "initial_load_in_hf",
+            "sd_adapter",
+        ),
+    ),
+    Seam(
+        f"{_CHECKPOINTER}.dcp_save",
+        "override",
+        "swallow_titan.checkpoint.manager.AtomicCheckpointManager.dcp_save",
+        "Writes under a staging name, then publishes step-N atomically.",
+        params=("self", "state_dict", "checkpoint_id", "async_mode",
+                "enable_garbage_collection", "to_hf"),
+    ),
+    Seam(
+        f"{_CHECKPOINTER}.dcp_load",
+        "override",
+        "swallow_titan.checkpoint.manager.AtomicCheckpointManager.dcp_load",
+        "Optional entries (RNG, guard) load only when the checkpoint holds them.",
+        params=("self", "state_dict", "checkpoint_id", "from_hf", "from_quantized"),
+    ),
+    Seam(
+        f"{_CHECKPOINTER}.load",
+        "override",
+        "swallow_titan.checkpoint.manager.AtomicCheckpointManager.load",
+        "Cleans leftovers and checks the step before torchtitan loads it.",
+        params=("self", "step"),
+    ),
+    Seam(
+        f"{_CHECKPOINTER}.close",
+        "override",
+        "swallow_titan.checkpoint.manager.AtomicCheckpointManager.close",
+        "Waits for an async save in flight.",
+        params=("self",),
+    ),
+    Seam(
+        f"{_CHECKPOINTER}._find_load_step",
+        "override",
+        "swallow_titan.checkpoint.manager.AtomicCheckpointManager._find_load_step",
+        "Resume takes the newest checkpoint that passes the integrity checks.",
+        params=("self", "folder"),
+    ),
+    Seam(
+        f"{_CHECKPOINTER}._purge_stale_checkpoints",
+        "reimplemented",
+        "swallow_titan.checkpoint.manager.AtomicCheckpointManager._purge_stale_checkpoints",
+        "keep_latest_k never deletes the checkpoint resumed from or one still "
+        "being written, and counts only complete ones.",
+        params=("self",),
+        source_sha256="aafb0ce307fab240",
+    ),
+    Seam(
+        f"{_CHECKPOINTER}._async_wait",
+        "private",
+        "swallow_titan.checkpoint.manager.AtomicCheckpointManager",
+        "save_now / close wait for an async save in flight.",
+        params=("self",),
+    ),
+    Seam(
+        f"{_CHECKPOINTER}._flattened_model_states_sd",
+        "private",
+        "swallow_titan.checkpoint.manager.AtomicCheckpointManager.save_now",
+        "The state dict torchtitan's save writes.",
+        params=("self", "state_dict"),
+    ),
+    Seam(
+        f"{_CHECKPOINTER}._should_save",
+        "private",
+        "swallow_titan.checkpoint.manager.AtomicCheckpointManager.will_save",
+        "Whether save() writes at a step (interval, last step).",
+        params=("self", "curr_step", "last_step"),
+    ),
+    Seam(
+        f"{_CHECKPOINTER}._create_checkpoint_id",
+        "private",
+        "swallow_titan.checkpoint.manager.AtomicCheckpointManager",
+        "The step-N folder of a step.",
+        params=("self", "step", "folder"),
+    ),
+    Seam(
+        f"{_CHECKPOINTER}.maybe_wait_for_staging",
+        "private",
+        "swallow_titan.trainer.SwallowTrainer.train_step",
+        "An async save must finish staging before the optimizer changes weights.",
+        params=("self",),
+    ),
+    # ------------------------------------------------------------ ConfigManager
+    Seam(
+        f"{_CONFIG_MANAGER}._merge_configs",
+        "private",
+        "swallow_titan.config.manager.merged_job_config_class",
+        "Merges our sections into torchtitan's JobConfig as custom_config_module does.",
+        params=("base", "custom"),
+    ),
+    Seam(
+        f"{_CONFIG_MANAGER}._maybe_load_toml",
+        "reimplemented",
+        "swallow_titan.config.manager.SwallowConfigManager._maybe_load_toml",
+        "A missing or unparsable TOML file is a ConfigError naming the file.",
+        params=("self", "args"),
+        source_sha256="c2c9522bfaee1780",
+    ),
+    Seam(
+        f"{_CONFIG_MANAGER}._dict_to_dataclass",
+        "reimplemented",
+        "swallow_titan.config.manager.SwallowConfigManager._dict_to_dataclass",
+        "Every TOML key is checked (unknown keys, types, literals) with file and key.",
+        params=("self", "cls", "data"),
+        source_sha256="3e965afdcba0117f",
+    ),
+    Seam(
+        f"{_CONFIG_MANAGER}.__init__",
+        "override",
+        "swallow_titan.config.manager.SwallowConfigManager.__init__",
+        "Always parses into the JobConfig merged with our sections.",
+        params=("self", "config_cls"),
+    ),
+    Seam(
+        f"{_CONFIG_MANAGER}.parse_args",
+        "override",
+        "swallow_titan.config.manager.SwallowConfigManager.parse_args",
+        "Accepts `--flag true|false` before torchtitan parses.",
+        params=("self", "args"),
+    ),
+    # ---------------------------------------------------------------- Validator
+    Seam(
+        f"{_VALIDATOR}.__init__",
+        "reimplemented",
+        "swallow_titan.validation.PerDomainValidator.__init__",
+        "Sets what validate() reads without building torchtitan's C4 dataloader.",
+        params=("self", "job_config", "dp_world_size", "dp_rank", "tokenizer",
+                "parallel_dims", "loss_fn", "validation_context", "maybe_enable_amp",
+                "metrics_processor", "pp_schedule", "pp_has_first_stage",
+                "pp_has_last_stage"),
+        source_sha256="0a5c54e9fcae3d73",
+    ),
+    Seam(
+        f"{_VALIDATOR}.validate",
+        "override",
+        "swallow_titan.validation.PerDomainValidator.validate",
+        "Run once per set: it iterates self.validation_dataloader and reports the "
+        "set's loss through metrics_processor.log_validation exactly once.",
+        params=("self", "model_parts", "step"),
+        source_sha256="3c8d2dd9470e7e65",
+    ),
+    # --------------------------------------------------------- MetricsProcessor
+    Seam(
+        f"{_METRICS}.__init__",
+        "override",
+        "swallow_titan.metrics.SwallowMetricsProcessor.__init__",
+        "Built with TensorBoard off (ours replaces it); reads device_memory_monitor, "
+        "ntokens_since_last_log, data_loading_times, time_last_log, "
+        "num_flops_per_token, logger.",
+        params=("self", "job_config", "parallel_dims", "tag"),
+    ),
+    Seam(
+        f"{_METRICS}.__init__",
+        "attributes",
+        "swallow_titan.metrics.SwallowMetricsProcessor.log",
+        "The counters log() reads and resets.",
+        attributes=(
+            "device_memory_monitor",
+            "ntokens_since_last_log",
+            "data_loading_times",
+            "time_last_log",
+            "logger",
+        ),
+    ),
+    Seam(
+        f"{_METRICS}.log",
+        "reimplemented",
+        "swallow_titan.metrics.SwallowMetricsProcessor.log",
+        "Our scalars, TensorBoard writer and progress line with ETA.",
+        params=("self", "step", "global_avg_loss", "global_max_loss", "grad_norm",
+                "extra_metrics"),
+        source_sha256="3c99cf39c0a796ce",
+    ),
+    Seam(
+        f"{_METRICS}.log_validation",
+        "reimplemented",
+        "swallow_titan.metrics.SwallowMetricsProcessor.log_validation",
+        "A single validation loss is logged as one set.",
+        params=("self", "loss", "step", "extra_metrics"),
+        source_sha256="803a61e555750782",
+    ),
+    Seam(
+        f"{_METRICS}.close",
+        "override",
+        "swallow_titan.metrics.SwallowMetricsProcessor.close",
+        "Closes our TensorBoard writer.",
+        params=("self",),
+    ),
+    # ----------------------------------------------------------------- TrainSpec
+    Seam(
+        "torchtitan.protocols.train_spec._extra_train_specs",
+        "private",
+        "swallow_titan.train_spec, benchmarks/stock_torchtitan.py",
+        "Registering twice raises; importing train_spec again must not.",
+    ),
+    # ------------------------------------------------------------- torch (kernels)
+    Seam(
+        "torch.distributed.distributed_c10d._resolve_process_group",
+        "private",
+        "kernels.cross_entropy",
+        "The fused loss's custom op gets a process group by name (ops take no "
+        "groups); a C++ builtin, so only its presence is checked.",
+    ),
+    Seam(
+        "torch.distributed.tensor._utils.compute_local_shape_and_global_offset",
+        "private",
+        "kernels.cross_entropy",
+        "This rank's vocabulary slice of a TP-sharded output weight.",
+        params=("global_shape", "mesh", "placements"),
+    ),
+    Seam(
+        "torch.distributed.fsdp.FSDPModule.set_force_sum_reduction_for_comms",
+        "private",
+        "swallow_titan.model.parallelize.force_sum_reduction",
+        "gloo lacks PREMUL_SUM; with a divide factor of 1 SUM is the same arithmetic.",
+        params=("self", "enable"),
+    ),
+)
+
+
+def resolve(target: str) -> Any:
+    """The object a dotted path names: the longest importable module, then attributes."""
+    parts = target.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        for name in parts[cut:]:
+            obj = inspect.getattr_static(obj, name)
+            if isinstance(obj, (staticmethod, classmethod)):
+                obj = obj.__func__
+        return obj
+    raise ImportError(f"no module in {target!r}")
+
+
+def source_hash(obj: Any) -> str:
+    """First 16 hex digits of the sha256 of ``obj``'s source."""
+    return hashlib.sha256(inspect.getsource(obj).encode()).hexdigest()[:16]
+
+
+def _assigned_attributes(init: Any) -> set[str]:
+    return set(re.findall(r"\bself\.(\w+)\s*(?::[^=\n]+)?=(?!=)", inspect.getsource(init)))
+
+
+def seam_problems(seams: tuple[Seam, ...] = SEAMS) -> list[str]:
+    """What no longer matches in the installed torch / torchtitan, one line per problem."""
+    problems = []
+    for seam in seams:
+        where = f"{seam.target} ({seam.kind}, used in {seam.used_in})"
+        try:
+            obj = resolve(seam.target)
+        except (ImportError, AttributeError) as e:
+            problems.append(f"{where}: not found ({e})")
+            continue
+        if seam.params is not None:
+            try:
+                params = tuple(inspect.signature(obj).parameters)
+            except (TypeError, ValueError) as e:
+                problems.append(f"{where}: no signature ({e})")
+                continue
+            if params[: len(seam.params)] != seam.params:
+                problems.append(f"{where}: parameters are {params}, expected {seam.params}")
+        if seam.source_sha256 is not None:
+            found = source_hash(obj)
+            if found != seam.source_sha256:
+                problems.append(
+                    f"{where}: torchtitan's source changed (sha256 {found}, pinned "
+                    f"{seam.source_sha256}); compare it with {seam.used_in}, port what "
+                    "matters, then update the hash"
+                )
+        missing = sorted(set(seam.attributes) - _assigned_attributes(obj)) if seam.attributes else []
+        if missing:
+            problems.append(f"{where}: no longer sets self.{', self.'.join(missing)}")
+    return problems
+
+
+# ------------------------------------------------------------ the patches
+
+
+def _report_cpu() -> str:
+    return "cpu"
+
+
+def select_device() -> str:
+    """Select the device type torchtitan will use and return it.
+
+    Idempotent. Raises if torchtitan was imported earlier on a CPU-only machine,
+    because its device choice can no longer be changed then.
+    """
+    from swallow_titan.device import CpuDeviceModule, gpu_available
+
+    if gpu_available():
+        return torch._utils._get_available_device_type()
+    if "torchtitan.tools.utils" in sys.modules:
+        imported = sys.modules["torchtitan.tools.utils"].device_type
+        if imported != "cpu":
+            raise RuntimeError(
+                "torchtitan was imported before swallow_titan on a machine without "
+                f"a GPU, so it picked device type {imported!r}. Import swallow_titan "
+                "first."
+            )
+    torch._utils._get_available_device_type = _report_cpu
+    import torchtitan.tools.utils as titan_utils
+
+    # Modules importing `device_module` by name do so later, and get this one.
+    if not isinstance(titan_utils.device_module, CpuDeviceModule):
+        titan_utils.device_module = CpuDeviceModule()
+    return "cpu"
+
+
+def use_cpu_profiler_in_stock_trainer() -> None:
+    """Give torchtitan's own Trainer a profiler that works without a GPU."""
+    import torchtitan.train
+
+    from swallow_titan.profiling import maybe_enable_profiling
+
+    if not torch.cuda.is_available():
+        torchtitan.train.maybe_enable_profiling = maybe_enable_profiling
