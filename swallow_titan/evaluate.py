@@ -130,7 +130,9 @@ def build_model(source: ModelSource, max_length: int, dtype: torch.dtype, device
         from torch.distributed.device_mesh import init_device_mesh
 
         mesh = init_device_mesh(device.type, (world,))
-        policy = MixedPrecisionPolicy(param_dtype=None if dtype == torch.float32 else dtype, reduce_dtype=torch.float32)
+        # fp32 weights are gathered as they are; bf16 compute casts them.
+        param_dtype = None if dtype == torch.float32 else dtype
+        policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
         for layer in model.layers.values():
             fully_shard(layer, mesh=mesh, mp_policy=policy)
         fully_shard(model, mesh=mesh, mp_policy=policy)
@@ -151,7 +153,9 @@ def build_model(source: ModelSource, max_length: int, dtype: torch.dtype, device
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m swallow_titan.evaluate", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m swallow_titan.evaluate", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("source", help="run checkpoint folder, one DCP checkpoint, or an HF folder")
     p.add_argument("--tasks", required=True, help="comma-separated lm-eval task or group names")
     p.add_argument("--include-path", default="", help="folder of extra task YAML files")
@@ -191,6 +195,12 @@ def main(argv: list[str] | None = None) -> int:
             raise EvaluateInputError("--tasks: name at least one task")
         source = resolve_source(args.source, args.step, args.tokenizer)
         tokenizer = Llama3Tokenizer(source.tokenizer_path)
+        max_length = args.max_length or source.max_length
+        if not 0 < args.max_gen_toks < max_length:
+            raise EvaluateInputError(
+                f"--max-gen-toks {args.max_gen_toks}: must be between 1 and the model's "
+                f"maximum length {max_length} (--max-length)"
+            )
         problems = check_tasks(tasks, args.include_path)
         if problems:
             raise EvaluateInputError("\n".join(problems))
@@ -201,7 +211,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         default_dtype = "bfloat16" if device.type == "cuda" else "float32"
         dtype = getattr(torch, args.dtype or default_dtype)
-        max_length = args.max_length or source.max_length
         model = build_model(source, max_length, dtype, device)
         lm = SwallowLM(
             ModelRunner(forward=model, device=device, dp_rank=rank, dp_size=world),

@@ -34,7 +34,9 @@ def write_hf_tokenizer(folder: Path, tokenizer_model: Path) -> None:
     ).converted()
     bos = "<|begin_of_text|>"
     converted.post_processor = processors.TemplateProcessing(
-        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, Llama3Tokenizer(tokenizer_model).bos_id)]
+        single=f"{bos} $A",
+        pair=f"{bos} $A {bos} $B",
+        special_tokens=[(bos, Llama3Tokenizer(tokenizer_model).bos_id)],
     )
     fast = PreTrainedTokenizerFast(
         tokenizer_object=converted,

@@ -194,3 +194,12 @@ def test_the_cost_of_generation_grows_with_the_square_of_the_answer_length():
     # No KV cache: G passes over prompt + up to G tokens: 10 x G x (100 + G / 2).
     assert (short, long) == (10 * 10 * 105, 10 * 100 * 150)
     assert forward_tokens(TaskCost(10, 4, 100), 5) == (5 * 4 * 100, 0.0)
+
+
+def test_evaluate_names_a_source_it_cannot_evaluate(tmp_path, capsys):
+    from swallow_titan.evaluate import main
+
+    assert main([str(tmp_path / "absent"), "--tasks", MC_TASK]) == 2
+    assert "absent: no such file or folder" in capsys.readouterr().err
+    assert main([str(tmp_path), "--tasks", MC_TASK]) == 2
+    assert f"{tmp_path}: no checkpoint here" in capsys.readouterr().err

@@ -174,7 +174,7 @@ def test_evaluate_cli_on_the_hf_folder_gives_the_same_results(hf_tiny, both, cap
     monkeypatch.chdir(EVAL_TASKS.parent.parent)
     code = main([
         str(hf_tiny), "--tasks", f"{MC_TASK},{QA_TASK}", "--include-path", str(EVAL_TASKS),
-        "--max-length", str(MAX_LENGTH), "--batch-size", "5", "--json",
+        "--max-length", str(MAX_LENGTH), "--max-gen-toks", "16", "--batch-size", "5", "--json",
     ])
     assert code == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
