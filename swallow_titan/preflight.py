@@ -25,6 +25,7 @@ from swallow_titan.data.sources import (
     check_source,
     local_files,
 )
+from swallow_titan.data.stages import check_stages
 from swallow_titan.data.tokenizer import Llama3Tokenizer, TokenizerFileError
 from swallow_titan.eval import EvalUnavailableError, require_lm_eval
 from swallow_titan.hf.hf_config import HFConfigError, check_hf_config_matches_flavor
@@ -135,6 +136,8 @@ def _check_sources(config, source: str) -> None:
         for where, s in entries:
             check_source(s, where)
         check_data_options(config.data, f"{source}: data")
+        check_stages(config.data.sources, config.data.stages, config.training.steps,
+                     f"{source}: data")
     except DataSourceError as e:
         raise ConfigError(str(e)) from None
 

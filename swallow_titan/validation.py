@@ -5,12 +5,14 @@ Every ``validation.freq`` steps each set is evaluated and logged as
 ``val/loss`` / ``val/perplexity`` (each set counts the same, whatever its size).
 
 A set is the first ``sequences`` windows of its documents, tokenised and
-packed like the training data at ``validation.seq_len``, rounded down to whole
-global batches (``validation.local_batch_size`` x data-parallel degree). The
-windows are built once, on first use, from the same global stream on every
-rank; each rank keeps its slice. So every rank runs the same number of
-batches (FSDP/TP collectives stay matched) and every validation sees the same
-tokens, for any number of GPUs up to that rounding.
+packed like the training data at ``validation.seq_len`` by the training path's
+reader and lane (``data.dataloader.held_out_batches``: file order, bad records
+skipped and counted), rounded down to whole global batches
+(``validation.local_batch_size`` x data-parallel degree). The windows are built
+once, on first use, and are the same on every rank; each rank keeps its slice.
+So every rank runs the same number of batches (FSDP/TP collectives stay
+matched) and every validation sees the same tokens, for any number of GPUs up
+to that rounding.
 
 The forward pass and the loss reduction are torchtitan's ``Validator.validate``
 (which handles TP, CP and PP), run once per set: it hands each set's loss to
@@ -24,7 +26,6 @@ recipe's validation shapes).
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -33,8 +34,7 @@ from torchtitan.components.validate import Validator
 from torchtitan.tools.logging import logger
 
 from swallow_titan.config.sections import FUSED_LOSS, DataSource, ValidationSet
-from swallow_titan.data.dataloader import Batch, GlobalStreamDataLoader
-from swallow_titan.data.mixture import MixtureStream
+from swallow_titan.data.dataloader import Batch, held_out_batches
 from swallow_titan.loss import LABELS_KEY
 
 
@@ -107,15 +107,17 @@ class PerDomainValidator(Validator):
         config = self.job_config.validation
         per_batch = sequences_per_batch(self.job_config, self.dp_world_size)
         wanted = validation_set.sequences // per_batch * per_batch
-        stream = MixtureStream([set_source(validation_set)], self.tokenizer, config.seq_len)
-        loader = GlobalStreamDataLoader(
-            itertools.islice(stream, wanted),  # type: ignore[arg-type]
-            config.local_batch_size,
-            self.dp_rank,
-            self.dp_world_size,
+        batches = held_out_batches(
+            set_source(validation_set),
+            self.tokenizer,
+            seq_len=config.seq_len,
+            sequences=validation_set.sequences,
+            local_batch_size=config.local_batch_size,
+            dp_rank=self.dp_rank,
+            dp_world_size=self.dp_world_size,
             emit_positions=self.job_config.data.reset_position_ids,
+            max_chars=self.job_config.data.max_document_chars,
         )
-        batches = list(loader)
         got = len(batches) * per_batch
         if got < validation_set.sequences:
             logger.warning(

@@ -77,7 +77,7 @@ def test_cli_names_a_hub_source_that_cannot_be_reached(tmp_path):
 def test_plan_gives_epochs_from_the_users_source_size():
     config = load_job_config(RECIPE, [])
     total = 25035 * 1024 * 8192
-    sources = {s["name"]: s for s in plan_sources(config, total)}
+    sources = {s["name"]: s for s in plan_sources(config, total, 1024)}
     code = sources["code_swallowcode"]
     assert code["available_tokens"] == 16_100_000_000 and code["available_from"] == "num_tokens"
     assert code["planned_tokens"] == round(total * code["share"])
@@ -91,7 +91,7 @@ def test_plan_gives_epochs_from_the_users_source_size():
 def test_plan_estimates_the_size_of_local_sources_from_a_sample():
     config = load_job_config(TINY_CONFIG, [])
     tok = tiny_tokenizer()
-    for s in plan_sources(config, total_tokens=1_000_000):
+    for s in plan_sources(config, total_tokens=1_000_000, slots=16):
         name = s["name"].removesuffix("_sample")
         true = sum(len(tok.encode(json.loads(line)["text"])) + 2
                    for line in (SAMPLES / f"{name}.jsonl").open())

@@ -118,6 +118,14 @@ class _Checker:
                     key, f"expected {_type_name(tp)}, got {_value_desc(value)}"
                 )
             return [self.convert(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
+        if origin is dict:
+            key_type, value_type = typing.get_args(tp) or (Any, Any)
+            if not isinstance(value, dict):
+                raise self.error(key, f"expected a table, got {_value_desc(value)}")
+            return {
+                self.convert(key_type, k, key): self.convert(value_type, v, f"{key}.{k}")
+                for k, v in value.items()
+            }
         if dataclasses.is_dataclass(tp):
             if not isinstance(value, dict):
                 raise self.error(key, f"expected a table, got {_value_desc(value)}")

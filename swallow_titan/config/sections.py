@@ -35,7 +35,13 @@ class DataSource:
     """Label for metrics and reports, e.g. ja, en, code or math."""
 
     path: str = ""
-    """Local files: a path or glob of .jsonl, .jsonl.gz, .json or .parquet."""
+    """Local files: a path or glob of .jsonl, .jsonl.gz, .json or .parquet
+    (with ``format = "megatron"``: of Megatron .bin files, each with its .idx)."""
+
+    format: Literal["text", "megatron"] = "text"
+    """"text": documents are text records, tokenised while training.
+    "megatron": Megatron-LM indexed datasets (.bin + .idx) of token ids, read
+    without a tokenizer (ids checked against its vocabulary)."""
 
     hf_dataset: str = ""
     """A Hugging Face hub dataset id (read with streaming); excludes ``path``."""
@@ -62,11 +68,30 @@ class DataSource:
 
 
 @dataclass
+class MixtureStage:
+    """One ``[[data.stages]]`` entry: the mixture for a range of steps."""
+
+    name: str = ""
+    """Unique name, shown in logs, the plan and the data CLI."""
+
+    until_step: int = 0
+    """Last step of the stage; the stage after it starts at the next step. The
+    last stage runs to the end of training (its until_step may be left out)."""
+
+    weights: dict[str, float] = field(default_factory=dict)
+    """Source name -> weight in this stage; a source not listed has weight 0."""
+
+
+@dataclass
 class Data:
     """``[data]``: the training document sources and how they are packed."""
 
     sources: list[DataSource] = field(default_factory=list)
     """The ``[[data.sources]]`` entries."""
+
+    stages: list[MixtureStage] = field(default_factory=list)
+    """The ``[[data.stages]]`` entries, in order; without any, the sources'
+    ``weight`` is the mixture for the whole run."""
 
     seed: int = 1234
     """Seed of the data order (document shuffling; the mixture needs none)."""

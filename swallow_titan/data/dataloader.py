@@ -19,15 +19,15 @@ of the last window it handed to the trainer, so the saved state never includes
 windows that workers prefetched but training did not use. Results are the same
 for any number of workers.
 
-``GlobalStreamDataLoader`` (every rank computes one global stream and keeps its
-slice) remains for the small held-out sets of validation, where every rank must
-see the stream end at the same batch.
+``held_out_batches`` builds the small held-out sets of validation through the
+same reader and lane, read once in file order; every rank computes all of a
+set's windows and keeps its slice, so every rank sees the set end at the same
+batch.
 """
 
 from __future__ import annotations
 
 import json
-import pickle
 from collections.abc import Iterator
 from typing import Any
 
@@ -37,7 +37,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchtitan.components.dataloader import BaseDataLoader
 from torchtitan.tools.logging import logger
 
-from swallow_titan.data.mixture import MixtureStream
+from swallow_titan.config.sections import DataSource
+from swallow_titan.data.lane import Lane
+from swallow_titan.data.records import whole_file_unit
+from swallow_titan.data.sharding import LaneSpec
 from swallow_titan.data.slots import (
     SlotWindow,
     StreamSpec,
@@ -46,6 +49,7 @@ from swallow_titan.data.slots import (
     fresh_slot_state,
     iter_slot_batches,
 )
+from swallow_titan.data.sources import source_files
 from swallow_titan.data.tokenizer import Llama3Tokenizer
 
 Batch = tuple[dict[str, torch.Tensor], torch.Tensor]
@@ -99,6 +103,7 @@ class SlotDataLoader(BaseDataLoader):
         }
         self._epochs_logged: dict[str, int] = {}
         self._stops_logged: set[str] = set()
+        self._stage_logged = -1
 
     @property
     def microsteps(self) -> int:
@@ -158,6 +163,14 @@ class SlotDataLoader(BaseDataLoader):
 
     def _consume(self, window: SlotWindow) -> None:
         self._consumed[window.slot] = window.state
+        stage = window.state["stage"]
+        if stage > self._stage_logged and len(self.spec.stages) > 1:
+            self._stage_logged = stage
+            weights = window.state["stage_weights"]
+            logger.info(
+                f"data stage {window.state['stage_name']!r} ({stage + 1} of "
+                f"{len(self.spec.stages)}) begins at step {window.batch + 1}: weights {weights}"
+            )
         name = self.spec.sources[window.source].name
         lane = window.state["lanes"][name]
         epoch = lane["epoch"] + 1
@@ -193,7 +206,8 @@ class SlotDataLoader(BaseDataLoader):
         source, the difference is extrapolated to all slots. ``epoch`` is the
         highest epoch (1-based) any of this rank's lanes of the source reached;
         ``documents``, ``skipped`` and ``skipped/<reason>`` count this rank's
-        reading only.
+        reading only. ``data/stage`` is the 1-based number of the mixture stage
+        of the last batch handed to training (0 before the first).
         """
         names = self.spec.names
         states = self.consumed_states()
@@ -204,6 +218,7 @@ class SlotDataLoader(BaseDataLoader):
             drift = sum(s["taken"][name] - s["scheduled"][name] for s in states)
             sequences[name] = max(states[0]["counts"][name] + drift * scale, 0.0)
         total = sum(sequences.values()) or 1.0
+        out["data/stage"] = states[0]["stage"] + 1
         for name in names:
             lanes = [s["lanes"][name] for s in states]
             prefix = f"data/{name}/"
@@ -256,6 +271,7 @@ class SlotDataLoader(BaseDataLoader):
                 )
                 if lane["stopped"]:
                     self._stops_logged.add(name)
+            self._stage_logged = max(self._stage_logged, state.get("stage", -1))
 
 
 def _unchanged(item):
@@ -325,6 +341,7 @@ def build_dataloader(
         seed=data.seed,
         block_docs=data.shuffle_block_docs,
         max_chars=data.max_document_chars,
+        stages=data.stages,
     )
     loader_config = job_config.training.dataloader
     return SlotDataLoader(
@@ -338,58 +355,45 @@ def build_dataloader(
     )
 
 
-class GlobalStreamDataLoader(BaseDataLoader):
-    """Every rank computes the same global stream and keeps its slice.
-
-    For small held-out sets (validation): every rank sees the stream end at the
-    same batch. Global batch ``b`` is the ``local_batch_size * dp_world_size``
-    windows after batch ``b - 1``; rank ``r`` takes windows
-    ``[r * local_batch_size, (r + 1) * local_batch_size)`` of it.
-    """
-
-    def __init__(
-        self,
-        stream: MixtureStream,
-        local_batch_size: int,
-        dp_rank: int,
-        dp_world_size: int,
-        emit_positions: bool,
-    ):
-        if not 0 <= dp_rank < dp_world_size:
-            raise ValueError(f"dp_rank {dp_rank} outside [0, {dp_world_size})")
-        self.stream = stream
-        self.local_batch_size = local_batch_size
-        self.dp_rank = dp_rank
-        self.dp_world_size = dp_world_size
-        self.emit_positions = emit_positions
-        self.batches_yielded = 0
-
-    def __iter__(self) -> Iterator[Batch]:
-        first = self.dp_rank * self.local_batch_size
-        mine = range(first, first + self.local_batch_size)
-        while True:
-            windows = []
-            for i in range(self.local_batch_size * self.dp_world_size):
-                try:
-                    window = next(self.stream)
-                except StopIteration:
-                    return
-                if i in mine:
-                    windows.append(window)
-            self.batches_yielded += 1
-            tokens = torch.stack([w.tokens for w in windows])
-            inputs = {"input": tokens[:, :-1]}
-            if self.emit_positions:
-                inputs["positions"] = torch.stack([w.positions for w in windows])[:, :-1]
-            yield inputs, tokens[:, 1:]
-
-    def state_dict(self) -> dict[str, Any]:
-        state = {"stream": self.stream.state_dict(), "batches": self.batches_yielded}
-        return {"global_stream": pickle.dumps(state)}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if not state_dict:
-            return
-        state = pickle.loads(state_dict["global_stream"])
-        self.stream.load_state_dict(state["stream"])
-        self.batches_yielded = state["batches"]
+def held_out_batches(
+    source: DataSource,
+    tokenizer: Llama3Tokenizer,
+    *,
+    seq_len: int,
+    sequences: int,
+    local_batch_size: int,
+    dp_rank: int,
+    dp_world_size: int,
+    emit_positions: bool,
+    max_chars: int = 1 << 62,
+) -> list[Batch]:
+    """This rank's batches of the first ``sequences`` windows of ``source``
+    (rounded down to whole global batches of ``local_batch_size *
+    dp_world_size``), read once, in file order, by the training path's reader
+    and lane. Every rank computes the same windows and keeps rows
+    ``[dp_rank * B, (dp_rank + 1) * B)`` of each global batch, so all ranks
+    get the same number of batches."""
+    if not 0 <= dp_rank < dp_world_size:
+        raise ValueError(f"dp_rank {dp_rank} outside [0, {dp_world_size})")
+    per_batch = local_batch_size * dp_world_size
+    wanted = sequences // per_batch * per_batch
+    units = tuple(whole_file_unit(f) for f in source_files(source))
+    # block_docs = 0: no shuffling, the documents in file order; one epoch.
+    lane = Lane(source, LaneSpec(units), 0, tokenizer, seq_len, 0, 0, max_chars)
+    windows = []
+    while len(windows) < wanted:
+        window = lane.next_window()
+        if window is None:
+            break
+        windows.append(window)
+    usable = len(windows) // per_batch * per_batch
+    first = dp_rank * local_batch_size
+    batches = []
+    for start in range(0, usable, per_batch):
+        rows = windows[start + first : start + first + local_batch_size]
+        tokens = torch.from_numpy(np.stack([t for t, _ in rows]))
+        inputs = {"input": tokens[:, :-1]}
+        if emit_positions:
+            inputs["positions"] = torch.from_numpy(np.stack([p for _, p in rows]))[:, :-1]
+        batches.append((inputs, tokens[:, 1:]))
+    return batches

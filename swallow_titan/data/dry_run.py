@@ -6,12 +6,14 @@
 
 Reads ``N`` global batches as data-parallel rank ``R`` of ``S`` would (its
 slots only; ``S`` defaults to the data-parallel degree of the config's layout
-on ``G`` x ``M`` processes, ``G`` to the visible GPUs, else 1), then prints per source the input tokens, documents, realised share,
-epochs and skipped records by reason, and the tokens per second. ``--json``
+on ``G`` x ``M`` processes, ``G`` to the visible GPUs, else 1), then prints per
+source the input tokens, documents, realised share, epochs and skipped records
+by reason, the tokens per second and the mixture stage reached. ``--json``
 prints one object instead: ``{"sources": [{"name", "domain", "weight",
 "tokens", "documents", "share", "epochs", "skipped": {reason: n}}],
-"sequences": n, "tokens_per_s": x}``. ``--dump FILE`` writes every packed
-sequence as a JSON line ``{"tokens": [...], "segments": [{"source", "start",
+"sequences": n, "tokens_per_s": x, "stage": {"name", "number", "stages"}}``
+(``stage``: the ``[[data.stages]]`` entry of the last batch read). ``--dump
+FILE`` writes every packed sequence as a JSON line ``{"tokens": [...], "segments": [{"source", "start",
 "end"}]}`` (one segment per document piece, token ranges with ``end``
 exclusive), exactly what the model would see (inputs are ``tokens[:-1]``,
 labels ``tokens[1:]``).
@@ -48,12 +50,14 @@ def window_segments(window: SlotWindow, source_name: str) -> list[dict]:
 
 
 def source_report(loader: SlotDataLoader, sequences_by_source: dict[str, int]) -> list[dict]:
-    """Per source: what this rank's slots read and packed."""
+    """Per source: its weight (in the mixture stage reached), and what this
+    rank's slots read and packed."""
     seq_len = loader.spec.seq_len
     total = sum(sequences_by_source.values()) or 1
     states = loader.consumed_states()
+    weights = loader.spec.stages[max(states[0]["stage"], 0)].weights
     out = []
-    for source in loader.spec.sources:
+    for source, weight in zip(loader.spec.sources, weights):
         lanes = [s["lanes"][source.name] for s in states]
         skipped: dict[str, int] = {}
         for lane in lanes:
@@ -64,7 +68,7 @@ def source_report(loader: SlotDataLoader, sequences_by_source: dict[str, int]) -
             {
                 "name": source.name,
                 "domain": source.domain,
-                "weight": source.weight,
+                "weight": weight,
                 "tokens": sequences * seq_len,
                 "documents": sum(lane["documents"] for lane in lanes),
                 "share": sequences / total,
@@ -97,10 +101,16 @@ def run(loader: SlotDataLoader, batches: int, dump=None) -> dict:
                 }
                 dump.write(json.dumps(record) + "\n")
     elapsed = time.perf_counter() - start
+    stage = loader.consumed_states()[0]["stage"]
     return {
         "sources": source_report(loader, sequences_by_source),
         "sequences": sequences,
         "tokens_per_s": sequences * loader.spec.seq_len / max(elapsed, 1e-9),
+        "stage": {
+            "name": loader.spec.stages[stage].name if stage >= 0 else "",
+            "number": stage + 1,
+            "stages": len(loader.spec.stages),
+        },
     }
 
 
@@ -119,6 +129,12 @@ def format_report(report: dict, header: str) -> str:
     lines.append(
         f"  {report['sequences']:,} sequences, {report['tokens_per_s']:,.0f} tokens/s"
     )
+    stage = report["stage"]
+    if stage["stages"] > 1:
+        lines.append(
+            f"  mixture stage {stage['name']!r} ({stage['number']} of {stage['stages']}) "
+            "at the last batch read"
+        )
     return "\n".join(lines)
 
 

@@ -58,6 +58,20 @@ def seeded_permutation(n: int, *key: object) -> list[int]:
     return order
 
 
+def tokenize_text(tokenizer: Llama3Tokenizer, text: str) -> tuple[list[int] | None, str | None]:
+    """(ids, None), or (None, reason) for text the tokenizer cannot encode."""
+    try:
+        return tokenizer.encode_ordinary(text), None
+    except Exception:
+        return None, "tokenizer_error"
+    except BaseException as e:
+        # tiktoken's Rust panics surface as pyo3's PanicException, which is
+        # a BaseException; anything else (KeyboardInterrupt, ...) goes on.
+        if type(e).__name__ != "PanicException":
+            raise
+        return None, "tokenizer_panic"
+
+
 @dataclass
 class LaneState:
     """Where a lane is; JSON-able, saved in checkpoints."""
@@ -150,10 +164,10 @@ class Lane:
                 continue
             u_pos, record = self._block[self._pos]
             self._pos += 1
-            if record.text is None:
+            if not record.usable:
                 self._skip(record.reason, u_pos, record)
                 continue
-            ids = self._tokenize(u_pos, record)
+            ids = self._document_ids(u_pos, record)
             if ids is None:
                 continue
             state.documents += 1
@@ -163,19 +177,34 @@ class Lane:
             return True
         return False
 
+    def _document_ids(self, u_pos: int, record: Record) -> list[int] | None:
+        """The document's token ids without BOS/EOS (the packer adds them), or
+        None when it is skipped (and counted)."""
+        if record.ids is None:
+            return self._tokenize(u_pos, record)
+        ids = record.ids.astype(np.int64)
+        # Megatron corpora may store BOS (the tokenizer adds it) and EOS
+        # (--append-eod): drop them so the packer's are not doubled.
+        start = 1 if len(ids) and ids[0] == self._tokenizer.bos_id else 0
+        stop = len(ids) - 1 if len(ids) > start and ids[-1] == self._tokenizer.eos_id else len(ids)
+        ids = ids[start:stop]
+        if len(ids) == 0:
+            self._skip("empty", u_pos, record)
+            return None
+        if (
+            (ids < 0).any()
+            or (ids >= self._tokenizer.n_words).any()
+            or (record.ids.dtype.kind == "f" and not np.array_equal(ids, record.ids[start:stop]))
+        ):
+            self._skip("token_out_of_range", u_pos, record)
+            return None
+        return ids.tolist()
+
     def _tokenize(self, u_pos: int, record: Record) -> list[int] | None:
-        try:
-            return self._tokenizer.encode_ordinary(record.text)
-        except Exception:
-            reason = "tokenizer_error"
-        except BaseException as e:
-            # tiktoken's Rust panics surface as pyo3's PanicException, which is
-            # a BaseException; anything else (KeyboardInterrupt, ...) goes on.
-            if type(e).__name__ != "PanicException":
-                raise
-            reason = "tokenizer_panic"
-        self._skip(reason, u_pos, record)
-        return None
+        ids, reason = tokenize_text(self._tokenizer, record.text)
+        if ids is None:
+            self._skip(reason, u_pos, record)
+        return ids
 
     def _skip(self, reason: str, u_pos: int, record: Record) -> None:
         skipped = self.state.skipped
@@ -249,7 +278,7 @@ class Lane:
         self._pos = state.item
         if state.emitted and state.item < len(self._block):
             u_pos, record = self._block[state.item]
-            ids = self._tokenizer.encode_ordinary(record.text)
+            ids = self._document_ids(u_pos, record)
             self._packer.add(ids, skip=state.emitted)
             self._current_len = len(ids) + 2
             self._pos = state.item + 1

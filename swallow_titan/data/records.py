@@ -2,7 +2,9 @@
 
 A ``ReadUnit`` is what one lane (or a few lanes sharing it) reads: a byte range
 of an uncompressed JSON Lines file (lines that *start* inside the range), some
-row groups of a Parquet file, or a whole compressed/JSON-array file. Records
+row groups of a Parquet file, a whole compressed/JSON-array file, or a range of
+documents of a Megatron ``.bin`` (``megatron.py``), whose records carry token
+ids instead of text. Records
 are numbered within their unit; a lane that shares a unit with ``stride - 1``
 others takes the records whose number is ``phase`` modulo ``stride`` and parses
 no others.
@@ -11,8 +13,11 @@ Bad records are returned with a reason instead of text, never raised:
 ``malformed_json``, ``invalid_utf8``, ``missing_text``, ``not_string``,
 ``empty`` (nothing but whitespace), ``too_long`` (over ``max_chars``) and
 ``unreadable`` (a file that breaks off mid-way, e.g. a truncated gzip, which
-ends its unit). A file that cannot be opened at all, or a Parquet file without
-the text column, raises ``DataSourceError`` naming the source and file.
+ends its unit; or a Megatron document whose index entry points outside its
+``.bin``). The lane adds ``tokenizer_panic`` / ``tokenizer_error`` (text that
+tiktoken cannot encode) and ``token_out_of_range`` (a Megatron document with
+an id outside the tokenizer's vocabulary). A file that cannot be opened at
+all, or a Parquet file without the text column, raises ``DataSourceError`` naming the source and file.
 """
 
 from __future__ import annotations
@@ -24,6 +29,9 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
+
+from swallow_titan.data.megatron import open_index
 from swallow_titan.data.sources import DataSourceError, SourceFile
 
 SKIP_REASONS = (
@@ -36,6 +44,7 @@ SKIP_REASONS = (
     "unreadable",
     "tokenizer_panic",
     "tokenizer_error",
+    "token_out_of_range",
 )
 
 _NO_LIMIT = 1 << 62
@@ -46,10 +55,10 @@ class ReadUnit:
     """A piece of one file that lanes read (see the module docstring)."""
 
     path: str
-    format: str  # "jsonl", "json" or "parquet"
+    format: str  # "jsonl", "json", "parquet" or "megatron"
     compression: str  # "", "gzip" or "zstd"
-    start: int = 0  # jsonl: first byte; parquet: first row group
-    end: int = -1  # jsonl: end byte (exclusive); parquet: end row group; -1: to the end
+    start: int = 0  # jsonl: first byte; parquet: first row group; megatron: first document
+    end: int = -1  # the same, exclusive; -1: to the end
     size: int = 0  # bytes, to balance the slots
 
     @property
@@ -58,6 +67,8 @@ class ReadUnit:
         return self.format == "jsonl" and not self.compression
 
     def describe(self) -> str:
+        if self.format == "megatron" and (self.start or self.end >= 0):
+            return f"{self.path} (documents {self.start}..{self.end})"
         if self.format == "parquet" and (self.start or self.end >= 0):
             return f"{self.path} (row groups {self.start}..{self.end})"
         if self.seekable_lines and (self.start or self.end >= 0):
@@ -72,12 +83,18 @@ def whole_file_unit(file: SourceFile) -> ReadUnit:
 @dataclass(frozen=True)
 class Record:
     """One record of a unit: its number, where its line starts (seekable JSON
-    Lines only, else -1), and its text or the reason it was skipped."""
+    Lines only, else -1), and its text (token ids for Megatron units) or the
+    reason it was skipped."""
 
     index: int
     offset: int
     text: str | None
     reason: str | None = None
+    ids: np.ndarray | None = None
+
+    @property
+    def usable(self) -> bool:
+        return self.text is not None or self.ids is not None
 
 
 def open_binary(path: str, source_name: str):
@@ -153,6 +170,9 @@ def iter_records(
     """The records of ``unit`` numbered ``phase`` mod ``stride``, from record
     ``start_index`` on (reached directly through ``start_offset``, the byte
     offset of that record's line, when the unit is seekable)."""
+    if unit.format == "megatron":
+        yield from _megatron_records(unit, source_name, stride, phase, start_index)
+        return
     if unit.format == "parquet":
         yield from _parquet_records(
             unit, text_field, source_name, stride, phase, start_index, max_chars
@@ -185,6 +205,20 @@ def iter_records(
             _warn_unreadable(source_name, unit, index + 1, e)
     finally:
         raw.close()
+
+
+def _megatron_records(
+    unit: ReadUnit, source_name: str, stride: int, phase: int, start_index: int
+) -> Iterator[Record]:
+    index = open_index(unit.path, source_name)
+    end = unit.end if unit.end >= 0 else index.documents
+    first = start_index + (phase - start_index) % stride
+    for number in range(first, end - unit.start, stride):
+        ids = index.document(unit.start + number)
+        if ids is None:
+            yield Record(number, -1, None, "unreadable")
+        else:
+            yield Record(number, -1, None, None, ids)
 
 
 def _warn_unreadable(source_name: str, unit: ReadUnit, index: int, error: Exception) -> None:
@@ -305,8 +339,8 @@ def check_text_field(source, files: list[SourceFile], sample: int = 200) -> None
     """Fail at start-up when the first records of a source's first file hold no
     usable text (a wrong ``text_field``, or not JSON at all), naming the source,
     the file and the fields found."""
-    if not files:
-        return
+    if not files or source.format == "megatron":
+        return  # token ids: megatron.check_vocabulary checks them
     unit = whole_file_unit(files[0])
     reasons: dict[str, int] = {}
     records = iter_records(unit, source.text_field, source.name)

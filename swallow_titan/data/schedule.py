@@ -28,6 +28,7 @@ rate and the slots' shares of a source are read at the same speed.
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Sequence
 from fractions import Fraction
@@ -126,5 +127,62 @@ class MixtureSchedule:
         slot_sources = [by_source[(j + shift) % self.slots] for j in range(self.slots)]
         after = list(counts)
         for s in row:
+            after[s] += 1
+        return slot_sources, after
+
+
+class StagedSchedule:
+    """Mixture stages: from its first batch on, each stage has its own exact
+    schedule (a ``MixtureSchedule`` over the sources it weights), started from
+    zero counts, so within every stage each source stays within one sequence
+    of the stage's weights. Batches keep their slot rotation across stages.
+
+    ``stages`` are ``(first_batch, weights)`` with one weight per source (0:
+    not read in that stage), in order, the first starting at batch 0.
+    """
+
+    def __init__(self, stages: Sequence[tuple[int, Sequence[float]]], slots: int):
+        if not stages or stages[0][0] != 0:
+            raise ValueError("the first mixture stage must start at batch 0")
+        firsts = [first for first, _ in stages]
+        if firsts != sorted(set(firsts)):
+            raise ValueError(f"mixture stages must start at increasing batches, got {firsts}")
+        self.firsts = firsts
+        self.num_sources = len(stages[0][1])
+        self.slots = slots
+        self._active: list[list[int]] = []
+        self._schedules: list[MixtureSchedule] = []
+        self._weights: list[list[int]] = []
+        for _, weights in stages:
+            active = [s for s, w in enumerate(weights) if w > 0]
+            schedule = MixtureSchedule([weights[s] for s in active], slots)
+            full = [0] * self.num_sources
+            for s, w in zip(active, schedule.weights):
+                full[s] = w
+            self._active.append(active)
+            self._schedules.append(schedule)
+            self._weights.append(full)
+
+    def stage_at(self, batch: int) -> int:
+        """The stage (index) that global batch ``batch`` belongs to."""
+        return bisect.bisect_right(self.firsts, batch) - 1
+
+    def weights_at(self, batch: int) -> list[int]:
+        """Integer weights of every source in the stage of ``batch`` (0: unused)."""
+        return self._weights[self.stage_at(batch)]
+
+    def batch(
+        self, batch: int, counts: Sequence[int], base: Sequence[int]
+    ) -> tuple[list[int], list[int]]:
+        """For global batch ``batch``, with ``counts`` sequences per source so
+        far and ``base`` the counts when its stage began: the source of each
+        slot, and the counts after the batch."""
+        stage = self.stage_at(batch)
+        active = self._active[stage]
+        local = [counts[s] - base[s] for s in active]
+        slot_sources, _ = self._schedules[stage].batch(batch, local)
+        slot_sources = [active[s] for s in slot_sources]
+        after = list(counts)
+        for s in slot_sources:
             after[s] += 1
         return slot_sources, after

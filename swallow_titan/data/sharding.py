@@ -10,7 +10,8 @@ what makes resuming on another number of GPUs exact.
    byte ranges (a line belongs to the range it starts in) in proportion to their
    size, at least ``MIN_RANGE_BYTES`` each, and Parquet files into row groups;
    compressed files and JSON arrays stay whole because they cannot be entered
-   in the middle.
+   in the middle. Megatron ``.bin`` files are cut into document ranges of about
+   equal bytes (``megatron.document_boundaries``).
 2. With at least ``G`` units, each unit goes to one slot, largest first to the
    slot with the fewest bytes (LPT), so every slot gets about the same amount of
    data and no unit is read twice.
@@ -22,6 +23,13 @@ what makes resuming on another number of GPUs exact.
    contiguous slot ranges), so this read amplification stays within a rank
    where the block fits in it; it is the only one, and it disappears as soon as
    a source has ``G`` files or one splittable file.
+4. A slot whose part would hold no record (a source with fewer documents, or
+   fewer byte ranges holding a line start, than slots) would have to fill the
+   source's positions from other sources, and the mixture would drift from the
+   weights. Such a *small* source is instead read whole by every slot, each in
+   its own seeded order (``lane.py``), so every slot takes it at its weight's
+   rate. A small source larger than ``WHOLE_SOURCE_MAX_BYTES`` (every slot
+   would read all of it) is refused with what to change.
 """
 
 from __future__ import annotations
@@ -31,10 +39,12 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from swallow_titan.data.records import ReadUnit, open_binary, parquet_file
-from swallow_titan.data.sources import SourceFile
+from swallow_titan.data.megatron import document_boundaries, open_index
+from swallow_titan.data.records import ReadUnit, iter_records, open_binary, parquet_file
+from swallow_titan.data.sources import DataSourceError, SourceFile
 
 MIN_RANGE_BYTES = 4096
+WHOLE_SOURCE_MAX_BYTES = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -45,15 +55,89 @@ class LaneSpec:
     units: tuple[ReadUnit, ...]
     stride: int = 1
     phase: int = 0
+    whole: bool = False  # a small source, read whole by every slot (step 4)
 
     @property
     def size(self) -> int:
         return sum(u.size for u in self.units) // max(self.stride, 1)
 
 
-def plan_lanes(files: Sequence[SourceFile], slots: int, source_name: str) -> list[LaneSpec]:
-    """One ``LaneSpec`` per slot for a source's files."""
-    return assign_lanes(split_units(files, slots, source_name), slots)
+def plan_lanes(
+    files: Sequence[SourceFile],
+    slots: int,
+    source_name: str,
+    text_field: str = "text",
+    max_epochs: float = 0.0,
+) -> list[LaneSpec]:
+    """One ``LaneSpec`` per slot for a source's files (steps 1-4 of the module
+    docstring); raises ``DataSourceError`` for a small source too large to be
+    read whole by every slot, or limited by ``max_epochs`` (every slot reading
+    it whole would repeat it ``slots`` times as often as the limit says)."""
+    units = split_units(files, slots, source_name)
+    lanes = assign_lanes(units, slots)
+    empty = _empty_lanes(lanes, source_name, text_field)
+    if not empty or not units:
+        return lanes
+    total = sum(u.size for u in units)
+    if total > WHOLE_SOURCE_MAX_BYTES:
+        raise DataSourceError(
+            f"[[data.sources]] '{source_name}': {len(empty)} of the {slots} slots "
+            f"(e.g. slot {empty[0]}) would get no record of it, so its share could not "
+            f"be kept exact, and at {total / 2**20:,.0f} MiB it is too large for every "
+            f"slot to read whole (limit {WHOLE_SOURCE_MAX_BYTES >> 20} MiB). Split it "
+            f"into at least {slots} files of about equal size (or into JSON Lines / "
+            "Parquet files, which are split by byte range / row group)"
+        )
+    if max_epochs:
+        raise DataSourceError(
+            f"[[data.sources]] '{source_name}': {len(empty)} of the {slots} slots "
+            f"(e.g. slot {empty[0]}) would get no record of it, so every slot must read "
+            f"all of it to keep its share exact, and max_epochs = {max_epochs:g} cannot "
+            "then limit how often its documents are seen. Remove max_epochs (the source "
+            f"repeats as its weight needs) or give it at least {slots} documents"
+        )
+    return [LaneSpec(tuple(units), 1, 0, whole=True) for _ in range(slots)]
+
+
+def _empty_lanes(lanes: Sequence[LaneSpec], source_name: str, text_field: str) -> list[int]:
+    """The slots whose lane holds no record. Units are opened only as far as
+    needed: up to the first record, or up to one record per sharing slot; a
+    remote unit read by one slot is assumed to hold records (no request)."""
+    phases: dict[tuple[ReadUnit, int], set[int]] = {}
+    empty = []
+    for slot, lane in enumerate(lanes):
+        found = False
+        for unit in lane.units:
+            if unit.size == 0 and "://" not in unit.path:
+                continue
+            if lane.stride == 1 and "://" in unit.path:
+                found = True
+                break
+            key = (unit, lane.stride)
+            if key not in phases:
+                phases[key] = _record_phases(unit, lane.stride, source_name, text_field)
+            if lane.phase in phases[key]:
+                found = True
+                break
+        if not found:
+            empty.append(slot)
+    return empty
+
+
+def _record_phases(unit: ReadUnit, stride: int, source_name: str, text_field: str) -> set[int]:
+    """Which record numbers modulo ``stride`` ``unit`` holds (reading stops
+    once every phase is seen). Bad records count: they are the reader's to
+    skip, and a unit of only bad records is the text-field check's to find."""
+    seen: set[int] = set()
+    records = iter_records(unit, text_field, source_name)
+    try:
+        for record in records:
+            seen.add(record.index % stride)
+            if len(seen) == stride:
+                break
+    finally:
+        records.close()
+    return seen
 
 
 def split_units(files: Sequence[SourceFile], slots: int, source_name: str) -> list[ReadUnit]:
@@ -63,7 +147,9 @@ def split_units(files: Sequence[SourceFile], slots: int, source_name: str) -> li
     total = sum(f.size for f in files)
     units: list[ReadUnit] = []
     for f in files:
-        if _is_plain_json_lines(f, source_name) and f.size > 0 and total > 0:
+        if f.format == "megatron":
+            units.extend(_document_range_units(f, slots, total, source_name))
+        elif _is_plain_json_lines(f, source_name) and f.size > 0 and total > 0:
             pieces = max(1, min(math.ceil(slots * f.size / total), f.size // MIN_RANGE_BYTES))
             bounds = [f.size * i // pieces for i in range(pieces + 1)]
             units.extend(
@@ -84,6 +170,19 @@ def _is_plain_json_lines(f: SourceFile, source_name: str) -> bool:
     # A .json file is JSON Lines unless it starts with "[" (one JSON array).
     with open_binary(f.path, source_name) as raw:
         return raw.read(4096).lstrip()[:1] != b"["
+
+
+def _document_range_units(
+    f: SourceFile, slots: int, total: int, source_name: str
+) -> list[ReadUnit]:
+    index = open_index(f.path, source_name)
+    pieces = max(1, math.ceil(slots * f.size / total)) if total else 1
+    bounds = document_boundaries(index, pieces)
+    return [
+        ReadUnit(f.path, "megatron", "", a, b,
+                 index.document_start_byte(b) - index.document_start_byte(a))
+        for a, b in zip(bounds, bounds[1:])
+    ]
 
 
 def _row_group_units(f: SourceFile, source_name: str) -> list[ReadUnit]:

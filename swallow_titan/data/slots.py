@@ -26,12 +26,14 @@ from typing import Any
 import numpy as np
 from torchtitan.tools.logging import logger
 
-from swallow_titan.config.sections import DataSource
+from swallow_titan.config.sections import DataSource, MixtureStage
 from swallow_titan.data.lane import DEFAULT_BLOCK_DOCS, Lane, LaneState
+from swallow_titan.data.megatron import check_vocabulary, open_index
 from swallow_titan.data.records import check_text_field
-from swallow_titan.data.schedule import MixtureSchedule
+from swallow_titan.data.schedule import StagedSchedule
 from swallow_titan.data.sharding import LaneSpec, plan_lanes
 from swallow_titan.data.sources import DataSourceError, source_files
+from swallow_titan.data.stages import Stage, resolve_stages
 from swallow_titan.data.tokenizer import Llama3Tokenizer
 
 STATE_FORMAT = 1
@@ -43,7 +45,8 @@ class StreamSpec:
 
     sources: list[DataSource]
     lanes: list[list[LaneSpec]]  # [source][slot]
-    schedule: MixtureSchedule
+    schedule: StagedSchedule
+    stages: list[Stage]
     tokenizer: Llama3Tokenizer
     seq_len: int
     seed: int
@@ -68,9 +71,11 @@ def build_stream_spec(
     seed: int,
     block_docs: int = DEFAULT_BLOCK_DOCS,
     max_chars: int = 1 << 62,
+    stages: Sequence[MixtureStage] = (),
 ) -> StreamSpec:
-    """Find every source's files, check they hold the text field, and split
-    them among the ``global_batch`` slots. Errors name the source."""
+    """Find every source's files, check they hold the text field (Megatron
+    files: that they are whole and fit the tokenizer), and split them among
+    the ``global_batch`` slots. Errors name the source."""
     if not sources:
         raise DataSourceError("[data] sources is empty: add at least one [[data.sources]]")
     names = [s.name for s in sources]
@@ -79,13 +84,22 @@ def build_stream_spec(
     lanes = []
     for source in sources:
         files = source_files(source)
-        check_text_field(source, files)
-        lanes.append(plan_lanes(files, global_batch, source.name))
+        if source.format == "megatron":
+            for f in files:
+                index = open_index(f.path, source.name)  # refuses a corrupt pair
+                check_vocabulary(index, tokenizer.n_words, source.name, str(tokenizer.path))
+        else:
+            check_text_field(source, files)
+        lanes.append(
+            plan_lanes(files, global_batch, source.name, source.text_field, source.max_epochs)
+        )
         _log_sharding(source, files, lanes[-1])
+    resolved = resolve_stages(sources, stages)
     return StreamSpec(
         sources=list(sources),
         lanes=lanes,
-        schedule=MixtureSchedule([s.weight for s in sources], global_batch),
+        schedule=StagedSchedule([(s.first_batch, s.weights) for s in resolved], global_batch),
+        stages=resolved,
         tokenizer=tokenizer,
         seq_len=seq_len,
         seed=seed,
@@ -97,6 +111,13 @@ def build_stream_spec(
 def _log_sharding(source: DataSource, files, lanes: list[LaneSpec]) -> None:
     units = {u for lane in lanes for u in lane.units}
     shared = max(lane.stride for lane in lanes)
+    if lanes and lanes[0].whole:
+        logger.info(
+            f"data source '{source.name}': {len(files)} file(s) hold too few documents "
+            f"for {len(lanes)} slots to get one each, so every slot reads all of it in "
+            "its own seeded order (its share stays exact)"
+        )
+        return
     logger.info(
         f"data source '{source.name}': {len(files)} file(s) -> {len(units)} read "
         f"unit(s) for {len(lanes)} slots"
@@ -130,6 +151,10 @@ def fresh_slot_state(spec: StreamSpec, slot: int) -> dict[str, Any]:
         "seq_len": spec.seq_len,
         "seed": spec.seed,
         "batch": 0,
+        "stage": -1,
+        "stage_name": "",
+        "stage_weights": {},
+        "base": dict(zeros),
         "counts": dict(zeros),
         "taken": dict(zeros),
         "scheduled": dict(zeros),
@@ -163,6 +188,25 @@ def check_slot_state(spec: StreamSpec, slot: int, state: dict[str, Any]) -> None
                 f"the checkpoint's data state was saved with {key} = {state[key]}, "
                 f"but the config now has {now}; resume with the same value"
             )
+    stage = state.get("stage", -1)
+    if stage >= 0 and state["batch"] > 0:
+        # The stage the last trained batch belonged to must be the same stage,
+        # with the same weights, in this config: else its schedule cannot go on.
+        now = spec.schedule.stage_at(state["batch"] - 1)
+        name, weights = spec.stages[now].name, _stage_weights(spec, now)
+        if (now, name, weights) != (stage, state["stage_name"], state["stage_weights"]):
+            raise ValueError(
+                f"the checkpoint's data state is in mixture stage {state['stage_name']!r} "
+                f"(stage {stage + 1}, weights {state['stage_weights']}) at step "
+                f"{state['batch']}, but this config puts that step in stage {name!r} "
+                f"(stage {now + 1}, weights {weights}); keep [[data.stages]] up to the "
+                "current stage as they were (later stages may change)"
+            )
+
+
+def _stage_weights(spec: StreamSpec, stage: int) -> dict[str, int]:
+    weights = spec.schedule.weights_at(spec.stages[stage].first_batch)
+    return {n: w for n, w in zip(spec.names, weights) if w}
 
 
 class SlotStream:
@@ -175,6 +219,11 @@ class SlotStream:
         self.spec = spec
         self.slot = slot
         self.batch: int = state["batch"]
+        self.stage: int = state.get("stage", -1)
+        # Checkpoints from before stages: one stage, begun at batch 0.
+        if self.stage < 0 and self.batch > 0:
+            self.stage = 0
+        self.base = [state.get("base", {}).get(n, 0) for n in names]
         self.counts = [state["counts"][n] for n in names]
         self.taken = [state["taken"][n] for n in names]
         self.scheduled = [state["scheduled"][n] for n in names]
@@ -193,8 +242,11 @@ class SlotStream:
             for i, source in enumerate(spec.sources)
         ]
 
-    def next_window(self, planned: int, counts_after: list[int]) -> SlotWindow | None:
-        """The window for this batch, planned from source ``planned``."""
+    def next_window(
+        self, planned: int, counts_after: list[int], stage: int, base: list[int]
+    ) -> SlotWindow | None:
+        """The window for this batch, planned from source ``planned`` by
+        ``stage``, whose counts began at ``base``."""
         source = planned
         while True:
             if self.lanes[source].stopped:
@@ -210,12 +262,13 @@ class SlotStream:
         self.scheduled[planned] += 1
         self.batch += 1
         self.counts = list(counts_after)
+        self.stage, self.base = stage, list(base)
         return SlotWindow(self.slot, batch, source, tokens, positions, self.state_dict())
 
     def _stand_in(self) -> int | None:
         """The live source furthest behind its weight in this slot."""
-        weights = self.spec.schedule.weights
-        live = [s for s, lane in enumerate(self.lanes) if not lane.stopped]
+        weights = self.spec.schedule.weights_at(self.batch)
+        live = [s for s, lane in enumerate(self.lanes) if not lane.stopped and weights[s]]
         if not live:
             return None
         taken = sum(self.taken[s] for s in live) + 1
@@ -231,6 +284,10 @@ class SlotStream:
             "seq_len": self.spec.seq_len,
             "seed": self.spec.seed,
             "batch": self.batch,
+            "stage": self.stage,
+            "stage_name": self.spec.stages[self.stage].name if self.stage >= 0 else "",
+            "stage_weights": _stage_weights(self.spec, self.stage) if self.stage >= 0 else {},
+            "base": dict(zip(names, self.base)),
             "counts": dict(zip(names, self.counts)),
             "taken": dict(zip(names, self.taken)),
             "scheduled": dict(zip(names, self.scheduled)),
@@ -244,17 +301,20 @@ def iter_slot_batches(
     """Window ``b`` of each of ``slots``, batch after batch, from ``states``;
     ends at the first batch some slot cannot fill."""
     streams = [SlotStream(spec, j, states.get(j)) for j in slots]
-    if len({(s.batch, tuple(s.counts)) for s in streams}) > 1:
+    if len({(s.batch, tuple(s.counts), s.stage, tuple(s.base)) for s in streams}) > 1:
         raise ValueError(
             "the data state's slots are at different batches "
             f"({sorted({s.batch for s in streams})}); the checkpoint is inconsistent"
         )
     while streams:
         first = streams[0]
-        slot_sources, after = spec.schedule.batch(first.batch, first.counts)
+        stage = spec.schedule.stage_at(first.batch)
+        # A new stage's schedule starts from the counts where it begins.
+        base = first.base if stage == first.stage else list(first.counts)
+        slot_sources, after = spec.schedule.batch(first.batch, first.counts, base)
         out = {}
         for stream in streams:
-            window = stream.next_window(slot_sources[stream.slot], after)
+            window = stream.next_window(slot_sources[stream.slot], after, stage, base)
             if window is None:
                 return
             out[stream.slot] = window

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import glob
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,7 +46,7 @@ class SourceFile:
     (0 when unknown, e.g. a hub file whose listing failed)."""
 
     path: str
-    format: str  # "jsonl", "json" or "parquet"
+    format: str  # "jsonl", "json", "parquet" or "megatron"
     compression: str  # "", "gzip" or "zstd"
     size: int
 
@@ -77,6 +76,8 @@ def local_files(source: DataSource, where: str = "[[data.sources]]") -> list[str
         raise DataSourceError(
             f"{where} '{source.name}': path = {source.path!r} matches no file"
         )
+    if source.format == "megatron":
+        return _megatron_files(source, files, where)
     unknown = sorted({Path(f).name for f in files if file_kind(f) is None})
     if unknown:
         raise DataSourceError(
@@ -96,6 +97,33 @@ def local_files(source: DataSource, where: str = "[[data.sources]]") -> list[str
             "(check its permissions)"
         )
     return files
+
+
+def _megatron_files(source: DataSource, files: list[str], where: str) -> list[str]:
+    """The .bin files of a Megatron source, each with its .idx beside it (a
+    glob that also matches the .idx files is fine: they are the pairs' halves)."""
+    bins = [f for f in files if f.endswith(".bin")]
+    others = [f for f in files if not f.endswith((".bin", ".idx"))]
+    if others or not bins:
+        raise DataSourceError(
+            f"{where} '{source.name}': format = \"megatron\" needs path to name "
+            f".bin files (each with its .idx beside it), but {source.path!r} matches "
+            f"{Path((others or files)[0]).name!r}"
+        )
+    for f in bins:
+        idx = f[: -len(".bin")] + ".idx"
+        if not os.path.isfile(idx):
+            raise DataSourceError(
+                f"{where} '{source.name}': Megatron dataset {f!r} has no .idx file "
+                f"beside it (expected {idx!r})"
+            )
+        for path in (f, idx):
+            if not os.access(path, os.R_OK):
+                raise DataSourceError(
+                    f"{where} '{source.name}': file {path!r} is not readable "
+                    "(check its permissions)"
+                )
+    return bins
 
 
 def hub_files(source: DataSource, where: str = "[[data.sources]]") -> list[str]:
@@ -139,6 +167,8 @@ def source_files(source: DataSource) -> list[SourceFile]:
     """Every file of ``source`` with its format and size, in a fixed order."""
     paths = local_files(source) if source.path else hub_files(source)
     sizes = _file_sizes(paths)
+    if source.format == "megatron":
+        return [SourceFile(p, "megatron", "", sizes[p]) for p in paths]
     out = []
     for path in paths:
         fmt, compression = file_kind(path)
@@ -185,6 +215,16 @@ def check_source(source: DataSource, where: str = "[[data.sources]]") -> None:
     """Check a source's fields without touching the disk or the network."""
     if not source.name:
         raise DataSourceError(f"{where}: every source needs a 'name'")
+    if source.format not in ("text", "megatron"):
+        raise DataSourceError(
+            f"{where} '{source.name}': format must be \"text\" or \"megatron\", "
+            f"got {source.format!r}"
+        )
+    if source.format == "megatron" and not source.path:
+        raise DataSourceError(
+            f"{where} '{source.name}': format = \"megatron\" reads local .bin/.idx "
+            "files: set path (a .bin file or a glob of them)"
+        )
     if bool(source.path) == bool(source.hf_dataset):
         raise DataSourceError(
             f"{where} '{source.name}': set exactly one of 'path' (local files) "
@@ -219,19 +259,3 @@ def check_data_options(data, where: str) -> None:
         raise DataSourceError(
             f"{where}.max_document_chars: must be >= 1, got {data.max_document_chars}"
         )
-
-
-def open_source(source: DataSource, skip: int = 0) -> Iterator[str]:
-    """Iterate the document texts of ``source`` file by file, after skipping
-    ``skip`` documents. Bad records are left out (the training loader counts
-    them; this reader serves the small held-out sets of validation)."""
-    from swallow_titan.data.records import iter_records, whole_file_unit
-
-    seen = 0
-    for file in source_files(source):
-        for record in iter_records(whole_file_unit(file), source.text_field, source.name):
-            if record.text is None:
-                continue
-            if seen >= skip:
-                yield record.text
-            seen += 1
