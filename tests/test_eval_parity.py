@@ -38,7 +38,11 @@ from swallow_titan.hf.hf_config import model_args_from_hf_config, read_hf_config
 from swallow_titan.hf.hf_weights import load_hf_weights  # noqa: E402
 from swallow_titan.data.tokenizer import Llama3Tokenizer  # noqa: E402
 from swallow_titan.eval.adapter import ModelRunner, SwallowLM  # noqa: E402
-from swallow_titan.model.transformer import SwallowTransformer  # noqa: E402
+from swallow_titan.model.transformer import (  # noqa: E402
+    FusedLossOutput,
+    FusedNormBlock,
+    SwallowTransformer,
+)
 
 MAX_LENGTH = 256
 TOLERANCE = 1e-4  # see the module docstring
@@ -64,9 +68,11 @@ class CountingModel(torch.nn.Module):
         return self.model(tokens)
 
 
-def swallow_lm(folder: Path, max_length: int = MAX_LENGTH, batch_size: int = 4) -> SwallowLM:
+def swallow_lm(
+    folder: Path, max_length: int = MAX_LENGTH, batch_size: int = 4, **kernels: str
+) -> SwallowLM:
     args = model_args_from_hf_config(read_hf_config(folder), str(folder))
-    model = SwallowTransformer(replace(args, max_seq_len=max_length))
+    model = SwallowTransformer(replace(args, max_seq_len=max_length, **kernels))
     load_hf_weights([model], folder, model.model_args)
     counting = CountingModel(model.eval())
     runner = ModelRunner(forward=counting, device=torch.device("cpu"))
@@ -181,3 +187,32 @@ def test_evaluate_cli_on_the_hf_folder_gives_the_same_results(hf_tiny, both, cap
     mine, ref, _ = both
     assert printed["results"] == mine["results"]
     assert printed["results"][MC_TASK]["acc,none"] == ref["results"][MC_TASK]["acc,none"]
+
+
+def test_the_triton_kernels_give_the_same_scores_and_answers(hf_tiny):
+    """[kernels] on (fused RMSNorm, fused output loss layer): the adapter reads logits alike.
+
+    Under Triton's interpreter (tests/conftest.py). fp32 throughout; the kernels
+    differ from torch only in summation order (RMSNorm's mean of squares), so the
+    1e-4 bound of the module docstring holds.
+    """
+    context = "質問: 日本の首都はどこですか。\n答え:"
+    scored = [
+        Instance(request_type="loglikelihood", doc={}, arguments=(context, f" {a}"), idx=i)
+        for i, a in enumerate(["東京", "大阪", "京都"])
+    ]
+    generated = [
+        Instance(
+            request_type="generate_until", doc={},
+            arguments=(context, {"until": ["\n"], "max_gen_toks": 4}), idx=0,
+        )
+    ]
+    plain = swallow_lm(hf_tiny, max_length=64)
+    fused = swallow_lm(hf_tiny, max_length=64, rmsnorm_impl="triton", loss_impl="fused_linear_ce")
+    assert isinstance(fused.runner.forward.model.output, FusedLossOutput)
+    assert isinstance(fused.runner.forward.model.layers["0"], FusedNormBlock)
+    for (a, greedy_a), (b, greedy_b) in zip(
+        plain.loglikelihood(scored), fused.loglikelihood(scored), strict=True
+    ):
+        assert abs(a - b) <= TOLERANCE and greedy_a == greedy_b
+    assert plain.generate_until(generated) == fused.generate_until(generated)
