@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     results = list(aot.compile_all(jobs))
     elapsed = time.perf_counter() - start
     print(f"Triton {triton.__version__} ({Path(triton.__file__).parent}), target sm_90a, "
-          f"hidden {args.hidden}, vocab {args.vocab}, bf16 activations; "
+          f"hidden {args.hidden}, vocab {args.vocab}, bf16 (FSDP) and AMP dtypes; "
           f"{len(results)} compiles in {elapsed:.0f} s")
     print(aot.format_table(results))
     bad = [r for r in results if r.problems()]

@@ -9,6 +9,8 @@ Each is a PyTorch custom op (``torch.ops.swallow.*``) usable under
 ``torch.compile(fullgraph=True)``, accepts DTensors, and has a plain-PyTorch
 ``*_reference`` beside it. They run on a CUDA GPU, or on CPU under Triton's
 interpreter (``TRITON_INTERPRET=1``; see ``kernels/runtime.py``).
+``kernels/aot.py`` compiles every kernel and GPU autotune config for sm_90
+without a GPU (``benchmarks/kernels_aot.py``).
 
 Note: the PyPI project ``kernels`` (Hugging Face's kernel hub) has the same
 import name. transformers probes for it; this package must not be mistaken for

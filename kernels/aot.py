@@ -91,39 +91,47 @@ def _divisible_by_16(fn, signature: dict[str, str], values: dict[str, int]) -> d
 
 
 def recipe_jobs(hidden: int = RECIPE_HIDDEN, vocabs=RECIPE_VOCABS) -> list[CompileJob]:
-    """Every kernel x constexpr variant x GPU autotune config, bf16 activations."""
+    """Every kernel x constexpr variant x pointer dtypes x GPU autotune config."""
     from kernels import cross_entropy, rmsnorm
 
     jobs: list[CompileJob] = []
     block_n = triton.next_power_of_2(hidden)
     # The configs the autotuner keeps at this width (rmsnorm.configs_for_width).
     norm_configs = rmsnorm.configs_for_width(rmsnorm.GPU_CONFIGS, block_n)
+    # Pointer dtypes: "fsdp" is FSDP2's bf16 compute (everything bf16); "amp" is
+    # bf16 autocast without FSDP (one GPU, DDP): fp32 weights and residual
+    # stream, bf16 attention output entering the fused add.
     fwd = rmsnorm._rms_norm_fwd_kernel.fn
-    for has_residual, config in itertools.product((True, False), norm_configs):
+    for mode, has_residual, config in itertools.product(
+        ("fsdp", "amp"), (True, False), norm_configs
+    ):
+        act = "*bf16" if mode == "fsdp" else "*fp32"
+        x = "*bf16" if mode == "fsdp" or has_residual else "*fp32"
         sig = {
-            "X": "*bf16", "R": "*bf16", "W": "*bf16", "Y": "*bf16", "H": "*bf16",
+            "X": x, "R": act, "W": act, "Y": act, "H": act,
             "RSTD": "*fp32", "stride_x": "i32", "stride_r": "i32", "stride_y": "i32",
             "stride_h": "i32", "M": "i32", "N": "i32", "eps": "fp32",
             "HAS_RESIDUAL": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
         }
         ints = {n: hidden for n in ("stride_x", "stride_r", "stride_y", "stride_h", "N")}
         jobs.append(CompileJob(
-            f"rms_norm_fwd[N={hidden}]", f"residual={has_residual}", config, fwd, sig,
-            {"HAS_RESIDUAL": has_residual, **config.kwargs, "BLOCK_N": block_n},
+            f"rms_norm_fwd[N={hidden}]", f"{mode},residual={has_residual}", config, fwd,
+            sig, {"HAS_RESIDUAL": has_residual, **config.kwargs, "BLOCK_N": block_n},
             _divisible_by_16(fwd, sig, {**ints, "M": 8192}),
         ))
     bwd = rmsnorm._rms_norm_bwd_kernel.fn
-    for has_dh, config in itertools.product((True, False), norm_configs):
+    for mode, has_dh, config in itertools.product(("fsdp", "amp"), (True, False), norm_configs):
+        act = "*bf16" if mode == "fsdp" else "*fp32"
         sig = {
-            "DY": "*bf16", "X": "*bf16", "W": "*bf16", "RSTD": "*fp32", "DH": "*bf16",
-            "DX": "*bf16", "DW_PARTIAL": "*fp32", "stride_dy": "i32", "stride_x": "i32",
+            "DY": act, "X": act, "W": act, "RSTD": "*fp32", "DH": act,
+            "DX": act, "DW_PARTIAL": "*fp32", "stride_dy": "i32", "stride_x": "i32",
             "stride_dh": "i32", "stride_dx": "i32", "M": "i32", "N": "i32",
             "rows_per_program": "i32",
             "HAS_DH": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
         }
         ints = {n: hidden for n in ("stride_dy", "stride_x", "stride_dh", "stride_dx", "N")}
         jobs.append(CompileJob(
-            f"rms_norm_bwd[N={hidden}]", f"dh={has_dh}", config, bwd, sig,
+            f"rms_norm_bwd[N={hidden}]", f"{mode},dh={has_dh}", config, bwd, sig,
             {"HAS_DH": has_dh, **config.kwargs, "BLOCK_N": block_n},
             _divisible_by_16(bwd, sig, {**ints, "M": 8192, "rows_per_program": 16}),
         ))

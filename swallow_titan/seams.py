@@ -18,7 +18,9 @@ The two process-wide patches are applied here and nowhere else:
 loads) and :func:`use_cpu_profiler_in_stock_trainer` (stock torchtitan runs
 on CPU in ``benchmarks/``; swallow-titan's own Trainer picks its profiler
 itself and needs no patch). The CPU shims they install live in
-:mod:`swallow_titan.device` and :mod:`swallow_titan.profiling`.
+:mod:`swallow_titan.device` and :mod:`swallow_titan.profiling`; every place
+that behaves differently on CPU and CUDA is listed in
+:data:`swallow_titan.device.DEVICE_SEAMS`.
 """
 
 from __future__ import annotations

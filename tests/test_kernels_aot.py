@@ -56,8 +56,9 @@ def test_every_kernel_and_config_compiles_for_sm90_within_the_limits():
     }
     from kernels import cross_entropy, rmsnorm
 
-    # Two variants per norm kernel, three per vocabulary for the loss kernel.
-    expected = 4 * len(rmsnorm.GPU_CONFIGS) + 2 * 3 * len(cross_entropy.GPU_CONFIGS)
+    # Per norm kernel two variants x two dtype layouts (FSDP bf16, AMP); three
+    # variants per vocabulary for the loss kernel.
+    expected = 2 * 4 * len(rmsnorm.GPU_CONFIGS) + 2 * 3 * len(cross_entropy.GPU_CONFIGS)
     assert len(rows) == expected
     assert all(row.rstrip(" |").endswith("ok") for row in rows)
 
@@ -75,3 +76,13 @@ def test_rmsnorm_autotuning_keeps_only_configs_that_fit_the_width():
     assert _warps_and_rows(configs_for_width(GPU_CONFIGS, 8192)) == [(1, 8), (1, 16)]
     # Wider than anything fits: the lightest config is still offered.
     assert _warps_and_rows(configs_for_width(GPU_CONFIGS, 65536)) == [(1, 16)]
+
+
+def test_both_norm_kernels_prune_by_width_when_autotuning():
+    from kernels import rmsnorm
+
+    for kernel, flag in ((rmsnorm._rms_norm_fwd_kernel, "HAS_RESIDUAL"),
+                         (rmsnorm._rms_norm_bwd_kernel, "HAS_DH")):
+        # Called the way Triton's Autotuner calls it: (configs, named args, **launch kwargs).
+        kept = kernel.early_config_prune(rmsnorm.GPU_CONFIGS, {}, BLOCK_N=8192, **{flag: True})
+        assert _warps_and_rows(kept) == [(1, 8), (1, 16)]

@@ -135,6 +135,7 @@ def test_one_process_bf16_training_with_kernels_matches_kernels_off(tmp_path):
         env={"TRITON_INTERPRET": "1"},
     ).check()
     assert "Mixed precision training is handled by AMP" in on.output
+    assert "Triton kernels: rmsnorm = 'triton', loss = 'fused_linear_ce'" in on.output
     assert sorted(on.losses) == sorted(off.losses) == [1, 2, 3]
     for step, expected in off.losses.items():
         # Same weights and data; the paths differ by bf16 roundings of the

@@ -87,6 +87,7 @@ def test_recipe_trains_with_only_sizes_paths_and_device_options_changed(tmp_path
     assert sorted(run.losses) == [1, 2, 3]
     assert all(math.isfinite(v) for v in run.losses.values())
     assert "Float8 tensorwise scaled training active" in run.output
+    assert "Triton kernels: rmsnorm = 'triton', loss = 'fused_linear_ce'" in run.output
     assert 3 in run.validation_losses
     if nproc == 1:
         assert "Mixed precision training is handled by AMP" in run.output

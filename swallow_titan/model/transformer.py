@@ -25,6 +25,7 @@ import torch.nn as nn
 from torch.distributed.tensor import DTensor
 from torchtitan.components.loss import IGNORE_INDEX
 from torchtitan.models.llama3.model.model import Transformer, TransformerBlock
+from torchtitan.tools.logging import logger
 
 from kernels import fused_linear_cross_entropy, rms_norm
 from swallow_titan.config.sections import FUSED_LOSS, TRITON_NORM
@@ -119,6 +120,11 @@ class SwallowTransformer(Transformer):
         if model_args.loss_impl == FUSED_LOSS:
             self.output = FusedLossOutput(
                 model_args.dim, model_args.vocab_size, z_loss=model_args.z_loss
+            )
+        if model_args.rmsnorm_impl == TRITON_NORM or model_args.loss_impl == FUSED_LOSS:
+            logger.info(
+                f"Triton kernels: rmsnorm = {model_args.rmsnorm_impl!r}, "
+                f"loss = {model_args.loss_impl!r}"
             )
 
     def forward(
