@@ -359,6 +359,10 @@ class SwallowMetricsProcessor(MetricsProcessor):
         if self.writer is not None:
             self.writer.scalars(values, step)
             self.writer.flush()
+        # The run's metrics.jsonl (RunLog, issue 14), once the processor has one.
+        run_log = getattr(self, "run_log", None)
+        if run_log is not None:
+            run_log.write(step, values)
         self.logger.log(values, step)
         parts = "  ".join(
             f"{tag.removeprefix('eval/')}: {value:.4f}" for tag, value in scalars.items()
