@@ -28,6 +28,8 @@ class TrainingSummary:
     validation_loss: LoggedValue | None
     # Per [[validation.sets]] entry, by set name (e.g. how Japanese and English moved).
     validation_loss_by_set: dict[str, LoggedValue | None] = field(default_factory=dict)
+    # The last [eval] at or before the step: (step, {"<task>/<metric>": value}).
+    evaluation: tuple[int, dict[str, float]] | None = None
 
 
 def _get(tree: dict[str, Any] | None, path: str) -> Any:
@@ -138,6 +140,26 @@ def _data_mixture(job: dict[str, Any] | None, source_tokens: dict[str, int] | No
     return lines + [""]
 
 
+def _evaluation(evaluation: tuple[int, dict[str, float]] | None) -> list[str]:
+    """The last in-loop lm-eval results as a table (nothing when none was logged)."""
+    if not evaluation:
+        return []
+    step, values = evaluation
+    lines = [
+        "### Downstream evaluation",
+        "",
+        f"lm-evaluation-harness, in-loop at step {step:,} (`[eval]` settings in the recipe "
+        "below; `eval/<task>/<metric>` in TensorBoard):",
+        "",
+        "| task | metric | value |",
+        "|---|---|---|",
+    ]
+    for name, value in values.items():
+        task, _, metric = name.rpartition("/")
+        lines.append(f"| {task} | {metric} | {value:.4f} |")
+    return [*lines, ""]
+
+
 def render_model_card(
     record: RunRecord, summary: TrainingSummary, *, title: str, model_id: str, dtype: str
 ) -> str:
@@ -182,6 +204,9 @@ def render_model_card(
             for name, value in summary.validation_loss_by_set.items()
         ),
         "",
+    ]
+    lines += _evaluation(summary.evaluation)
+    lines += [
         "### Recipe",
         "",
     ]
