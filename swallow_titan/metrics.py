@@ -425,6 +425,25 @@ class SwallowMetricsProcessor(MetricsProcessor):
         # Keep validation time out of the next training throughput.
         self.time_last_log += seconds
 
+    # --------------------------------------------------------- evaluation logs
+
+    def log_eval(self, step: int, scalars: dict[str, float], seconds: float) -> None:
+        """Downstream evaluation ([eval]): eval/<task>/<metric> scalars and one console line."""
+        values = {**scalars, "eval/time_s": seconds}
+        if self.writer is not None:
+            self.writer.scalars(values, step)
+            self.writer.flush()
+        if self.run_log is not None:
+            self.run_log.write(step, values)
+        self.logger.log(values, step)
+        parts = "  ".join(
+            f"{tag.removeprefix('eval/')}: {value:.4f}" for tag, value in scalars.items()
+        )
+        c = self.color
+        logger.info(f"{c.cyan}eval step: {step:2}  {parts}  [{seconds:.1f}s]{c.reset}")
+        # Keep evaluation time out of the next training throughput.
+        self.time_last_log += seconds
+
     def log_validation(
         self, loss: float, step: int, extra_metrics: dict[str, Any] | None = None
     ) -> None:

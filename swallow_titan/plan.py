@@ -32,6 +32,7 @@ from swallow_titan.config.sections import FUSED_LOSS
 from swallow_titan.data.source_size import format_source_line, plan_sources
 from swallow_titan.data.stages import plan_stages
 from swallow_titan.device import add_process_arguments
+from swallow_titan.eval.cost import estimate_eval_cost
 from swallow_titan.model.args import SwallowModelArgs
 from swallow_titan.preflight import check_structure, file_problems, model_args
 
@@ -222,11 +223,51 @@ def build_plan(config, ngpu: int, nnodes: int, source: str) -> dict:
                 {"name": v.name, "sequences": v.sequences} for v in config.validation.sets
             ],
         },
+        "eval": _eval_plan(config, global_seqs * seq_len),
         "memory_gib": {**asdict(memory), "total": memory.total},
         "outputs": output_paths(config),
         "problems": file_problems(config, source)
         + [f"{source}: {s['problem']}" for s in sources if s["problem"]],
     }
+
+
+def _eval_plan(config, tokens_per_step: int) -> dict:
+    e = config.eval
+    tasks = [t.strip() for t in e.tasks if t.strip()]
+    plan = {
+        "enable": e.enable,
+        "freq": e.freq,
+        "tasks": tasks,
+        "include_path": e.include_path,
+        "num_fewshot": e.num_fewshot,
+        "limit": e.limit,
+        "batch_size": e.batch_size,
+    }
+    if e.enable and e.freq >= 1:
+        plan["cost"] = estimate_eval_cost(
+            tasks, e.limit, config.training.steps, e.freq, tokens_per_step
+        )
+    return plan
+
+
+def _eval_lines(plan: dict) -> list[str]:
+    if not plan["enable"]:
+        return ["  eval          off"]
+    cost = plan["cost"]
+    limit = plan["limit"]
+    shown = "all" if limit <= 0 else (f"{limit:g} of each" if limit < 1 else f"{int(limit):,} per task")
+    lines = [
+        f"  eval          lm-eval every {plan['freq']:,} steps and at the end "
+        f"({cost['evaluations']} evaluations), examples: {shown}, few-shot: "
+        + ("each task's" if plan["num_fewshot"] < 0 else str(plan["num_fewshot"])),
+        "                tasks: " + ", ".join(plan["tasks"]),
+        f"                cost ~{cost['share_of_training_pct']:.2f}% of training time "
+        f"(~{cost['per_evaluation_training_steps']:.1f} training steps per evaluation; "
+        "estimate: forward FLOPs at a fraction of training's MFU, see swallow_titan/eval/cost.py)",
+    ]
+    if cost["unestimated_tasks"]:
+        lines.append("                not in the estimate: " + ", ".join(cost["unestimated_tasks"]))
+    return lines
 
 
 def _stage_lines(stages: list[dict]) -> list[str]:
@@ -282,6 +323,7 @@ def format_plan(plan: dict) -> str:
         *(format_source_line(s, _tokens) for s in plan["sources"]),
         *_stage_lines(plan["stages"]),
         _validation_line(plan["validation"]),
+        *_eval_lines(plan["eval"]),
         f"  memory/GPU    ~{m['total']:.1f} GiB: params {m['parameters']:.1f}, grads "
         f"{m['gradients']:.1f}, optimizer {m['optimizer']:.1f}, gathered params "
         f"{m['gathered_params']:.1f}, activations {m['activations']:.1f}, logits "

@@ -27,6 +27,7 @@ from swallow_titan.data.sources import (
 )
 from swallow_titan.data.stages import check_stages
 from swallow_titan.data.tokenizer import Llama3Tokenizer, TokenizerFileError
+from swallow_titan.eval import EvalUnavailableError, require_lm_eval
 from swallow_titan.hf.hf_config import HFConfigError, check_hf_config_matches_flavor
 from swallow_titan.hf.hf_export import ExportError, parse_size
 from swallow_titan.hf.hf_weights import HFWeightsError, check_hf_tensors, list_safetensors
@@ -88,6 +89,11 @@ def file_problems(config, source: str) -> list[str]:
             str(config_error(source, "checkpoint.initial_load_path", f"{load_path!r} is not a folder"))
         )
     problems += _hf_load_path_problems(config, source)
+    if config.eval.enable:
+        try:
+            require_lm_eval()
+        except EvalUnavailableError as e:
+            problems.append(str(config_error(source, "eval.enable", str(e))))
     return problems
 
 

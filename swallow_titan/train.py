@@ -24,6 +24,7 @@ import swallow_titan.train_spec  # noqa: F401  (registers the "swallow" TrainSpe
 from swallow_titan.checkpoint.manager import CheckpointError
 from swallow_titan.config.errors import ConfigError, ExitCode
 from swallow_titan.config.manager import SwallowConfigManager
+from swallow_titan.eval import eval_problems
 from swallow_titan.final_export import export_at_end
 from swallow_titan.guard import NonfiniteError
 from swallow_titan.hf.hub import HubPushError
@@ -37,7 +38,13 @@ def parse_config(argv: list[str]):
     """Parse and check the config for this process's world size."""
     manager = SwallowConfigManager()
     config = manager.parse_args(argv)
-    check_job_config(config, job_world_size(), manager.config_file or "<command line>")
+    source = manager.config_file or "<command line>"
+    check_job_config(config, job_world_size(), source)
+    # [eval]'s tasks are built here, datasets loaded, before any step (not in
+    # the plan: that can take minutes and a network).
+    problems = eval_problems(config, source)
+    if problems:
+        raise ConfigError("\n".join(problems))
     return config
 
 

@@ -20,6 +20,8 @@ building, parallelism, forward/backward, the dataloader loop — is inherited):
   every attempt (torchtitan: only after step 1, so never on resume).
 - Checkpoints are written by :class:`AtomicCheckpointManager` and include the
   random generators and the guard's counters.
+- ``[eval]``: downstream evaluation (lm-eval) after validation, every
+  ``eval.freq`` steps and after the last one (:mod:`swallow_titan.eval.in_loop`).
 """
 
 from __future__ import annotations
@@ -92,6 +94,12 @@ class SwallowTrainer(Trainer):
             logger.warning(f"[debug] the loss will be made NaN at steps {sorted(inject)}")
             self.loss_fn = NonfiniteInjector(self.loss_fn, inject, lambda: self.step)
         self.checkpointer = self._atomic_checkpointer(self.checkpointer)
+        self.evaluator = None
+        if job_config.eval.enable:
+            # Imported only here: a run without [eval] never loads lm-eval.
+            from swallow_titan.eval.in_loop import InLoopEvaluator
+
+            self.evaluator = InLoopEvaluator(self)
 
     def _atomic_checkpointer(self, stock: Any) -> AtomicCheckpointManager:
         """Replace the CheckpointManager torchtitan built with the atomic one."""
@@ -241,6 +249,8 @@ class SwallowTrainer(Trainer):
                 self._save_checkpoint(forced=stop)
                 if config.validation.enable and self.validator.should_validate(self.step):
                     self.validator.validate(self.model_parts, self.step)
+                if self.evaluator is not None and not stop and self.evaluator.should_evaluate(self.step):
+                    self.evaluator.evaluate(self.step)
                 if torch_profiler:
                     torch_profiler.step()
                 if memory_profiler:

@@ -54,6 +54,12 @@ SIZES_AND_PATHS = [
     "--training.dataloader.num_workers", "1",
     "--metrics.log_freq", "1",
     "--debug.seed", "7",
+    # [eval]: the shipped Japanese tasks instead of the hub's, 2 examples each.
+    "--eval.tasks", "swallow_ja_mc_sample,swallow_ja_qa_sample",
+    "--eval.include_path", "./assets/eval_tasks",
+    "--eval.limit", "2",
+    "--eval.max_gen_toks", "8",
+    "--eval.freq", "3",
 ]
 # What a CPU cannot do as the recipe asks.
 DEVICE_BOUND = [
@@ -90,6 +96,7 @@ def test_recipe_trains_with_only_sizes_paths_and_device_options_changed(tmp_path
     assert "Float8 tensorwise scaled training active" in run.output
     assert "Triton kernels: rmsnorm = 'triton', loss = 'fused_linear_ce'" in run.output
     assert 3 in run.validation_losses
+    assert re.search(r"eval step:\s+3\s+swallow_ja_mc_sample/acc: ", run.output)
     if nproc == 1:
         assert "Mixed precision training is handled by AMP" in run.output
     else:

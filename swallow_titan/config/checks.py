@@ -142,6 +142,7 @@ def check_values(config, world_size: int, source: str) -> Layout:
     _check_kernels(config, layout, source)
     _check_float8_options(config, source)
     _check_hf(config, source)
+    _check_eval(config, layout, source)
     return layout
 
 
@@ -184,6 +185,37 @@ def _check_training(config, layout: Layout, source: str) -> None:
             )
         if v.freq < 1:
             raise config_error(source, "validation.freq", f"must be >= 1, got {v.freq}")
+
+
+def _check_eval(config, layout: Layout, source: str) -> None:
+    e = config.eval
+    if not e.enable:
+        return
+    if not any(t.strip() for t in e.tasks):
+        raise config_error(source, "eval.tasks", "name at least one lm-eval task when eval.enable")
+    for key in ("freq", "batch_size", "max_gen_toks"):
+        if getattr(e, key) < 1:
+            raise config_error(source, f"eval.{key}", f"must be >= 1, got {getattr(e, key)}")
+    if e.max_gen_toks >= config.training.seq_len:
+        raise config_error(
+            source,
+            "eval.max_gen_toks",
+            f"must be below training.seq_len ({config.training.seq_len}, the longest "
+            f"sequence the model takes), got {e.max_gen_toks}",
+        )
+    if e.limit < 0:
+        raise config_error(source, "eval.limit", f"must be >= 0 (0 = all examples), got {e.limit}")
+    if e.num_fewshot < -1:
+        raise config_error(
+            source, "eval.num_fewshot", f"must be >= 0, or -1 for each task's own, got {e.num_fewshot}"
+        )
+    if layout.pp > 1 or layout.cp > 1:
+        raise config_error(
+            source,
+            "eval.enable",
+            "in-loop evaluation supports FSDP/HSDP and tensor parallel, not pipeline "
+            "or context parallel",
+        )
 
 
 def _check_source_names(config, source: str) -> None:

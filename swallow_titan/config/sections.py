@@ -238,6 +238,40 @@ class HF:
 
 
 @dataclass
+class Eval:
+    """``[eval]``: downstream evaluation with lm-evaluation-harness while training.
+
+    Needs the ``eval`` extra (``pip install -e ".[eval]"``). Runs on the model
+    as it is parallelized, after validation, every ``freq`` steps and after
+    the last step; scalars ``eval/<task>/<metric>`` go to TensorBoard.
+    """
+
+    enable: bool = False
+    """Evaluate while training."""
+
+    freq: int = 1000
+    """Evaluate every this many steps (and after the last step)."""
+
+    tasks: list[str] = field(default_factory=list)
+    """lm-eval task or group names, e.g. "ja_leaderboard_jcommonsenseqa", "hellaswag"."""
+
+    include_path: str = ""
+    """A folder of extra lm-eval task YAML files (your own tasks)."""
+
+    num_fewshot: int = -1
+    """Few-shot examples for every task; -1 keeps each task's own setting."""
+
+    limit: float = 0.0
+    """Examples per task: 0 = all, >= 1 a count, below 1 a fraction."""
+
+    batch_size: int = 8
+    """Sequences per forward pass on each data-parallel rank."""
+
+    max_gen_toks: int = 256
+    """Most tokens generated per answer, for tasks that do not set their own."""
+
+
+@dataclass
 class JobConfig:
     data: Data = field(default_factory=Data)
     model: Model = field(default_factory=Model)
@@ -247,3 +281,4 @@ class JobConfig:
     validation: Validation = field(default_factory=Validation)
     guard: Guard = field(default_factory=Guard)
     debug: Debug = field(default_factory=Debug)
+    eval: Eval = field(default_factory=Eval)

@@ -37,6 +37,7 @@ from swallow_titan.hf.run_record import RunRecord, find_run_record
 from swallow_titan.hf.training_log import (
     TRAINING_LOSS_TAGS,
     VALIDATION_LOSS_TAGS,
+    last_evaluation,
     last_logged_value,
 )
 
@@ -140,6 +141,7 @@ def training_summary(checkpoint: DCPCheckpoint, record: RunRecord, step: int | N
             for name in set_names
             if name
         },
+        evaluation=last_evaluation(tb, trained_step) if tb else None,
     )
 
 

@@ -28,6 +28,8 @@ class TrainingSummary:
     validation_loss: LoggedValue | None
     # Per [[validation.sets]] entry, by set name (e.g. how Japanese and English moved).
     validation_loss_by_set: dict[str, LoggedValue | None] = field(default_factory=dict)
+    # The last [eval] at or before the step: (step, {"<task>/<metric>": value}).
+    evaluation: tuple[int, dict[str, float]] | None = None
 
 
 def _get(tree: dict[str, Any] | None, path: str) -> Any:
@@ -112,15 +114,46 @@ def _hyper_parameters(job: dict[str, Any] | None, record: RunRecord) -> list[str
     return lines + [""]
 
 
+def _target_shares(
+    job: dict[str, Any] | None, sources: list[dict[str, Any]]
+) -> list[tuple[str, dict[str, float]]]:
+    """(column title, source -> share) for each mixture of the run.
+
+    One column from the sources' ``weight`` without ``[[data.stages]]``; with
+    stages, one column per stage from its ``weights`` (an unlisted source has
+    weight 0 there), since the sources' own weights are then not used.
+    """
+    stages = _get(job, "data.stages") or []
+    if not stages:
+        weights = {s.get("name", "?"): float(s.get("weight", 0.0)) for s in sources}
+        mixtures = [("target share", weights)]
+    else:
+        mixtures = []
+        first = 1
+        for stage in stages:
+            until = stage.get("until_step")
+            last = until if until else _get(job, "training.steps")
+            span = f"steps {first:,}-{last:,}" if last else f"from step {first:,}"
+            listed = stage.get("weights") or {}
+            weights = {s.get("name", "?"): float(listed.get(s.get("name"), 0.0)) for s in sources}
+            mixtures.append((f"{stage.get('name', '?')} ({span})", weights))
+            first = (until or 0) + 1
+    return [
+        (title, {name: w / (sum(weights.values()) or 1.0) for name, w in weights.items()})
+        for title, weights in mixtures
+    ]
+
+
 def _data_mixture(job: dict[str, Any] | None, source_tokens: dict[str, int] | None) -> list[str]:
     sources = _get(job, "data.sources") or []
     if not sources:
         return [f"Data mixture: {NOT_RECORDED}.", ""]
-    total_weight = sum(float(s.get("weight", 0.0)) for s in sources) or 1.0
+    shares = _target_shares(job, sources)
     total_tokens = sum(source_tokens.values()) if source_tokens else 0
+    titles = " | ".join(title for title, _ in shares)
     lines = [
-        "| source | domain | data | target share | tokens trained | actual share |",
-        "|---|---|---|---|---|---|",
+        f"| source | domain | data | {titles} | tokens trained | actual share |",
+        "|---|---|---|" + "---|" * len(shares) + "---|---|",
     ]
     for s in sources:
         name = s.get("name", "?")
@@ -129,13 +162,33 @@ def _data_mixture(job: dict[str, Any] | None, source_tokens: dict[str, int] | No
             where += f" ({s['hf_config']})"
         tokens = source_tokens.get(name) if source_tokens else None
         actual = f"{tokens / total_tokens:.1%}" if tokens is not None and total_tokens else NOT_RECORDED
+        targets = " | ".join(f"{share[name]:.1%}" for _, share in shares)
         lines.append(
-            f"| {name} | {s.get('domain', '')} | `{where}` | "
-            f"{float(s.get('weight', 0.0)) / total_weight:.1%} | {_count(tokens)} | {actual} |"
+            f"| {name} | {s.get('domain', '')} | `{where}` | {targets} | {_count(tokens)} | {actual} |"
         )
     if not source_tokens:
         lines += ["", f"Per-source token counts: {NOT_RECORDED} in this checkpoint."]
     return lines + [""]
+
+
+def _evaluation(evaluation: tuple[int, dict[str, float]] | None) -> list[str]:
+    """The last in-loop lm-eval results as a table (nothing when none was logged)."""
+    if not evaluation:
+        return []
+    step, values = evaluation
+    lines = [
+        "### Downstream evaluation",
+        "",
+        f"lm-evaluation-harness, in-loop at step {step:,} (`[eval]` settings in the recipe "
+        "below; `eval/<task>/<metric>` in TensorBoard):",
+        "",
+        "| task | metric | value |",
+        "|---|---|---|",
+    ]
+    for name, value in values.items():
+        task, _, metric = name.rpartition("/")
+        lines.append(f"| {task} | {metric} | {value:.4f} |")
+    return [*lines, ""]
 
 
 def render_model_card(
@@ -182,6 +235,9 @@ def render_model_card(
             for name, value in summary.validation_loss_by_set.items()
         ),
         "",
+    ]
+    lines += _evaluation(summary.evaluation)
+    lines += [
         "### Recipe",
         "",
     ]

@@ -7,11 +7,15 @@ of preference, and get None when none was recorded.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 TRAINING_LOSS_TAGS = ("loss_metrics/global_avg_loss", "loss/train", "train/loss")
 # "val/loss": the mean over [[validation.sets]] (swallow_titan.metrics).
+# [eval] (swallow_titan.metrics.log_eval): eval/<task>/<metric>, and its duration.
+EVAL_PREFIX = "eval/"
+EVAL_TIME_TAG = "eval/time_s"
 VALIDATION_LOSS_TAGS = ("val/loss", "validation_metrics/loss", "validation/loss", "loss/validation")
 
 
@@ -24,17 +28,13 @@ class LoggedValue:
     value: float
 
 
-def last_logged_value(
-    tensorboard_folder: str | Path, tags: tuple[str, ...], max_step: int | None = None
-) -> LoggedValue | None:
-    """The value at the highest step <= ``max_step`` of the first tag that has any.
-
-    Every event file under the folder is read (each start of a run writes a
-    new one); on equal steps the later write wins.
-    """
+def _points(
+    tensorboard_folder: str | Path, wanted: Callable[[str], bool]
+) -> dict[str, list[tuple[int, float, float]]]:
+    """(step, wall time, value) of every scalar tag ``wanted`` accepts, from every event file."""
     folder = Path(tensorboard_folder)
     if not folder.is_dir():
-        return None
+        return {}
     from tensorboard.backend.event_processing.event_accumulator import (
         SCALARS,
         EventAccumulator,
@@ -47,13 +47,24 @@ def last_logged_value(
             accumulator.Reload()
         except Exception:  # noqa: BLE001  (a truncated file from a crash)
             continue
-        available = set(accumulator.Tags().get("scalars", []))
-        for tag in tags:
-            if tag in available:
+        for tag in accumulator.Tags().get("scalars", []):
+            if wanted(tag):
                 for event in accumulator.Scalars(tag):
                     points.setdefault(tag, []).append(
                         (event.step, event.wall_time, event.value)
                     )
+    return points
+
+
+def last_logged_value(
+    tensorboard_folder: str | Path, tags: tuple[str, ...], max_step: int | None = None
+) -> LoggedValue | None:
+    """The value at the highest step <= ``max_step`` of the first tag that has any.
+
+    Every event file under the folder is read (each start of a run writes a
+    new one); on equal steps the later write wins.
+    """
+    points = _points(tensorboard_folder, lambda tag: tag in tags)
     for tag in tags:
         candidates = [
             p for p in points.get(tag, []) if max_step is None or p[0] <= max_step
@@ -62,3 +73,25 @@ def last_logged_value(
             step, _, value = max(candidates)
             return LoggedValue(tag, step, float(value))
     return None
+
+
+def last_evaluation(
+    tensorboard_folder: str | Path, max_step: int | None = None
+) -> tuple[int, dict[str, float]] | None:
+    """The latest ``[eval]`` at a step <= ``max_step``: (step, {"<task>/<metric>": value}).
+
+    Read from the ``eval/<task>/<metric>`` scalars (``eval/time_s`` left out).
+    """
+    points = _points(
+        tensorboard_folder, lambda tag: tag.startswith(EVAL_PREFIX) and tag != EVAL_TIME_TAG
+    )
+    steps = [p[0] for ps in points.values() for p in ps if max_step is None or p[0] <= max_step]
+    if not steps:
+        return None
+    step = max(steps)
+    values = {}
+    for tag, ps in sorted(points.items()):
+        at_step = [p for p in ps if p[0] == step]
+        if at_step:
+            values[tag.removeprefix(EVAL_PREFIX)] = float(max(at_step)[2])
+    return step, values

@@ -3,6 +3,7 @@
 - ``support.runs``: real training jobs (torchrun in a subprocess, in the
   foreground or in the background to signal and kill) and their run logs.
 - ``support.data``: small corpora, stream specs and slot-loader runs.
+- ``support.eval``: the shipped lm-eval task files and HF tokenizer files for them.
 - ``support.hf``: small random Hugging Face Llama folders saved by transformers.
 - ``support.megatron``: Megatron indexed datasets written by megatron-core.
 - ``support.model``: the model as a run builds it from a config, in-process.

@@ -1,0 +1,252 @@
+"""Evaluate a checkpoint with lm-evaluation-harness: ``python -m swallow_titan.evaluate``.
+
+    python -m swallow_titan.evaluate SOURCE --tasks NAMES [--include-path DIR]
+        [--num-fewshot K] [--limit N] [--batch-size B] [--max-gen-toks N]
+        [--max-length N] [--step N] [--tokenizer DIR] [--dtype D] [--json]
+    torchrun --nproc_per_node 8 -m swallow_titan.evaluate SOURCE --tasks ...
+
+SOURCE is a run's checkpoint folder (its latest complete ``step-N``, or
+``--step N``), one DCP checkpoint, or a Hugging Face Llama folder. The model is
+swallow-titan's, FSDP2-sharded over the processes (no rank holds the whole
+model), and goes through the same lm-eval adapter as in-loop evaluation
+(``[eval]``), so the numbers are those the training run would log. With
+``--json`` rank 0 prints one JSON object whose ``results`` member is
+``lm_eval.simple_evaluate``'s ``results`` dictionary, unchanged.
+
+Exit status: 0 done, 2 bad input (source, task, option) or lm-eval missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import swallow_titan  # noqa: F401  (selects the device before torchtitan loads)
+import torch
+import torch.distributed as dist
+
+from swallow_titan.config.errors import ExitCode
+from swallow_titan.eval import EvalUnavailableError, require_lm_eval
+from swallow_titan.ranks import job_world_size
+
+# Llama 3's pre-training context, for HF folders without a run record.
+DEFAULT_MAX_LENGTH = 8192
+
+
+class EvaluateInputError(ValueError):
+    """SOURCE or an option that cannot be evaluated; the message says why."""
+
+
+@dataclass
+class EvalOptions:
+    """The ``[eval]`` fields ``run_simple_evaluate`` reads, from the command line."""
+
+    tasks: list[str]
+    include_path: str
+    num_fewshot: int
+    limit: float
+
+
+@dataclass
+class ModelSource:
+    """What to load: model dimensions, where weights and tokenizer are, the step."""
+
+    kind: str  # "hf" or "dcp"
+    path: Path
+    args: Any
+    tokenizer_path: str
+    max_length: int
+    step: int | None
+
+
+def resolve_source(source: str, step: int | None, tokenizer: str | None) -> ModelSource:
+    """Find out what SOURCE is (HF folder, run folder, one DCP checkpoint)."""
+    from swallow_titan.checkpoint.dcp_reader import CheckpointReadError, locate_checkpoint
+    from swallow_titan.hf.hf_config import (
+        CONFIG_FILE,
+        HFConfigError,
+        model_args_from_hf_config,
+        read_hf_config,
+    )
+    from swallow_titan.hf.run_record import RunRecordError, find_run_record
+
+    path = Path(source)
+    if not path.exists():
+        raise EvaluateInputError(f"{source}: no such file or folder")
+    if (path / CONFIG_FILE).is_file():
+        if step is not None:
+            raise EvaluateInputError(f"{source}: --step applies to checkpoint folders, not HF folders")
+        try:
+            args = model_args_from_hf_config(read_hf_config(path), str(path / CONFIG_FILE))
+        except HFConfigError as e:
+            raise EvaluateInputError(str(e)) from None
+        return ModelSource("hf", path, args, tokenizer or str(path), DEFAULT_MAX_LENGTH, None)
+    try:
+        step_dir, found = locate_checkpoint(path, step)
+        record, record_path = find_run_record(step_dir)
+        args = model_args_from_hf_config(record.hf_config, str(record_path))
+    except (CheckpointReadError, RunRecordError, HFConfigError) as e:
+        raise EvaluateInputError(str(e)) from None
+    seq_len = ((record.job_config or {}).get("training") or {}).get("seq_len")
+    tokenizer_path = tokenizer or record.tokenizer_path
+    if not tokenizer_path:
+        raise EvaluateInputError(f"{record_path} names no tokenizer; pass --tokenizer DIR")
+    return ModelSource("dcp", step_dir, args, tokenizer_path, seq_len or DEFAULT_MAX_LENGTH, found)
+
+
+def _init_distributed() -> tuple[int, int, torch.device]:
+    world = job_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return rank, world, device
+
+
+def build_model(source: ModelSource, max_length: int, dtype: torch.dtype, device: torch.device):
+    """swallow-titan's Transformer with SOURCE's weights, FSDP2-sharded over all processes."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from swallow_titan.hf.hf_weights import load_hf_weights
+    from swallow_titan.start_rule import load_dcp_model_weights
+    from swallow_titan.model.transformer import SwallowTransformer
+
+    args = replace(source.args, max_seq_len=max_length)
+    with torch.device("meta"):
+        model = SwallowTransformer(args)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if world > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(device.type, (world,))
+        # fp32 weights are gathered as they are; bf16 compute casts them.
+        param_dtype = None if dtype == torch.float32 else dtype
+        policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+        for layer in model.layers.values():
+            fully_shard(layer, mesh=mesh, mp_policy=policy)
+        fully_shard(model, mesh=mesh, mp_policy=policy)
+    model.to_empty(device=device)
+    if world == 1:
+        # Before the RoPE table is built: Module.to(real dtype) would also
+        # cast the complex freqs_cis buffer and drop its imaginary part.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Casting complex values to real")
+            model.to(dtype)
+    with torch.no_grad():
+        model.init_weights(buffer_device=device)  # RoPE table; weights are loaded next
+    if source.kind == "hf":
+        load_hf_weights([model], source.path, args)
+    else:
+        load_dcp_model_weights([model], str(source.path))
+    return model.eval()
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m swallow_titan.evaluate", description=__doc__.split("\n\n")[0]
+    )
+    p.add_argument("source", help="run checkpoint folder, one DCP checkpoint, or an HF folder")
+    p.add_argument("--tasks", required=True, help="comma-separated lm-eval task or group names")
+    p.add_argument("--include-path", default="", help="folder of extra task YAML files")
+    p.add_argument("--num-fewshot", type=int, default=-1, help="few-shot examples (default: each task's)")
+    p.add_argument("--limit", type=float, default=0, help="examples per task (0: all; <1: fraction)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass per process")
+    p.add_argument("--max-gen-toks", type=int, default=256, help="most generated tokens per answer")
+    p.add_argument("--max-length", type=int, default=0,
+                   help="longest input (default: the run's training.seq_len, else 8192)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the run's)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                   help="compute dtype (default: bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--log-samples", action="store_true",
+                   help="with --json: add each example's responses as `samples`")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        require_lm_eval("python -m swallow_titan.evaluate")
+    except EvalUnavailableError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return ExitCode.BAD_INPUT
+    from lm_eval.utils import make_table
+
+    from swallow_titan.data.tokenizer import Llama3Tokenizer, TokenizerFileError
+    from swallow_titan.eval.adapter import ModelRunner, SwallowLM
+    from swallow_titan.eval.in_loop import run_simple_evaluate
+    from swallow_titan.eval.tasks import check_tasks
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    try:
+        if not tasks:
+            raise EvaluateInputError("--tasks: name at least one task")
+        source = resolve_source(args.source, args.step, args.tokenizer)
+        tokenizer = Llama3Tokenizer(source.tokenizer_path)
+        max_length = args.max_length or source.max_length
+        if not 0 < args.max_gen_toks < max_length:
+            raise EvaluateInputError(
+                f"--max-gen-toks {args.max_gen_toks}: must be between 1 and the model's "
+                f"maximum length {max_length} (--max-length)"
+            )
+        problems = check_tasks(tasks, args.include_path)
+        if problems:
+            raise EvaluateInputError("\n".join(problems))
+    except (EvaluateInputError, TokenizerFileError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return ExitCode.BAD_INPUT
+    rank, world, device = _init_distributed()
+    try:
+        default_dtype = "bfloat16" if device.type == "cuda" else "float32"
+        dtype = getattr(torch, args.dtype or default_dtype)
+        model = build_model(source, max_length, dtype, device)
+        lm = SwallowLM(
+            ModelRunner(forward=model, device=device, dp_rank=rank, dp_size=world),
+            tokenizer,
+            max_length=max_length,
+            batch_size=args.batch_size,
+            max_gen_toks=args.max_gen_toks,
+        )
+        options = EvalOptions(tasks, args.include_path, args.num_fewshot, args.limit)
+        with torch.no_grad():
+            result = run_simple_evaluate(lm, options, log_samples=args.log_samples)
+        if rank == 0:
+            if args.json:
+                report = {
+                    "source": str(source.path),
+                    "step": source.step,
+                    "processes": world,
+                    "results": result["results"],
+                }
+                if args.log_samples:
+                    report["samples"] = {
+                        task: [
+                            {k: s[k] for k in ("doc_id", "target", "resps", "filtered_resps")}
+                            for s in samples
+                        ]
+                        for task, samples in result["samples"].items()
+                    }
+                print(json.dumps(report, default=str))
+            else:
+                where = f"{source.path}" + (f" (step {source.step})" if source.step is not None else "")
+                print(f"{where}, {world} process(es)\n{make_table(result)}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return ExitCode.OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,221 @@
+"""[eval] inside real training runs, and python -m swallow_titan.evaluate on their checkpoints.
+
+The runs are tensor parallel over 2 processes (gloo), so the adapter reads
+vocabulary-sharded logits (DTensors) and every collective of evaluation has to
+line up across ranks; a run without [eval] of the same layout is the
+reference for the losses.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from support import REPO
+from support.eval import EVAL_TASKS, MC_TASK, QA_TASK
+from support.runs import (
+    RunResult,
+    free_port,
+    run_log,
+    run_training,
+    series,
+    training_command,
+    training_env,
+)
+
+pytest.importorskip("lm_eval")
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
+STEPS = 3
+FREQ = 2
+LIMIT = 4
+EVAL = [
+    "--eval.enable", "true",
+    "--eval.freq", str(FREQ),
+    "--eval.tasks", f"{MC_TASK},{QA_TASK}",
+    "--eval.include_path", str(EVAL_TASKS.relative_to(REPO)),
+    "--eval.max_gen_toks", "16",
+    "--eval.limit", str(LIMIT),
+    "--eval.batch_size", "3",
+]
+RUN = [
+    "--training.steps", str(STEPS),
+    "--parallelism.tensor_parallel_degree", "2",
+    "--checkpoint.enable", "true",
+]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("eval_runs")
+    with_eval = run_training(
+        base / "with", *RUN, *EVAL, "--metrics.enable_tensorboard", "true", nproc=2
+    ).check()
+    without = run_training(base / "without", *RUN, nproc=2).check()
+    return base / "with", with_eval, without
+
+
+def eval_lines(result: RunResult) -> dict[int, dict[str, float]]:
+    """step -> {"<task>/<metric>": value} of the evaluations in the run log."""
+    logged = {}
+    for record in result.history:
+        scores = {
+            tag.removeprefix("eval/"): value for tag, value in record.items()
+            if tag.startswith("eval/") and tag != "eval/time_s"
+        }
+        if scores:
+            logged[record["step"]] = scores
+    return logged
+
+
+def test_training_losses_are_the_same_with_and_without_evaluation(runs):
+    _, with_eval, without = runs
+    assert eval_lines(with_eval)  # evaluation did run in between
+    assert sorted(with_eval.losses) == list(range(1, STEPS + 1))
+    assert with_eval.losses == without.losses
+
+
+def test_evaluation_runs_every_freq_steps_and_after_the_last_step(runs):
+    _, with_eval, _ = runs
+    lines = eval_lines(with_eval)
+    assert sorted(lines) == [FREQ, STEPS]
+    assert set(lines[STEPS]) == {
+        f"{MC_TASK}/acc", f"{MC_TASK}/acc_norm", f"{QA_TASK}/exact_match_strip"
+    }
+
+
+def test_eval_scalars_are_in_tensorboard(runs):
+    from support.tensorboard import scalars
+
+    folder, with_eval, _ = runs
+    lines = eval_lines(with_eval)
+    for tag in (f"{MC_TASK}/acc", f"{MC_TASK}/acc_norm", f"{QA_TASK}/exact_match_strip"):
+        logged = scalars(folder, f"eval/{tag}")
+        assert sorted(logged) == [FREQ, STEPS]
+        assert logged[STEPS] == pytest.approx(lines[STEPS][tag], rel=1e-6)  # TensorBoard: float32
+    assert sorted(scalars(folder, "eval/time_s")) == [FREQ, STEPS]
+
+
+def evaluate_cli(source: Path, *args: str, nproc: int = 1) -> dict:
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
+         "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
+         "--master_port", str(free_port())]
+        if nproc > 1 else [sys.executable]
+    )
+    proc = subprocess.run(
+        [*launcher, "-m", "swallow_titan.evaluate", str(source), *args],
+        cwd=REPO, env=training_env(), capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 1, proc.stdout[-2000:]  # one object, from rank 0 only
+    return json.loads(lines[0])
+
+
+CLI_ARGS = [
+    "--tasks", f"{MC_TASK},{QA_TASK}", "--include-path", str(EVAL_TASKS),
+    "--limit", str(LIMIT), "--max-gen-toks", "16", "--batch-size", "3",
+    "--json", "--log-samples",
+]
+
+
+@pytest.fixture(scope="module")
+def cli_results(runs):
+    folder, _, _ = runs
+    checkpoints = folder / "checkpoint"
+    return (
+        evaluate_cli(checkpoints, *CLI_ARGS),
+        evaluate_cli(checkpoints, *CLI_ARGS, nproc=2),
+    )
+
+
+def test_a_finished_checkpoint_scores_what_the_run_logged_after_its_last_step(runs, cli_results):
+    _, with_eval, _ = runs
+    one, _ = cli_results
+    assert one["step"] == STEPS
+    logged = eval_lines(with_eval)[STEPS]
+    assert one["results"][MC_TASK]["acc,none"] == pytest.approx(logged[f"{MC_TASK}/acc"], abs=1e-4)
+    assert one["results"][QA_TASK]["exact_match,strip"] == pytest.approx(
+        logged[f"{QA_TASK}/exact_match_strip"], abs=1e-4
+    )
+
+
+def test_one_and_two_processes_give_the_same_scores_and_answers(cli_results):
+    one, two = cli_results
+    assert (one["processes"], two["processes"]) == (1, 2)
+    assert one["results"] == two["results"]
+    for task in (MC_TASK, QA_TASK):
+        a = {s["doc_id"]: s for s in one["samples"][task]}
+        b = {s["doc_id"]: s for s in two["samples"][task]}
+        assert sorted(a) == sorted(b) == list(range(LIMIT))
+        for doc_id, sample in a.items():
+            if task == QA_TASK:
+                assert sample["resps"] == b[doc_id]["resps"]
+                continue
+            for (ll, greedy), (ll2, greedy2) in zip(
+                [r[0] for r in sample["resps"]], [r[0] for r in b[doc_id]["resps"]], strict=True
+            ):
+                # FSDP gathers the exact fp32 weights: the same operations on the
+                # same numbers, so only summation order in the kernels may differ.
+                assert abs(ll - ll2) <= 1e-4 and greedy == greedy2
+
+
+def test_json_results_are_simple_evaluates_results_dictionary(cli_results):
+    one, _ = cli_results
+    for task in (MC_TASK, QA_TASK):
+        assert one["results"][task]["alias"] == task
+        assert one["results"][task]["sample_len"] == LIMIT
+    assert set(one["results"][MC_TASK]) >= {"acc,none", "acc_stderr,none", "acc_norm,none"}
+
+
+def test_a_failing_evaluation_is_skipped_and_training_goes_on(tmp_path):
+    """The task's data file disappears after the start-up check: logged, skipped, run completes."""
+    data = tmp_path / "qa.jsonl"
+    data.write_bytes((EVAL_TASKS / "data" / "ja_qa_test.jsonl").read_bytes())
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    yaml = (EVAL_TASKS / f"{QA_TASK}.yaml").read_text(encoding="utf-8")
+    yaml = yaml.replace(f"task: {QA_TASK}", "task: vanishing_qa")
+    yaml = re.sub(r"train: .*", f"train: {data}", yaml)
+    yaml = re.sub(r"test: .*", f"test: {data}", yaml)
+    (tasks / "vanishing.yaml").write_text(yaml, encoding="utf-8")
+    command = training_command(
+        tmp_path / "run", "--training.steps", "2",
+        "--eval.enable", "true", "--eval.freq", "1", "--eval.max_gen_toks", "16",
+        "--eval.tasks", "vanishing_qa", "--eval.include_path", str(tasks),
+    )
+    proc = subprocess.Popen(
+        command, cwd=REPO, env=training_env(), stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True,
+    )
+    output = []
+    deadline = time.monotonic() + 300
+    for line in proc.stdout:
+        output.append(line)
+        if "Training starts at step" in line:
+            data.unlink()  # the check at start-up has read it; step 1 is running
+        assert time.monotonic() < deadline
+    assert proc.wait(timeout=60) == 0, "".join(output)[-4000:]
+    text = "".join(output)
+    assert "[eval] evaluation at step 1 failed and is skipped" in text
+    assert "[eval] evaluation at step 2 failed and is skipped" in text
+    assert sorted(series(run_log(tmp_path / "run"), "train/loss")) == [1, 2]
+
+
+def test_the_exported_model_card_has_the_last_evaluation_table(runs, tmp_path):
+    from swallow_titan.hf.hf_export import export_hf
+
+    folder, with_eval, _ = runs
+    export_hf(folder / "checkpoint", tmp_path / "hf", dtype="float32")
+    card = (tmp_path / "hf" / "README.md").read_text(encoding="utf-8")
+    assert f"in-loop at step {STEPS}" in card
+    for tag, value in eval_lines(with_eval)[STEPS].items():
+        task, metric = tag.rsplit("/", 1)
+        assert f"| {task} | {metric} | {value:.4f} |" in card

@@ -1,0 +1,53 @@
+"""The model card's data-mixture table: the mixtures the run was actually configured with."""
+
+from __future__ import annotations
+
+from swallow_titan.hf.model_card import TrainingSummary, render_model_card
+from swallow_titan.hf.run_record import RunRecord
+
+HF_CONFIG = {
+    "num_hidden_layers": 2,
+    "hidden_size": 64,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "intermediate_size": 128,
+    "vocab_size": 2048,
+    "rope_theta": 500000.0,
+}
+SOURCES = [
+    {"name": "ja", "domain": "ja", "path": "ja.jsonl", "weight": 3.0},
+    {"name": "en", "domain": "en", "path": "en.jsonl", "weight": 1.0},
+]
+
+
+def card(data: dict) -> str:
+    job = {"data": data, "training": {"steps": 100}}
+    summary = TrainingSummary(
+        step=100, tokens_trained=None, source_tokens={"ja": 600, "en": 400},
+        training_loss=None, validation_loss=None,
+    )
+    return render_model_card(
+        RunRecord(hf_config=HF_CONFIG, job_config=job), summary,
+        title="t", model_id="m", dtype="bfloat16",
+    )
+
+
+def test_without_stages_the_target_share_comes_from_the_source_weights():
+    text = card({"sources": SOURCES})
+    assert "| source | domain | data | target share | tokens trained | actual share |" in text
+    assert "| ja | ja | `ja.jsonl` | 75.0% | 600 | 60.0% |" in text
+    assert "| en | en | `en.jsonl` | 25.0% | 400 | 40.0% |" in text
+
+
+def test_with_stages_each_stage_has_its_own_target_share_and_the_source_weights_are_not_shown():
+    stages = [
+        {"name": "main", "until_step": 80, "weights": {"ja": 1.0, "en": 1.0}},
+        {"name": "anneal", "until_step": 0, "weights": {"ja": 1.0}},
+    ]
+    text = card({"sources": SOURCES, "stages": stages})
+    header = "| source | domain | data | main (steps 1-80) | anneal (steps 81-100) | tokens trained |"
+    assert header in text
+    # ja: 1/2 in "main", 1/1 in "anneal"; en is not listed in "anneal", so 0 there.
+    assert "| ja | ja | `ja.jsonl` | 50.0% | 100.0% | 600 | 60.0% |" in text
+    assert "| en | en | `en.jsonl` | 50.0% | 0.0% | 400 | 40.0% |" in text
+    assert "75.0%" not in text
