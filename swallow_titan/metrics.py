@@ -17,6 +17,8 @@
   the dataloader's per-source metrics; per-set validation loss/perplexity.
 - The hyper-parameters (text table and the HPARAMS plugin) and the resolved
   config (JSON text) are written when a run (or restart) begins.
+- The same scalars go to ``<dump_folder>/metrics.jsonl`` (:class:`RunLog`),
+  one JSON object per log step, with the same purge rule on restart.
 - The console line carries step/total, tokens seen, loss, tokens/s and ETA.
 """
 
@@ -29,6 +31,7 @@ import math
 import os
 import re
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -162,6 +165,64 @@ class _Writer:
         self.summary.close()
 
 
+class RunLog:
+    """``<dump_folder>/metrics.jsonl``: one JSON object per log step, across restarts.
+
+    Each line is ``{"step": N, "time": <unix seconds>, "<tag>": value, ...}``
+    with the TensorBoard tags of that step (training and validation steps
+    are separate lines). Non-finite values are written as ``NaN`` /
+    ``Infinity`` (what Python's ``json`` reads back). A restart at
+    ``first_step`` first drops every line with ``step >= first_step``, as
+    TensorBoard's ``purge_step`` does, so the file never shows steps a
+    crashed attempt did after its last checkpoint. Each line is one
+    ``write`` on an ``O_APPEND`` descriptor, so a killed process leaves at
+    most an incomplete last line, which the next restart and
+    :func:`read_run_log` drop.
+    """
+
+    def __init__(self, path: str | os.PathLike, first_step: int):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept = [r for r in read_run_log(self.path) if r["step"] < first_step]
+        # Rewrite through a temporary file: a kill now leaves the old or the new file.
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(_line(r) for r in kept)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+
+    def write(self, step: int, scalars: dict[str, float]) -> None:
+        """Append one line for ``step``."""
+        record = {"step": step, "time": time.time()}
+        record.update((k, float(v)) for k, v in scalars.items())
+        os.write(self._fd, _line(record).encode("utf-8"))
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def _line(record: dict[str, Any]) -> str:
+    return json.dumps(record, separators=(",", ":")) + "\n"
+
+
+def read_run_log(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl``, in file order ([] if there is none).
+
+    A last line without its newline (a write cut short by a kill) is left out.
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return []
+    lines = text.split("\n")
+    # The part after the last newline is empty, or a torn write.
+    return [json.loads(line) for line in lines[:-1] if line]
+
+
 class SwallowMetricsProcessor(MetricsProcessor):
     """torchtitan's MetricsProcessor with swallow-titan's TensorBoard and console line."""
 
@@ -183,6 +244,7 @@ class SwallowMetricsProcessor(MetricsProcessor):
         else:
             logger.warning(f"No dense bf16 peak known for {device_name!r}: MFU is not reported")
         self.writer: _Writer | None = None
+        self.run_log: RunLog | None = None
         self._started = time.perf_counter()
         self._first_logged: tuple[float, int] | None = None
         self._start_step = 0
@@ -190,13 +252,17 @@ class SwallowMetricsProcessor(MetricsProcessor):
     # --------------------------------------------------------------- run start
 
     def _logs_here(self) -> bool:
-        if self.job_config.metrics.save_for_all_ranks:
-            return True
+        return self.job_config.metrics.save_for_all_ranks or self._is_metrics_rank()
+
+    def _is_metrics_rank(self) -> bool:
         rank = process_rank()
         dims = self.parallel_dims
         # With pipelining the loss lives on the last stage's first rank.
         metrics_rank = (dims.world_size // dims.pp) * (dims.pp - 1) if dims.pp_enabled else 0
         return rank == metrics_rank
+
+    def run_log_path(self) -> str:
+        return RunPaths.of(self.job_config).metrics_log
 
     def tensorboard_folder(self) -> str:
         m = self.job_config.metrics
@@ -210,6 +276,10 @@ class SwallowMetricsProcessor(MetricsProcessor):
         self._started = time.perf_counter()
         self._start_step = first_step - 1
         self._first_logged = None
+        if self._is_metrics_rank():
+            if self.run_log is not None:
+                self.run_log.close()
+            self.run_log = RunLog(self.run_log_path(), first_step)
         if not (self.job_config.metrics.enable_tensorboard and self._logs_here()):
             return
         self.writer = _Writer(self.tensorboard_folder(), first_step)
@@ -270,6 +340,8 @@ class SwallowMetricsProcessor(MetricsProcessor):
 
         if self.writer is not None:
             self.writer.scalars(scalars, step)
+        if self.run_log is not None:
+            self.run_log.write(step, scalars)
         self.logger.log(scalars, step)  # other backends (W&B)
         logger.info(self.progress_line(step, scalars, now))
 
@@ -338,6 +410,8 @@ class SwallowMetricsProcessor(MetricsProcessor):
         if self.writer is not None:
             self.writer.scalars(scalars, step)
             self.writer.flush()
+        if self.run_log is not None:
+            self.run_log.write(step, scalars)
         self.logger.log(scalars, step)
         parts = "  ".join(
             f"{name}: {loss:.4f} (ppl {_perplexity(loss):.4g})"
@@ -359,10 +433,8 @@ class SwallowMetricsProcessor(MetricsProcessor):
         if self.writer is not None:
             self.writer.scalars(values, step)
             self.writer.flush()
-        # The run's metrics.jsonl (RunLog, issue 14), once the processor has one.
-        run_log = getattr(self, "run_log", None)
-        if run_log is not None:
-            run_log.write(step, values)
+        if self.run_log is not None:
+            self.run_log.write(step, values)
         self.logger.log(values, step)
         parts = "  ".join(
             f"{tag.removeprefix('eval/')}: {value:.4f}" for tag, value in scalars.items()
@@ -380,6 +452,8 @@ class SwallowMetricsProcessor(MetricsProcessor):
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        if self.run_log is not None:
+            self.run_log.close()
         super().close()
 
 

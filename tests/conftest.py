@@ -11,7 +11,7 @@ import swallow_titan  # noqa: E402, F401
 
 import pytest  # noqa: E402
 
-from helpers import run_training  # noqa: E402
+from support.runs import run_training  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from helpers import REPO
+from support import REPO
 
 pytestmark = pytest.mark.slow
 
@@ -31,4 +31,8 @@ def test_cpu_smoke_reports_every_configuration_and_a_profile(tmp_path):
     assert results["stock"]["vs_stock"] == pytest.approx(1.0)
     assert report["top_kernels"], "the profiled run produced no operator table"
     assert "vs stock" in proc.stdout and "top" in proc.stdout
-    assert (tmp_path / "throughput.log").stat().st_size > 0
+    log = (tmp_path / "throughput.log").read_text()
+    # The float8 configuration really trained with float8 layers.
+    fp8_run = log.split("===== fp8+kernels:")[1].split("\n===== ")[0]
+    assert "Swapped to Float8Linear layers" in fp8_run
+    assert "Swapped to Float8Linear" not in log.split("===== bf16+kernels:")[1].split("\n===== ")[0]

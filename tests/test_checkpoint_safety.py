@@ -156,6 +156,30 @@ def test_a_checkpoint_without_metadata_is_reported(tmp_path):
     assert any(".metadata" in p for p in problems), problems
 
 
+def test_a_checkpoint_whose_metadata_cannot_be_read_is_reported(tmp_path):
+    job = Job(tmp_path)
+    job.train_and_save(1)
+    metadata = job.folder / "step-1" / ".metadata"
+    # Same size, so the manifest is satisfied: only reading DCP's metadata can tell.
+    metadata.write_bytes(b"\0" * metadata.stat().st_size)
+    problems = checkpoint_problems(str(job.folder / "step-1"))
+    assert any(".metadata is unreadable" in p for p in problems), problems
+
+
+def test_an_empty_step_folder_is_reported_and_skipped(tmp_path, caplog):
+    job = Job(tmp_path)
+    job.train_and_save(1)
+    job.manager.close()
+    (job.folder / "step-2").mkdir()  # neither DCP's .metadata nor an HF index
+    problems = checkpoint_problems(str(job.folder / "step-2"))
+    assert any("neither .metadata nor" in p for p in problems), problems
+    resumed = Job(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        assert resumed.manager.load()
+    assert resumed.manager.resumed_from == 1
+    assert any("Skipping checkpoint" in r.message and "step-2" in r.message for r in caplog.records)
+
+
 def test_resume_skips_a_corrupted_newest_checkpoint_with_a_warning(tmp_path, caplog):
     job = Job(tmp_path)
     for step in (1, 2, 3):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, TINY_CONFIG
+from support import REPO, TINY_CONFIG
 from swallow_titan.preflight import check_job_config
 from swallow_titan.config.manager import ConfigError, load_job_config
 

@@ -14,10 +14,9 @@ import signal
 
 import pytest
 
-from helpers import run_training
+from support.runs import TrainingProcess, loaded_step, run_training, series
+from support.tensorboard import scalars
 from swallow_titan.checkpoint.integrity import MANIFEST_NAME, checkpoint_problems, staging_name
-from tensorboard_events import scalars
-from training_process import TrainingProcess, loaded_step
 
 pytestmark = pytest.mark.slow
 
@@ -69,6 +68,9 @@ def test_sigkill_mid_run_then_restart_reproduces_the_losses(uninterrupted, tmp_p
     # TensorBoard hides what the killed attempt logged after its checkpoint:
     # the curve equals the uninterrupted one, value for value.
     assert scalars(tmp_path / "run", "train/loss") == scalars(reference_folder, "train/loss")
+    # So does the run log: each step once (series() refuses a repeated step),
+    # with the uninterrupted run's loss.
+    assert series(resumed.history, "train/loss") == reference
 
 
 def test_sigkill_during_a_checkpoint_save_resumes_from_the_previous_one(
@@ -101,6 +103,39 @@ def test_a_corrupted_checkpoint_is_skipped_with_a_warning(uninterrupted, tmp_pat
     _assert_continues_exactly(resumed, 6, reference)
     # The re-written step-8 replaced the broken one.
     assert checkpoint_problems(str(folder / "checkpoint" / "step-8")) == []
+
+
+def test_unreadable_metadata_and_an_empty_step_folder_are_skipped(uninterrupted, tmp_path):
+    reference_folder, reference = uninterrupted
+    folder = tmp_path / "run"
+    shutil.copytree(reference_folder, folder)
+    metadata = folder / "checkpoint" / "step-8" / ".metadata"
+    # Same size: the manifest agrees, only reading DCP's metadata shows the damage.
+    metadata.write_bytes(b"\0" * metadata.stat().st_size)
+    (folder / "checkpoint" / "step-9").mkdir()  # neither .metadata nor an HF index
+
+    resumed = run_training(folder, *RESUMABLE).check()
+    for step in (9, 8):
+        assert re.search(
+            rf"Skipping checkpoint \S*step-{step}: it is incomplete or corrupted", resumed.output
+        ), resumed.output[-3000:]
+    _assert_continues_exactly(resumed, 6, reference)
+
+
+def test_no_usable_checkpoint_exits_with_status_5_and_deletes_nothing(uninterrupted, tmp_path):
+    reference_folder, _ = uninterrupted
+    folder = tmp_path / "run"
+    shutil.copytree(reference_folder, folder)
+    for name in _published(folder):
+        with open(folder / "checkpoint" / name / "__0_0.distcp", "r+b") as f:
+            f.truncate(1000)
+
+    result = run_training(folder, *RESUMABLE)
+    assert result.returncode != 0
+    assert re.search(r"exitcode\s*:\s*5\b", result.output), result.output[-3000:]
+    assert "none of the checkpoints" in result.output
+    assert result.losses == {}  # it did not start over from scratch
+    assert _published(folder) == ["step-4", "step-6", "step-8"]
 
 
 def test_sigterm_writes_a_checkpoint_and_the_restart_continues_exactly(

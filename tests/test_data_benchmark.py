@@ -7,7 +7,7 @@ import shutil
 import subprocess
 import sys
 
-from helpers import REPO
+from support import REPO
 
 
 def run_benchmark(tokenizer_dir) -> subprocess.CompletedProcess:

@@ -10,8 +10,7 @@ import sys
 
 import pytest
 
-from data_helpers import SAMPLES, tiny_tokenizer
-from helpers import REPO, TINY_CONFIG
+from support import REPO, SAMPLES, TINY_CONFIG, tiny_tokenizer
 from swallow_titan.config.manager import load_job_config
 from swallow_titan.data.source_size import format_source_line, plan_sources
 

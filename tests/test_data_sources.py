@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from data_helpers import make_spec, numbered_docs, write_jsonl
+from support.data import make_spec, numbered_docs, write_jsonl
 from swallow_titan.config.sections import DataSource
 from swallow_titan.data.records import iter_records
 from swallow_titan.data.sharding import plan_lanes, split_units

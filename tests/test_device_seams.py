@@ -17,7 +17,7 @@ import sys
 
 import pytest
 
-from helpers import REPO
+from support import REPO
 from swallow_titan.device import DEVICE_SEAMS
 
 # What a device branch looks like in this code base.

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from helpers import run_training
+from support.runs import run_training
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from eval_helpers import EVAL_TASKS, MC_TASK, QA_TASK
-from helpers import REPO, TINY_CONFIG, training_env
+from support import REPO, TINY_CONFIG
+from support.eval import EVAL_TASKS, MC_TASK, QA_TASK
+from support.runs import training_env
 from swallow_titan.config.errors import ConfigError
 from swallow_titan.config.manager import load_job_config
 from swallow_titan.preflight import check_job_config

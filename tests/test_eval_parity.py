@@ -23,8 +23,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from eval_helpers import EVAL_TASKS, MC_TASK, QA_TASK, write_hf_tokenizer
-from hf_models import TINY_FLAVOR_CONFIG, TINY_TOKENIZER, save_random_llama
+from support import TINY_TOKENIZER
+from support.eval import EVAL_TASKS, MC_TASK, QA_TASK, write_hf_tokenizer
+from support.hf import TINY_FLAVOR_CONFIG, save_random_llama
 
 lm_eval = pytest.importorskip("lm_eval")
 pytest.importorskip("transformers")

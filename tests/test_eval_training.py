@@ -17,8 +17,17 @@ from pathlib import Path
 
 import pytest
 
-from eval_helpers import EVAL_TASKS, MC_TASK, QA_TASK
-from helpers import _ANSI, REPO, free_port, parse_losses, run_training, training_command, training_env
+from support import REPO
+from support.eval import EVAL_TASKS, MC_TASK, QA_TASK
+from support.runs import (
+    RunResult,
+    free_port,
+    run_log,
+    run_training,
+    series,
+    training_command,
+    training_env,
+)
 
 pytest.importorskip("lm_eval")
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
@@ -40,7 +49,6 @@ RUN = [
     "--parallelism.tensor_parallel_degree", "2",
     "--checkpoint.enable", "true",
 ]
-EVAL_LINE = re.compile(r"eval step:\s*(\d+)\s+(.*)\[")
 
 
 @pytest.fixture(scope="module")
@@ -53,25 +61,29 @@ def runs(tmp_path_factory):
     return base / "with", with_eval, without
 
 
-def eval_lines(output: str) -> dict[int, dict[str, float]]:
-    lines = {}
-    for line in _ANSI.sub("", output).splitlines():
-        if m := EVAL_LINE.search(line):
-            pairs = re.findall(r"(\S+): ([0-9.]+)", m.group(2))
-            lines[int(m.group(1))] = {k: float(v) for k, v in pairs}
-    return lines
+def eval_lines(result: RunResult) -> dict[int, dict[str, float]]:
+    """step -> {"<task>/<metric>": value} of the evaluations in the run log."""
+    logged = {}
+    for record in result.history:
+        scores = {
+            tag.removeprefix("eval/"): value for tag, value in record.items()
+            if tag.startswith("eval/") and tag != "eval/time_s"
+        }
+        if scores:
+            logged[record["step"]] = scores
+    return logged
 
 
 def test_training_losses_are_the_same_with_and_without_evaluation(runs):
     _, with_eval, without = runs
-    assert eval_lines(with_eval.output)  # evaluation did run in between
+    assert eval_lines(with_eval)  # evaluation did run in between
     assert sorted(with_eval.losses) == list(range(1, STEPS + 1))
     assert with_eval.losses == without.losses
 
 
 def test_evaluation_runs_every_freq_steps_and_after_the_last_step(runs):
     _, with_eval, _ = runs
-    lines = eval_lines(with_eval.output)
+    lines = eval_lines(with_eval)
     assert sorted(lines) == [FREQ, STEPS]
     assert set(lines[STEPS]) == {
         f"{MC_TASK}/acc", f"{MC_TASK}/acc_norm", f"{QA_TASK}/exact_match_strip"
@@ -79,14 +91,14 @@ def test_evaluation_runs_every_freq_steps_and_after_the_last_step(runs):
 
 
 def test_eval_scalars_are_in_tensorboard(runs):
-    from tensorboard_events import scalars
+    from support.tensorboard import scalars
 
     folder, with_eval, _ = runs
-    lines = eval_lines(with_eval.output)
+    lines = eval_lines(with_eval)
     for tag in (f"{MC_TASK}/acc", f"{MC_TASK}/acc_norm", f"{QA_TASK}/exact_match_strip"):
         logged = scalars(folder, f"eval/{tag}")
         assert sorted(logged) == [FREQ, STEPS]
-        assert logged[STEPS] == pytest.approx(lines[STEPS][tag], abs=1e-4)  # console: 4 decimals
+        assert logged[STEPS] == pytest.approx(lines[STEPS][tag], rel=1e-6)  # TensorBoard: float32
     assert sorted(scalars(folder, "eval/time_s")) == [FREQ, STEPS]
 
 
@@ -128,7 +140,7 @@ def test_a_finished_checkpoint_scores_what_the_run_logged_after_its_last_step(ru
     _, with_eval, _ = runs
     one, _ = cli_results
     assert one["step"] == STEPS
-    logged = eval_lines(with_eval.output)[STEPS]
+    logged = eval_lines(with_eval)[STEPS]
     assert one["results"][MC_TASK]["acc,none"] == pytest.approx(logged[f"{MC_TASK}/acc"], abs=1e-4)
     assert one["results"][QA_TASK]["exact_match,strip"] == pytest.approx(
         logged[f"{QA_TASK}/exact_match_strip"], abs=1e-4
@@ -194,8 +206,7 @@ def test_a_failing_evaluation_is_skipped_and_training_goes_on(tmp_path):
     text = "".join(output)
     assert "[eval] evaluation at step 1 failed and is skipped" in text
     assert "[eval] evaluation at step 2 failed and is skipped" in text
-    train, _ = parse_losses(text)
-    assert sorted(train) == [1, 2]
+    assert sorted(series(run_log(tmp_path / "run"), "train/loss")) == [1, 2]
 
 
 def test_the_exported_model_card_has_the_last_evaluation_table(runs, tmp_path):
@@ -205,6 +216,6 @@ def test_the_exported_model_card_has_the_last_evaluation_table(runs, tmp_path):
     export_hf(folder / "checkpoint", tmp_path / "hf", dtype="float32")
     card = (tmp_path / "hf" / "README.md").read_text(encoding="utf-8")
     assert f"in-loop at step {STEPS}" in card
-    for tag, value in eval_lines(with_eval.output)[STEPS].items():
+    for tag, value in eval_lines(with_eval)[STEPS].items():
         task, metric = tag.rsplit("/", 1)
         assert f"| {task} | {metric} | {value:.4f} |" in card

@@ -6,7 +6,7 @@ import os
 import subprocess
 import time
 
-from helpers import REPO
+from support import REPO
 
 from benchmarks.proctree import run_with_timeout
 

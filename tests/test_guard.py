@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from helpers import run_training
+from support.runs import from_seed, run_training
 from swallow_titan.guard import NonfiniteError, NonfiniteGuard, state_is_finite
 
 
@@ -89,3 +89,30 @@ def test_stop_policy_exits_with_an_error_and_writes_no_checkpoint(tmp_path):
     assert 'step 2: the loss and gradient norm is NaN or Inf; stopping' in result.output
     assert sorted(result.losses) == [1]  # step 2 was not logged as taken
     assert not (tmp_path / "run" / "checkpoint" / "step-2").exists()
+
+
+@pytest.mark.slow
+def test_a_nonfinite_state_is_never_checkpointed(seed_checkpoint, tmp_path):
+    """Weights that hold a NaN from the start: "skip" skips the step, but the
+    checkpoint after it is refused (status 4) instead of written."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save, torch_save_to_dcp
+
+    dcp_to_torch_save(seed_checkpoint, tmp_path / "seed.pt")
+    state = torch.load(tmp_path / "seed.pt", weights_only=False)
+    weights = state.get("model", state)
+    weights["norm.weight"][0] = float("nan")
+    torch.save(state, tmp_path / "poisoned.pt")
+    torch_save_to_dcp(tmp_path / "poisoned.pt", tmp_path / "poisoned")
+
+    result = run_training(
+        tmp_path / "run",
+        "--training.steps", "3",
+        "--guard.on_nonfinite", "skip",
+        *from_seed(tmp_path / "poisoned"),
+        "--checkpoint.load_only", "false",
+        "--checkpoint.interval", "1",
+    )
+    assert re.search(r"exitcode\s*:\s*4\b", result.output), result.output[-3000:]
+    assert "step 1: the loss and gradient norm is NaN or Inf; skipping" in result.output
+    assert "step 1: the model or optimizer state holds NaN/Inf; refusing" in result.output
+    assert not list((tmp_path / "run" / "checkpoint").glob("*step*1*"))

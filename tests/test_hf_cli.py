@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, free_port
-from hf_models import ODD_CONFIG, save_random_llama
+from support import REPO
+from support.hf import ODD_CONFIG, save_random_llama
+from support.runs import free_port
 from swallow_titan import convert, export
 from swallow_titan.checkpoint.dcp_reader import DCPCheckpoint
 

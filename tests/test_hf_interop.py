@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import os
 import subprocess
 import json
 import logging
@@ -17,7 +16,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torchtitan.models.llama3.model.model import Transformer
 
-from hf_models import ODD_CONFIG, TINY_TOKENIZER, as_transformers4_config, save_random_llama
+from support import TINY_TOKENIZER
+from support.hf import (
+    ODD_CONFIG,
+    as_transformers4_config,
+    assert_same_logits,
+    logits_tolerance,
+    save_random_llama,
+    transformers4_python,
+)
 from swallow_titan.hf import hf_export
 from swallow_titan.hf.atomic import OutputFolderError
 from swallow_titan.checkpoint.dcp_reader import DCPCheckpoint
@@ -82,7 +89,7 @@ def test_logits_after_hf_to_dcp_equal_transformers(hf_fp32, dcp_fp32):
     ids = tokens(ODD_CONFIG["vocab_size"])
     with torch.no_grad():
         ours = model(ids)
-    assert (ours - transformers_logits(hf_fp32, ids)).abs().max() < 1e-4
+    assert_same_logits(ours, transformers_logits(hf_fp32, ids))
 
 
 def test_logits_after_the_training_time_hf_load_equal_transformers(hf_fp32):
@@ -91,7 +98,20 @@ def test_logits_after_the_training_time_hf_load_equal_transformers(hf_fp32):
     ids = tokens(ODD_CONFIG["vocab_size"])
     with torch.no_grad():
         ours = model(ids)
-    assert (ours - transformers_logits(hf_fp32, ids)).abs().max() < 1e-4
+    assert_same_logits(ours, transformers_logits(hf_fp32, ids))
+
+
+def test_the_logits_tolerance_catches_a_doubled_rope_scaling_factor(hf_fp32):
+    model = our_model(hf_fp32)
+    args = model.model_args
+    scaling = replace(args.rope_scaling_args, scaling_factor=2 * args.rope_scaling_args.scaling_factor)
+    wrong = Transformer(replace(args, rope_scaling_args=scaling, max_seq_len=SEQ_LEN)).eval()
+    load_hf_weights([wrong], hf_fp32, wrong.model_args)
+    ids = tokens(ODD_CONFIG["vocab_size"])
+    theirs = transformers_logits(hf_fp32, ids)
+    with torch.no_grad():
+        difference = (wrong(ids) - theirs).abs().max().item()
+    assert difference > 4 * logits_tolerance(theirs)
 
 
 def test_hub_spelling_of_config_json_imports_to_the_same_logits(tmp_path):
@@ -104,7 +124,7 @@ def test_hub_spelling_of_config_json_imports_to_the_same_logits(tmp_path):
     ids = tokens(ODD_CONFIG["vocab_size"])
     with torch.no_grad():
         ours = model(ids)
-    assert (ours - transformers_logits(source, ids)).abs().max() < 1e-4
+    assert_same_logits(ours, transformers_logits(source, ids))
 
 
 def all_tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -146,7 +166,8 @@ def test_export_loads_in_transformers_with_no_missing_or_unexpected_keys(export_
 
 def test_export_gives_the_logits_of_the_model_it_came_from(hf_fp32, export_fp32):
     ids = tokens(ODD_CONFIG["vocab_size"])
-    assert (transformers_logits(export_fp32, ids) - transformers_logits(hf_fp32, ids)).abs().max() < 1e-4
+    # Bit-identical fp32 weights through the same transformers code: equal logits.
+    assert torch.equal(transformers_logits(export_fp32, ids), transformers_logits(hf_fp32, ids))
 
 
 def test_export_index_lists_every_tensor_in_the_shard_that_holds_it(export_fp32):
@@ -275,6 +296,7 @@ TRANSFORMERS4_LOAD = """
 import io, logging, sys, torch, transformers
 from transformers import AutoModelForCausalLM
 assert transformers.__version__.startswith("4."), transformers.__version__
+assert "torch" in sys.modules and transformers.utils.is_torch_available()
 log = io.StringIO()
 handler = logging.StreamHandler(log)
 handler.setLevel(logging.WARNING)
@@ -288,18 +310,15 @@ with torch.no_grad():
 """
 
 
-@pytest.mark.skipif(
-    not os.environ.get("SWALLOW_TRANSFORMERS4_PYTHON"),
-    reason="set SWALLOW_TRANSFORMERS4_PYTHON to a python with transformers 4.x and torch",
-)
 def test_transformers4_loads_the_export_with_the_same_logits(export_fp32, tmp_path):
     ids = tokens(ODD_CONFIG["vocab_size"])
     torch.save(ids, tmp_path / "ids.pt")
     proc = subprocess.run(
-        [os.environ["SWALLOW_TRANSFORMERS4_PYTHON"], "-c", TRANSFORMERS4_LOAD,
+        [transformers4_python(), "-c", TRANSFORMERS4_LOAD,
          str(export_fp32), str(tmp_path / "ids.pt"), str(tmp_path / "logits.pt")],
         capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     logits4 = torch.load(tmp_path / "logits.pt")
-    assert (logits4 - transformers_logits(export_fp32, ids)).abs().max() < 1e-5
+    # transformers 4 and 5 implement the same Llama in fp32 from the same weights.
+    assert_same_logits(logits4, transformers_logits(export_fp32, ids))

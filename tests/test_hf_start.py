@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, TINY_CONFIG
-from hf_models import ODD_CONFIG, TINY_FLAVOR_CONFIG, save_random_llama
+from support import REPO, TINY_CONFIG
+from support.hf import ODD_CONFIG, TINY_FLAVOR_CONFIG, save_random_llama
 from swallow_titan.start_rule import decide_start
 from swallow_titan.preflight import check_job_config, check_structure, file_problems
 from swallow_titan.config.manager import ConfigError, load_job_config
@@ -92,6 +92,12 @@ def test_no_starting_weights_is_said_to_be_random(tmp_path):
 def test_a_dcp_starting_checkpoint_is_the_third_choice(tmp_path):
     decision = decide_start(tiny(tmp_path, "--checkpoint.initial_load_path", "/ckpt/converted"))
     assert decision.kind == "dcp" and decision.path == "/ckpt/converted"
+
+
+def test_hf_weights_come_before_a_dcp_starting_checkpoint_in_the_rule(tmp_path):
+    # The config check refuses naming both; the rule's order still says which wins.
+    config = tiny(tmp_path, "--hf.load_path", "/hf", "--checkpoint.initial_load_path", "/dcp")
+    assert decide_start(config).kind == "hf"
 
 
 @pytest.mark.parametrize(

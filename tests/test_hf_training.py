@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import re
-
 from dataclasses import replace
 from pathlib import Path
+
+import re
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from torchtitan.models.llama3.model.model import Transformer
 
-from helpers import _ANSI, run_training
-from hf_models import TINY_FLAVOR_CONFIG, save_random_llama
+from support.hf import TINY_FLAVOR_CONFIG, assert_same_logits, save_random_llama
+from support.runs import free_port, run_training, series
 from swallow_titan.checkpoint.dcp_reader import DCPCheckpoint
 from swallow_titan.hf.hf_import import convert_hf_to_dcp
 from swallow_titan.data.dataloader import source_token_counts
@@ -97,7 +97,7 @@ def test_export_at_end_gives_the_logits_of_the_trained_model(hf_run):
     theirs = transformers.AutoModelForCausalLM.from_pretrained(dump / "hf" / "step-2").eval()
     ids = torch.randint(0, 4096, (2, 64), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        assert (ours(ids) - theirs(ids).logits).abs().max() < 1e-4
+        assert_same_logits(ours(ids), theirs(ids).logits)
 
 
 def test_model_card_reports_base_recipe_data_steps_and_losses(hf_run):
@@ -112,12 +112,10 @@ def test_model_card_reports_base_recipe_data_steps_and_losses(hf_run):
         assert f"| {source} |" in card and f"| {tokens:,} |" in card
     assert f"Final training loss: {result.losses[2]:.4f} (step 2" in card
     assert f"Final validation loss: {result.validation_losses[2]:.4f} (step 2" in card
-    # Each [[validation.sets]] entry too, as the console printed it at step 2.
-    line = next(l for l in result.output.splitlines() if "validate step:  2" in l)
-    per_set = dict(re.findall(r"(\w+): ([0-9.]+) \(ppl", _ANSI.sub("", line)))
-    assert set(per_set) == {"ja", "en", "code", "math"}
-    for name, value in per_set.items():
-        assert f"  - {name}: {float(value):.4f} (step 2, `val/{name}/loss`)" in card
+    # Each [[validation.sets]] entry too, as the run log has it at step 2.
+    for name in ("ja", "en", "code", "math"):
+        value = series(result.history, f"val/{name}/loss")[2]
+        assert f"  - {name}: {value:.4f} (step 2, `val/{name}/loss`)" in card
 
 
 def test_a_run_starts_from_the_hf_to_dcp_output_as_from_the_hf_folder(hf_run, hf_tiny, tmp_path):
@@ -184,3 +182,24 @@ def test_second_start_resumes_and_never_reads_the_hf_folder(hf_run, hf_tiny):
     assert "Hugging Face weights" not in result.output
     assert sorted(result.losses) == [3]
     assert (dump / "hf" / "step-3" / "config.json").is_file()
+
+
+def test_a_failed_hub_push_at_the_end_exits_3_and_keeps_the_export(hf_tiny, tmp_path):
+    dump = tmp_path / "run"
+    result = run_training(
+        dump,
+        *hf_run_args(hf_tiny),
+        "--training.steps", "1",
+        "--hf.push_to_hub", "someone/swallow-test",
+        env={
+            # Nothing listens there: the Hub is unreachable on any machine.
+            "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}",
+            "HF_TOKEN": "hf_not_a_real_token",
+            "HF_HUB_DISABLE_TELEMETRY": "1",
+        },
+    )
+    assert re.search(r"exitcode\s*:\s*3\b", result.output), result.output[-3000:]
+    assert "could not upload" in result.output and "someone/swallow-test" in result.output
+    assert sorted(result.losses) == [1]  # training itself finished
+    export = dump / "hf" / "step-1"
+    assert (export / "config.json").is_file() and (export / "model.safetensors.index.json").is_file()

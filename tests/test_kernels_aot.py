@@ -14,7 +14,7 @@ import sys
 import pytest
 import triton
 
-from helpers import REPO
+from support import REPO
 from kernels.aot import REGISTERS_PER_SM, SMEM_PER_BLOCK, CompileJob, CompileResult
 
 

@@ -14,7 +14,8 @@ from dataclasses import replace
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from helpers import TINY_CONFIG, run_training
+from support import TINY_CONFIG
+from support.runs import run_training
 from kernels import rms_norm, rms_norm_reference
 from swallow_titan.config.manager import load_job_config
 from swallow_titan.loss import SwallowLoss

@@ -12,7 +12,8 @@ import sys
 
 import pytest
 
-from helpers import REPO, free_port
+from support import REPO
+from support.runs import free_port
 
 pytestmark = [pytest.mark.distributed]
 

@@ -11,7 +11,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from helpers import REPO, TINY_CONFIG
+from support import REPO, TINY_CONFIG
 from swallow_titan.preflight import check_job_config
 from swallow_titan.config.manager import ConfigError, load_job_config
 from swallow_titan.loss import Z_LOSS, LabelsInInputs, SwallowLoss

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import pytest
 
-from helpers import run_training
+from support.runs import run_training
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
-# On top of helpers.FAST (seq 64, no checkpoint/validation/TensorBoard, seed).
+# On top of support.runs.FAST (seq 64, no checkpoint/validation/TensorBoard, seed).
 SMALL_RUN = [
     "--training.steps", "3",
     "--lr_scheduler.warmup_steps", "1",

@@ -8,9 +8,8 @@ from dataclasses import replace
 import torch
 from torchtitan.distributed import ParallelDims
 
-from helpers import REPO, TINY_CONFIG
+from support import TINY_CONFIG, tiny_tokenizer
 from swallow_titan.config.manager import load_job_config
-from swallow_titan.data.tokenizer import Llama3Tokenizer
 from swallow_titan.loss import SwallowLoss
 from swallow_titan.model.args import FLAVORS
 from swallow_titan.model.transformer import SwallowTransformer
@@ -35,7 +34,7 @@ def _validate(model, *overrides: str) -> dict[str, float]:
         job_config=config,
         dp_world_size=1,
         dp_rank=0,
-        tokenizer=Llama3Tokenizer(REPO / "assets" / "tokenizer"),
+        tokenizer=tiny_tokenizer(),
         parallel_dims=ParallelDims(1, 1, 1, 1, 1, 1, 1, world_size=1),
         loss_fn=SwallowLoss(config),
         validation_context=contextlib.nullcontext,

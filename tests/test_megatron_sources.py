@@ -9,11 +9,9 @@ import json
 import numpy as np
 import pytest
 
-from data_helpers import (
-    SAMPLES, make_loaders, make_spec, numbered_docs, run_global_batches, tiny_tokenizer,
-    write_jsonl,
-)
-from megatron_files import write_megatron
+from support import SAMPLES, tiny_tokenizer
+from support.data import make_loaders, make_spec, numbered_docs, run_global_batches, write_jsonl
+from support.megatron import write_megatron
 from swallow_titan.config.sections import DataSource
 from swallow_titan.data.megatron import open_index
 from swallow_titan.data.records import iter_records
@@ -228,7 +226,7 @@ def test_the_data_cli_and_plan_read_a_config_with_a_megatron_source(tmp_path):
     import subprocess
     import sys
 
-    from helpers import REPO, TINY_CONFIG
+    from support import REPO, TINY_CONFIG
 
     tok = tiny_tokenizer()
     write_megatron(tmp_path / "code_text_document",

@@ -11,8 +11,8 @@ from fractions import Fraction
 
 import pytest
 
-from data_helpers import make_loaders, make_spec, run_global_batches, sample_sources
-from helpers import REPO, TINY_CONFIG
+from support import REPO, TINY_CONFIG
+from support.data import make_loaders, make_spec, run_global_batches, sample_sources
 from swallow_titan.config.manager import ConfigError, load_job_config
 from swallow_titan.config.sections import MixtureStage
 from swallow_titan.data.slots import iter_slot_batches
@@ -165,10 +165,11 @@ def test_the_data_cli_reports_the_current_stage(tmp_path):
 def test_a_run_trains_through_a_stage_boundary_on_megatron_data_and_logs_the_stage(tmp_path):
     # The whole path in a real torchtitan run: a Megatron source in the mixture,
     # two stages, TensorBoard's data/stage switching at the boundary.
-    from data_helpers import numbered_docs, tiny_tokenizer
-    from helpers import run_training
-    from megatron_files import write_megatron
-    from tensorboard_events import scalars
+    from support import tiny_tokenizer
+    from support.data import numbered_docs
+    from support.megatron import write_megatron
+    from support.runs import run_training
+    from support.tensorboard import scalars
 
     tok = tiny_tokenizer()
     write_megatron(tmp_path / "mega" / "code_text_document",

@@ -7,9 +7,9 @@ import re
 
 import pytest
 
-from helpers import _ANSI, from_seed, run_training
-from swallow_titan.metrics import dense_bf16_peak_flops, format_duration
-from tensorboard_events import events, scalars
+from support.runs import ANSI, from_seed, run_training, series
+from support.tensorboard import events, scalars
+from swallow_titan.metrics import RunLog, dense_bf16_peak_flops, format_duration, read_run_log
 
 STEPS = 4
 SETS = ("ja", "en", "code", "math")
@@ -38,6 +38,32 @@ def test_eta_is_formatted_as_a_clock():
     assert format_duration(float("nan")) == "--"
 
 
+def test_run_log_restart_drops_the_steps_after_the_restart_point(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    first = RunLog(path, first_step=1)
+    for step in (1, 2, 3, 4):
+        first.write(step, {"train/loss": 10.0 - step})
+    first.close()
+    # Resumed from the step-2 checkpoint: steps 3 and 4 are redone.
+    second = RunLog(path, first_step=3)
+    second.write(3, {"train/loss": 0.5})
+    second.close()
+    assert series(read_run_log(path), "train/loss") == {1: 9.0, 2: 8.0, 3: 0.5}
+
+
+def test_run_log_drops_a_line_torn_by_a_kill(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    log = RunLog(path, first_step=1)
+    log.write(1, {"train/loss": 2.0, "train/grad_norm": float("nan")})
+    log.close()
+    with open(path, "a") as f:
+        f.write('{"step":2,"time":1.0,"train/lo')  # a write cut short
+    assert [r["step"] for r in read_run_log(path)] == [1]
+    assert math.isnan(read_run_log(path)[0]["train/grad_norm"])
+    RunLog(path, first_step=2).close()
+    assert path.read_text().count("\n") == 1 and path.read_text().endswith("\n")
+
+
 @pytest.fixture(scope="module")
 def monitored(seed_checkpoint, tmp_path_factory):
     folder = tmp_path_factory.mktemp("monitored") / "run"
@@ -57,6 +83,17 @@ def test_tensorboard_has_the_training_scalars_at_every_log_step(monitored):
         assert sorted(scalars(folder, tag)) == list(range(1, STEPS + 1)), tag
     tokens = scalars(folder, "train/tokens_seen")
     assert tokens[STEPS] == STEPS * 8 * 64  # global batch 8 x seq 64 per step
+
+
+@pytest.mark.slow
+def test_run_log_has_every_tensorboard_scalar_at_its_step(monitored):
+    folder, result = monitored
+    tags = events(folder).Tags()["scalars"]
+    assert "train/loss" in tags and "val/ja/loss" in tags
+    for tag in tags:
+        # TensorBoard keeps float32; the run log the float64 it was given.
+        assert series(result.history, tag) == pytest.approx(scalars(folder, tag), rel=1e-6), tag
+    assert all(r["time"] > 1e9 for r in result.history)  # wall time, seconds since the epoch
 
 
 @pytest.mark.slow
@@ -105,7 +142,7 @@ def test_hyperparameters_are_in_tensorboards_hparams_view(monitored):
 @pytest.mark.slow
 def test_progress_line_has_step_total_tokens_loss_throughput_and_eta(monitored):
     _, result = monitored
-    lines = [l for l in _ANSI.sub("", result.output).splitlines() if re.search(r"step:\s*\d+/", l)]
+    lines = [l for l in ANSI.sub("", result.output).splitlines() if re.search(r"step:\s*\d+/", l)]
     assert len(lines) == STEPS  # one per log step (log_freq 1)
     pattern = re.compile(
         rf"step: (\d+)/{STEPS}  loss: +[\d.]+  tokens: [\d.]+K?  tps: [\d,]+  "

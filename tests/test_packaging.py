@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from helpers import REPO
+from support import REPO
 
 
 def test_torchtitan_runs_on_cpu_when_no_gpu_is_present():

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from helpers import REPO
+from support import REPO
 
 RECIPE = REPO / "train_configs" / "swallow_8b_v05.toml"
 

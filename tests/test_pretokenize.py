@@ -13,10 +13,8 @@ import warnings
 import numpy as np
 import pytest
 
-from data_helpers import (
-    make_loaders, make_spec, numbered_docs, run_global_batches, tiny_tokenizer,
-)
-from helpers import REPO, TINY_CONFIG
+from support import REPO, TINY_CONFIG, tiny_tokenizer
+from support.data import make_loaders, make_spec, numbered_docs, run_global_batches
 from swallow_titan.config.sections import DataSource
 from swallow_titan.data.lane import Lane
 from swallow_titan.data.megatron import IndexedDatasetWriter

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, run_training
+from support import REPO
+from support.runs import run_training
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 

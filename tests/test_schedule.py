@@ -59,7 +59,10 @@ def test_each_batch_gives_every_slot_one_source_and_keeps_the_row():
 
 
 def test_every_slot_takes_each_source_at_its_rate():
-    slots, batches = 24, 24 * 40
+    # 320 rotation cycles: long enough that the rarest source (0.4%) is due
+    # 30.7 times in each slot, far above the tolerance, so a slot that never
+    # gets it fails.
+    slots, batches = 24, 24 * 320
     schedule = MixtureSchedule(RECIPE_WEIGHTS, slots)
     per_slot = [[0] * 10 for _ in range(slots)]
     counts = [0] * 10
@@ -71,7 +74,11 @@ def test_every_slot_takes_each_source_at_its_rate():
     for s, w in enumerate(RECIPE_WEIGHTS):
         target = batches * w / total
         for j in range(slots):
-            assert abs(per_slot[j][s] - target) <= max(8, 0.05 * target), (s, j)
+            # Each slot visits every rotation once per cycle of `slots` batches,
+            # so its count is a bounded walk around the target: it stayed within
+            # 7.0 sequences at every multiple of 40 cycles up to 320 (it does not
+            # grow with the run), hence 8 sequences, in absolute terms.
+            assert abs(per_slot[j][s] - target) <= 8, (s, j, per_slot[j][s], target)
 
 
 def test_the_rotation_visits_every_offset():

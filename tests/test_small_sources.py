@@ -7,7 +7,8 @@ from fractions import Fraction
 
 import pytest
 
-from data_helpers import SAMPLES, make_spec, numbered_docs, write_jsonl
+from support import SAMPLES
+from support.data import make_spec, numbered_docs, write_jsonl
 from swallow_titan.config.sections import DataSource
 from swallow_titan.data import sharding
 from swallow_titan.data.slots import iter_slot_batches
@@ -73,7 +74,7 @@ def test_a_small_source_too_large_to_copy_is_refused_by_name(tmp_path, monkeypat
 
 
 def test_the_plan_shows_a_small_source_and_refuses_one_too_large(tmp_path, monkeypatch):
-    from helpers import TINY_CONFIG
+    from support import TINY_CONFIG
     from swallow_titan.config.manager import load_job_config
     from swallow_titan.data.source_size import format_source_line, plan_sources
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO
+from support import SAMPLES, tiny_tokenizer
 from swallow_titan.data.tokenizer import (
     Llama3Tokenizer,
     TokenizerFileError,
@@ -49,7 +49,7 @@ def test_ids_equal_hf_tokenizers(ours, hf_tokenizer, domain):
 
 
 def test_ids_equal_hf_tokenizers_on_the_sample_corpus(ours, hf_tokenizer):
-    for path in sorted((REPO / "assets" / "samples").glob("*.jsonl")):
+    for path in sorted(SAMPLES.glob("*.jsonl")):
         texts = [json.loads(line)["text"] for line in path.open()][:50]
         expected = [e.ids for e in hf_tokenizer.encode_batch(texts, add_special_tokens=False)]
         assert ours.encode_batch(texts) == expected, path.name
@@ -112,7 +112,7 @@ def test_malformed_tokenizer_file_names_file_and_line(tmp_path):
 
 
 def test_shipped_tiny_tokenizer_round_trips_text():
-    tok = Llama3Tokenizer(REPO / "assets" / "tokenizer")
+    tok = tiny_tokenizer()
     assert tok.get_vocab_size() == 4096
     assert (tok.bos_id, tok.eos_id) == (3840, 3841)
     for text in TEXTS.values():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from helpers import from_seed, run_training
+from support.runs import from_seed, run_training
 
 pytestmark = pytest.mark.slow
 
@@ -51,6 +51,13 @@ LAYOUTS = {
     "tp2": (2, "Tensor Parallelism to the model", [
         "--parallelism.tensor_parallel_degree", "2",
         "--parallelism.data_parallel_shard_degree", "1",
+        "--training.local_batch_size", "8",
+    ]),
+    # Logits replicated on both TP ranks, plain cross-entropy on each.
+    "tp2_no_loss_parallel": (2, "Tensor Parallelism to the model", [
+        "--parallelism.tensor_parallel_degree", "2",
+        "--parallelism.data_parallel_shard_degree", "1",
+        "--parallelism.disable_loss_parallel", "true",
         "--training.local_batch_size", "8",
     ]),
     "hsdp2x2": (4, "Applied HSDP to the model", [
@@ -104,4 +111,5 @@ def test_torch_compile_gives_the_eager_losses(tmp_path):
     eager = run_training(tmp_path / "eager", *common).check()
     compiled = run_training(tmp_path / "compiled", *common, "--compile.enable", "true").check()
     assert "Compiling each TransformerBlock with torch.compile" in compiled.output
+    assert sorted(eager.losses) == sorted(compiled.losses) == [1, 2, 3]
     assert compiled.losses == pytest.approx(eager.losses, rel=1e-4)

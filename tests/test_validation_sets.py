@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import REPO, TINY_CONFIG
+from support import TINY_CONFIG, tiny_tokenizer
 from swallow_titan.preflight import check_job_config
 from swallow_titan.config.manager import ConfigError, load_job_config
-from swallow_titan.data.tokenizer import Llama3Tokenizer
 from swallow_titan.validation import PerDomainValidator
 
 SEQ_64 = ["--training.seq_len", "64", "--validation.seq_len", "64"]
@@ -20,7 +19,7 @@ def validator(dp_rank: int = 0, dp_world_size: int = 1, *overrides: str) -> PerD
         job_config=config,
         dp_world_size=dp_world_size,
         dp_rank=dp_rank,
-        tokenizer=Llama3Tokenizer(REPO / "assets" / "tokenizer"),
+        tokenizer=tiny_tokenizer(),
         parallel_dims=None,
         loss_fn=None,
         validation_context=None,

@@ -4,24 +4,17 @@ from __future__ import annotations
 
 import json
 import random
-from functools import lru_cache
 from pathlib import Path
 
 import torch
 
-from helpers import REPO
+from support import SAMPLES, tiny_tokenizer
 from swallow_titan.config.sections import DataSource
 from swallow_titan.data.dataloader import SlotDataLoader
 from swallow_titan.data.slots import StreamSpec, build_stream_spec
 from swallow_titan.data.tokenizer import Llama3Tokenizer
 
-SAMPLES = REPO / "assets" / "samples"
 WORDS = "alpha beta gamma delta epsilon zeta theta kappa lambda sigma omega".split()
-
-
-@lru_cache(maxsize=1)
-def tiny_tokenizer() -> Llama3Tokenizer:
-    return Llama3Tokenizer(REPO / "assets" / "tokenizer")
 
 
 def numbered_docs(n: int, prefix: str = "doc", seed: int = 0) -> list[str]:
@@ -66,10 +59,16 @@ def make_loaders(spec: StreamSpec, dp: int, local: int, workers: int = 0,
     return loaders
 
 
-def run_global_batches(loaders: list[SlotDataLoader], n: int) -> list[list[list[int]]]:
+def run_global_batches(
+    loaders: list[SlotDataLoader], n: int, iterators: list | None = None
+) -> list[list[list[int]]]:
     """``n`` global batches as lists of windows (token lists) in slot order:
-    rank 0's microbatches, then rank 1's, ... (rank r owns a contiguous slot range)."""
-    iterators = [iter(loader) for loader in loaders]
+    rank 0's microbatches, then rank 1's, ... (rank r owns a contiguous slot range).
+
+    ``iterators``: the loaders' live iterators to continue (default: new ones).
+    """
+    if iterators is None:
+        iterators = [iter(loader) for loader in loaders]
     out = []
     for _ in range(n):
         rows: list[list[int]] = []

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from support import REPO
+
 EVAL_TASKS = REPO / "assets" / "eval_tasks"
 MC_TASK = "swallow_ja_mc_sample"  # multiple choice, 12 examples, acc / acc_norm
 QA_TASK = "swallow_ja_qa_sample"  # short-answer generation, 8 examples, exact match

@@ -1,0 +1,432 @@
+"""Plant plausible bugs, one at a time, and check that the fast tests catch each one.
+
+Each mutation below replaces one snippet of the safety- or correctness-critical
+code (mixture schedule, slot assignment, lane resume state, checkpoint
+integrity and publication, start rule, guard, RMSNorm and fused-loss kernels and
+their autograd, HF weight mapping and RoPE settings, the run log) with a
+plausible wrong version, in a scratch copy of the repository (never in the
+working tree), and runs the tests that should catch it. A mutation whose tests
+still pass "survived": the table says so and the script exits 1.
+
+    nice python scripts/mutation_check.py            # all (~15-25 min on 2 cores)
+    python scripts/mutation_check.py --only rmsnorm-bwd-dw-overwritten
+    python scripts/mutation_check.py --list          # the bugs, checked to apply
+
+Not part of CI (too slow for 2 cores). The README records the last result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Mutation:
+    """One planted bug: ``old`` (exactly once in ``path``) becomes ``new``."""
+
+    name: str
+    path: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+    why: str
+
+
+SCHEDULE = ("tests/test_schedule.py",)
+LOADER = ("tests/test_data_loader.py",)
+CHECKPOINTS = ("tests/test_checkpoint_safety.py",)
+START = ("tests/test_hf_start.py",)
+GUARD = ("tests/test_guard.py", "-m", "not slow")
+RMSNORM = ("tests/test_kernels_rmsnorm.py", "tests/test_kernels_strength.py", "-k", "not kernels_from")
+CROSS_ENTROPY = ("tests/test_kernels_cross_entropy.py",)
+HF = ("tests/test_hf_config.py", "tests/test_hf_interop.py")
+
+MUTATIONS: tuple[Mutation, ...] = (
+    # ------------------------------------------------------------ mixture schedule
+    Mutation(
+        "schedule-no-eligibility-threshold", "swallow_titan/data/schedule.py",
+        "if self._scale * quota < self.total:", "if self._scale * quota < 0:",
+        SCHEDULE, "Tijdeman's 1/(2S-2) eligibility threshold dropped",
+    ),
+    Mutation(
+        "schedule-deadline-inverted", "swallow_titan/data/schedule.py",
+        "return ds * self.weights[r] < dr * self.weights[s]",
+        "return ds * self.weights[r] > dr * self.weights[s]",
+        SCHEDULE, "the source due last is chosen instead of the one due first",
+    ),
+    Mutation(
+        "schedule-no-rotation", "swallow_titan/data/schedule.py",
+        "shift = (batch * self.stride) % self.slots", "shift = 0",
+        SCHEDULE, "slots never rotate: slot 0 always takes the first source",
+    ),
+    Mutation(
+        "schedule-binary-weights", "swallow_titan/data/schedule.py",
+        "fractions = [Fraction(repr(float(w))) for w in weights]",
+        "fractions = [Fraction(float(w)) for w in weights]",
+        SCHEDULE, "weights read as binary floats (1.7 is not 17/10)",
+    ),
+    Mutation(
+        "schedule-stride-not-coprime", "swallow_titan/data/schedule.py",
+        "if 0 < candidate < slots and math.gcd(candidate, slots) == 1:",
+        "if 0 < candidate < slots:",
+        SCHEDULE, "a rotation stride sharing a factor with the slot count",
+    ),
+    # ------------------------------------------------------------- slot assignment
+    Mutation(
+        "slots-stand-in-most-ahead", "swallow_titan/data/slots.py",
+        "return max(live, key=lambda s: (weights[s] * taken - self.taken[s] * total, -s))",
+        "return min(live, key=lambda s: (weights[s] * taken - self.taken[s] * total, -s))",
+        LOADER, "a stopped source's positions go to the source furthest ahead",
+    ),
+    Mutation(
+        "slots-scheduled-counts-the-stand-in", "swallow_titan/data/slots.py",
+        "self.scheduled[planned] += 1", "self.scheduled[source] += 1",
+        LOADER, "the schedule's count follows the stand-in source",
+    ),
+    Mutation(
+        "slots-local-slot-index", "swallow_titan/data/slots.py",
+        "window = stream.next_window(slot_sources[stream.slot], after, stage, base)",
+        "window = stream.next_window(slot_sources[stream.slot - slots[0]], after, stage, base)",
+        LOADER, "a rank indexes the batch's sources by its local slot number",
+    ),
+    Mutation(
+        "slots-resume-ignores-global-batch", "swallow_titan/data/slots.py",
+        "if state[\"slots\"] != spec.slots:", "if False:",
+        LOADER, "a data state saved at another global batch size is accepted",
+    ),
+    # ------------------------------------------------------------ lane resume state
+    Mutation(
+        "lane-emitted-miscounted", "swallow_titan/data/lane.py",
+        "state.item, state.emitted = self._pos - 1, self._current_len - pending",
+        "state.item, state.emitted = self._pos - 1, pending",
+        LOADER, "the saved count of a split document's tokens is its remainder",
+    ),
+    Mutation(
+        "lane-resume-repeats-split-document", "swallow_titan/data/lane.py",
+        "self._packer.add(ids, skip=state.emitted)", "self._packer.add(ids)",
+        LOADER, "a resume re-packs the tokens already trained on",
+    ),
+    Mutation(
+        "lane-block-cursor-one-late", "swallow_titan/data/lane.py",
+        "state.unit, state.record, state.offset = u_pos, record.index, record.offset",
+        "state.unit, state.record, state.offset = u_pos, record.index + 1, -1",
+        LOADER, "the block cursor points one record past the block's first",
+    ),
+    Mutation(
+        "lane-same-shuffle-every-epoch", "swallow_titan/data/lane.py",
+        "                self.state.epoch, self.state.block,\n",
+        "                self.state.block,\n",
+        LOADER, "documents are permuted the same way in every epoch",
+    ),
+    # (`state.epoch >= limit` -> `>` in _end_epoch is equivalent: the fractional
+    # check in _check_epoch_limit also stops an integer limit at the epoch's start.)
+    Mutation(
+        "lane-fractional-max-epochs-ignored", "swallow_titan/data/lane.py",
+        "state.epoch != math.floor(limit)", "state.epoch != math.ceil(limit)",
+        LOADER, "max_epochs = 1.5 reads two whole epochs",
+    ),
+    # -------------------------------------------- checkpoint integrity, publication
+    Mutation(
+        "integrity-unreadable-metadata-accepted", "swallow_titan/checkpoint/integrity.py",
+        'return [f"{DCP_METADATA} is unreadable ({type(e).__name__}: {e})"]', "return []",
+        CHECKPOINTS, "a checkpoint whose .metadata cannot be read has no problems",
+    ),
+    Mutation(
+        "integrity-empty-step-folder-accepted", "swallow_titan/checkpoint/integrity.py",
+        'problems.append(f"it has neither {DCP_METADATA} nor {HF_INDEX}")', "pass",
+        CHECKPOINTS, "a step folder with neither .metadata nor an HF index is accepted",
+    ),
+    Mutation(
+        "integrity-manifest-only-larger", "swallow_titan/checkpoint/integrity.py",
+        "elif os.path.getsize(full) != size:", "elif os.path.getsize(full) > size:",
+        CHECKPOINTS, "a file shorter than the manifest says is accepted",
+    ),
+    Mutation(
+        "prune-resumed-from-unprotected", "swallow_titan/checkpoint/integrity.py",
+        "keep = set(good[-keep_latest_k:]) | protected", "keep = set(good[-keep_latest_k:])",
+        CHECKPOINTS, "pruning deletes the checkpoint the run resumed from",
+    ),
+    Mutation(
+        "prune-newer-broken-ones", "swallow_titan/checkpoint/integrity.py",
+        "return sorted(s for s in complete if s < newest_good and s not in keep)",
+        "return sorted(s for s in complete if s not in keep)",
+        CHECKPOINTS, "pruning deletes broken checkpoints newer than the newest good one",
+    ),
+    Mutation(
+        "staging-name-visible", "swallow_titan/checkpoint/integrity.py",
+        'return f"{STAGING_PREFIX}step_{step}"', 'return f"{STAGING_PREFIX}step-{step}"',
+        CHECKPOINTS, "a half-written checkpoint's name matches torchtitan's step-N search",
+    ),
+    Mutation(
+        "publish-over-old-folder", "swallow_titan/checkpoint/manager.py",
+        "        if os.path.exists(final):\n", "        if False:\n",
+        CHECKPOINTS, "a new save does not move a broken checkpoint of its step away",
+    ),
+    Mutation(
+        "resume-oldest-complete", "swallow_titan/checkpoint/manager.py",
+        "for step in sorted(steps, reverse=True):", "for step in sorted(steps):",
+        CHECKPOINTS, "resume picks the oldest complete checkpoint",
+    ),
+    # ------------------------------------------------------------------- start rule
+    Mutation(
+        "start-hf-beats-own-checkpoint", "swallow_titan/start_rule.py",
+        "    if steps:\n", "    if steps and not hf_path:\n",
+        START, "HF weights win over the run's own checkpoint",
+    ),
+    Mutation(
+        "start-dcp-beats-hf", "swallow_titan/start_rule.py",
+        "    if hf_path:\n", "    if hf_path and not dcp_path:\n",
+        START, "checkpoint.initial_load_path wins over [hf] load_path",
+    ),
+    Mutation(
+        "start-resumes-oldest", "swallow_titan/start_rule.py",
+        "else max(steps)", "else min(steps)",
+        START, "the start rule names the oldest checkpoint",
+    ),
+    # ------------------------------------------------------------------------ guard
+    Mutation(
+        "guard-one-skip-too-many", "swallow_titan/guard.py",
+        "if self.consecutive_skips >= self.max_consecutive_skips:",
+        "if self.consecutive_skips > self.max_consecutive_skips:",
+        GUARD, "max_consecutive_skips lets one more bad step through",
+    ),
+    Mutation(
+        "guard-streak-never-reset", "swallow_titan/guard.py",
+        "            self.consecutive_skips = 0\n            return True",
+        "            return True",
+        GUARD, "a good step does not end the streak of skipped steps",
+    ),
+    Mutation(
+        "guard-optimizer-state-unchecked", "swallow_titan/guard.py",
+        "            tensors += [\n", "            tensors += [] and [\n",
+        GUARD, "optimizer state is not checked before a checkpoint",
+    ),
+    Mutation(
+        "trainer-checkpoints-nonfinite-state", "swallow_titan/trainer.py",
+        "if not state_is_finite(self.model_parts, self.optimizers, self.device):",
+        "if False:",
+        ("tests/test_guard.py", "-k", "nonfinite_state_is_never"),
+        "a checkpoint is written from a NaN state",
+    ),
+    # ------------------------------------------------------------- RMSNorm kernels
+    Mutation(
+        "kernels-rmsnorm-config-ignored", "swallow_titan/model/args.py",
+        "self.rmsnorm_impl = job_config.kernels.rmsnorm", 'self.rmsnorm_impl = "torch"',
+        ("tests/test_kernels_strength.py", "-k", "kernels_from"),
+        "[kernels] rmsnorm is never applied to the model",
+    ),
+    Mutation(
+        "rmsnorm-bwd-dw-overwritten", "kernels/rmsnorm.py",
+        "dw += tl.sum(dy * x_hat, axis=0)", "dw = tl.sum(dy * x_hat, axis=0)",
+        RMSNORM, "each program keeps only its last row block's weight gradient",
+    ),
+    Mutation(
+        "rmsnorm-fused-unrounded-sum", "kernels/rmsnorm.py",
+        "        x = h.to(tl.float32)\n", "        x = x + r.to(tl.float32)\n",
+        RMSNORM, "the fused add+norm normalises the unrounded sum",
+    ),
+    Mutation(
+        "rmsnorm-eps-outside-sqrt", "kernels/rmsnorm.py",
+        "rstd = 1.0 / tl.sqrt(mean_sq + eps)", "rstd = 1.0 / (tl.sqrt(mean_sq) + eps)",
+        RMSNORM, "eps added after the square root",
+    ),
+    Mutation(
+        "rmsnorm-bwd-drops-residual-grad", "kernels/rmsnorm.py",
+        "            dx += dh.to(tl.float32)\n", "            dx += 0.0 * dh.to(tl.float32)\n",
+        RMSNORM, "the gradient reaching the fused residual output is dropped",
+    ),
+    Mutation(
+        "rmsnorm-autograd-residual-input", "kernels/rmsnorm.py",
+        "return dsum.to(x_dtype), dsum.to(r_dtype), dw, None",
+        "return dsum.to(x_dtype), None, dw, None",
+        RMSNORM, "the residual input of the fused op gets no gradient",
+    ),
+    # ---------------------------------------------------------- fused loss kernels
+    Mutation(
+        "ce-grad-target-not-subtracted", "kernels/cross_entropy.py",
+        "grad = tl.where(is_target, grad - 1.0, grad)", "grad = tl.where(is_target, grad, grad)",
+        CROSS_ENTROPY, "the target's -1 is missing from the logits gradient",
+    ),
+    Mutation(
+        "ce-z-loss-grad-halved", "kernels/cross_entropy.py",
+        "scale = tl.where(counted, 1.0 + 2.0 * z_loss * lse, 0.0)",
+        "scale = tl.where(counted, 1.0 + z_loss * lse, 0.0)",
+        CROSS_ENTROPY, "the z-loss term's derivative misses its factor 2",
+    ),
+    Mutation(
+        "ce-ignored-tokens-get-gradients", "kernels/cross_entropy.py",
+        "scale = tl.where(counted, 1.0 + 2.0 * z_loss * lse, 0.0)",
+        "scale = 1.0 + 2.0 * z_loss * lse",
+        CROSS_ENTROPY, "ignored tokens receive softmax gradients",
+    ),
+    Mutation(
+        "ce-online-lse-not-rescaled", "kernels/cross_entropy.py",
+        "run_sum = run_sum * tl.exp(run_max - new_max) + tl.exp(x - new_max)",
+        "run_sum = run_sum + tl.exp(x - new_max)",
+        CROSS_ENTROPY, "the running sum is not rescaled when the running max grows",
+    ),
+    Mutation(
+        "ce-weight-grad-last-chunk-only", "kernels/cross_entropy.py",
+        "dw.addmm_(dlogits.t(), h)", "dw.copy_(dlogits.t() @ h)",
+        CROSS_ENTROPY, "the weight gradient keeps only the last chunk",
+    ),
+    Mutation(
+        "ce-autograd-ignores-upstream-grad", "kernels/cross_entropy.py",
+        "grad = grad.mul_(g_loss) if in_place else grad * g_loss",
+        "grad = grad",
+        CROSS_ENTROPY, "backward ignores the gradient flowing into the loss",
+    ),
+    # -------------------------------------------------- HF mapping and RoPE settings
+    Mutation(
+        "hf-permutation-ignores-gqa", "swallow_titan/hf/hf_weights.py",
+        "return Llama3StateDictAdapter(args, None)",
+        "return Llama3StateDictAdapter(replace(args, n_kv_heads=args.n_heads), None)",
+        HF, "the q/k RoPE permutation treats k as having every head",
+    ),
+    Mutation(
+        "hf-rope-low-high-swapped", "swallow_titan/hf/hf_config.py",
+        'low_freq_factor=float(entry["low_freq_factor"]),',
+        'low_freq_factor=float(entry["high_freq_factor"]),',
+        HF, "llama3 RoPE's low frequency factor read from the high one",
+    ),
+    Mutation(
+        "hf-kv-heads-default", "swallow_titan/hf/hf_config.py",
+        'n_kv_heads = config.get("num_key_value_heads") or n_heads', "n_kv_heads = n_heads",
+        HF, "num_key_value_heads ignored (no GQA)",
+    ),
+    Mutation(
+        "hf-export-writes-heads-as-kv", "swallow_titan/hf/hf_config.py",
+        '"num_key_value_heads": n_kv_heads,', '"num_key_value_heads": args.n_heads,',
+        HF, "exported config.json claims as many KV heads as query heads",
+    ),
+    # ---------------------------------------------------------------------- run log
+    Mutation(
+        "run-log-keeps-redone-step", "swallow_titan/metrics.py",
+        'kept = [r for r in read_run_log(self.path) if r["step"] < first_step]',
+        'kept = [r for r in read_run_log(self.path) if r["step"] <= first_step]',
+        ("tests/test_monitoring.py", "-k", "run_log and not tensorboard"),
+        "a restart keeps the crashed attempt's record of the step it redoes",
+    ),
+)
+
+
+def scratch_copy() -> Path:
+    """The working tree's files (tracked and untracked, not ignored) in a new folder."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO, capture_output=True, check=True,
+    ).stdout.decode().split("\0")
+    root = Path(tempfile.mkdtemp(prefix="swallow-mutation-"))
+    for name in filter(None, listed):
+        source = REPO / name
+        if source.is_file():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, root / name)
+    return root
+
+
+def check_applies(mutation: Mutation, root: Path) -> str:
+    text = (root / mutation.path).read_text()
+    count = text.count(mutation.old)
+    if count != 1:
+        raise SystemExit(
+            f"{mutation.name}: the snippet occurs {count} times in {mutation.path} "
+            "(expected once); update the mutation list"
+        )
+    return text
+
+
+def run_tests(root: Path, tests: tuple[str, ...], timeout: float) -> tuple[int, str]:
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(root), *filter(None, [os.environ.get("PYTHONPATH")])]),
+        "PYTHONDONTWRITEBYTECODE": "1",
+    }
+    command = [sys.executable, "-m", "pytest", "-x", "-q", "-rfE", "-p", "no:cacheprovider", *tests]
+    try:
+        proc = subprocess.run(
+            command, cwd=root, env=env, capture_output=True, text=True, timeout=timeout
+        )
+    except subprocess.TimeoutExpired:
+        return -1, "timeout"
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def first_failure(output: str) -> str:
+    match = re.search(r"^(?:FAILED|ERROR) (\S+)", output, re.M)
+    if not match:
+        return "?"
+    return match.group(1).split("::", 1)[-1].split("[")[0][:60]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--only", nargs="*", help="run these mutations only (names)")
+    parser.add_argument("--list", action="store_true", help="list the mutations and exit")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds per mutation")
+    parser.add_argument("--no-baseline", action="store_true",
+                        help="skip checking that the selected tests pass unmutated")
+    args = parser.parse_args()
+    chosen = [m for m in MUTATIONS if not args.only or m.name in args.only]
+    unknown = set(args.only or []) - {m.name for m in MUTATIONS}
+    if unknown:
+        raise SystemExit(f"unknown mutations: {sorted(unknown)}")
+
+    root = scratch_copy()
+    try:
+        for mutation in chosen:
+            check_applies(mutation, root)
+        if args.list:
+            for m in chosen:
+                print(f"{m.name:40} {m.path:38} {m.why}")
+            return 0
+        if not args.no_baseline:
+            for tests in dict.fromkeys(m.tests for m in chosen):
+                code, output = run_tests(root, tests, args.timeout)
+                if code != 0:
+                    print(output[-3000:])
+                    raise SystemExit(f"the unmutated code fails {' '.join(tests)}")
+        rows = []
+        for mutation in chosen:
+            path = root / mutation.path
+            original = check_applies(mutation, root)
+            path.write_text(original.replace(mutation.old, mutation.new))
+            begin = time.monotonic()
+            try:
+                code, output = run_tests(root, mutation.tests, args.timeout)
+            finally:
+                path.write_text(original)
+            seconds = time.monotonic() - begin
+            if code == 1:
+                verdict = first_failure(output)
+            elif code == 0:
+                verdict = "SURVIVED"
+            else:
+                verdict = f"ERROR (pytest status {code})"
+            rows.append((mutation.name, mutation.path, verdict, seconds, code == 1))
+            print(f"{mutation.name:40} {verdict:62} {seconds:6.1f}s", flush=True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+    print()
+    print("| bug | module | caught by | time |\n|---|---|---|---|")
+    for name, path, verdict, seconds, _ in rows:
+        print(f"| {name} | {path} | {verdict} | {seconds:.0f} s |")
+    caught = sum(row[4] for row in rows)
+    print(f"\n{caught} of {len(rows)} mutations caught")
+    return 0 if caught == len(rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
