@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from support.runs import run_training
+from support.runs import RunResult, run_training
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -26,10 +26,14 @@ KERNELS_ON = ["--kernels.rmsnorm", "triton", "--kernels.loss", "fused_linear_ce"
 INTERPRETER = {"TRITON_INTERPRET": "1"}
 
 
-def _assert_same_losses(on: dict[int, float], off: dict[int, float]) -> None:
-    assert sorted(on) == sorted(off) == [1, 2, 3]
-    for step in off:
-        assert on[step] == pytest.approx(off[step], rel=2e-5), (step, on, off)
+def _assert_same_losses(on: RunResult, off: RunResult) -> None:
+    # The [kernels] options reached the model of the run with them on (it logs
+    # the Triton modules it swapped in), and only that one.
+    assert "Triton kernels: rmsnorm = 'triton', loss = 'fused_linear_ce'" in on.output
+    assert "Triton kernels:" not in off.output
+    assert sorted(on.losses) == sorted(off.losses) == [1, 2, 3]
+    for step in off.losses:
+        assert on.losses[step] == pytest.approx(off.losses[step], rel=2e-5), (step, on, off)
 
 
 def test_fsdp2_losses_match_with_kernels_on_and_off(tmp_path):
@@ -38,7 +42,7 @@ def test_fsdp2_losses_match_with_kernels_on_and_off(tmp_path):
     on = run_training(
         tmp_path / "on", *SMALL_RUN, *fsdp, *KERNELS_ON, nproc=2, env=INTERPRETER
     ).check()
-    _assert_same_losses(on.losses, off.losses)
+    _assert_same_losses(on, off)
 
 
 def test_tensor_parallel_losses_match_with_kernels_on_and_off(tmp_path):
@@ -52,4 +56,4 @@ def test_tensor_parallel_losses_match_with_kernels_on_and_off(tmp_path):
     on = run_training(
         tmp_path / "on", *SMALL_RUN, *tp, *KERNELS_ON, nproc=2, env=INTERPRETER
     ).check()
-    _assert_same_losses(on.losses, off.losses)
+    _assert_same_losses(on, off)
