@@ -392,27 +392,6 @@ def _forward(
     group_name: str,
     gemm_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    with torch.autocast(hidden.device.type, enabled=False):
-        # The dtypes are chosen here (gemm_dtype), not by autocast.
-        return _forward_chunks(
-            hidden, weight, targets, ignore_index, z_loss, grad_hidden, grad_weight,
-            chunk_tokens, vocab_start, group_name, gemm_dtype,
-        )
-
-
-def _forward_chunks(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    ignore_index: int,
-    z_loss: float,
-    grad_hidden: bool,
-    grad_weight: bool,
-    chunk_tokens: int,
-    vocab_start: int,
-    group_name: str,
-    gemm_dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     n, h_dim = hidden.shape
     vocab = weight.shape[0]
     if weight.dim() != 2 or weight.shape[1] != h_dim:
@@ -490,10 +469,12 @@ def _flce_op(
     """Returns (loss, z_term, d loss/d hidden, d loss/d weight); the gradients are
     empty when not requested and are scaled by the upstream gradient in backward.
     The hidden gradient is in ``gemm_dtype``, the weight gradient in fp32."""
-    return _forward(
-        hidden, weight, targets, ignore_index, z_loss, grad_hidden, grad_weight,
-        chunk_tokens, vocab_start, group_name, gemm_dtype,
-    )
+    with torch.autocast(hidden.device.type, enabled=False):
+        # The dtypes are chosen by gemm_dtype, not by autocast.
+        return _forward(
+            hidden, weight, targets, ignore_index, z_loss, grad_hidden, grad_weight,
+            chunk_tokens, vocab_start, group_name, gemm_dtype,
+        )
 
 
 @_flce_op.register_fake
