@@ -338,11 +338,7 @@ class SwallowMetricsProcessor(MetricsProcessor):
         for key, value in (extra_metrics or {}).items():
             scalars[_TORCHTITAN_EXTRAS.get(key, key)] = value
 
-        if self.writer is not None:
-            self.writer.scalars(scalars, step)
-        if self.run_log is not None:
-            self.run_log.write(step, scalars)
-        self.logger.log(scalars, step)  # other backends (W&B)
+        self._emit(scalars, step, flush=False)
         logger.info(self.progress_line(step, scalars, now))
 
         if self._first_logged is None:
@@ -352,6 +348,16 @@ class SwallowMetricsProcessor(MetricsProcessor):
         self.data_loading_times.clear()
         self.time_last_log = time.perf_counter()
         self.device_memory_monitor.reset_peak_stats()
+
+    def _emit(self, scalars: dict[str, float], step: int, flush: bool = True) -> None:
+        """Scalars to TensorBoard, the run log and torchtitan's other backends (W&B)."""
+        if self.writer is not None:
+            self.writer.scalars(scalars, step)
+            if flush:
+                self.writer.flush()
+        if self.run_log is not None:
+            self.run_log.write(step, scalars)
+        self.logger.log(scalars, step)
 
     def _last_logged_step(self) -> int:
         return getattr(self, "_last_step", self._start_step)
@@ -407,12 +413,7 @@ class SwallowMetricsProcessor(MetricsProcessor):
             scalars["val/loss"] = mean
             scalars["val/perplexity"] = _perplexity(mean)
         scalars["val/time_s"] = seconds
-        if self.writer is not None:
-            self.writer.scalars(scalars, step)
-            self.writer.flush()
-        if self.run_log is not None:
-            self.run_log.write(step, scalars)
-        self.logger.log(scalars, step)
+        self._emit(scalars, step)
         parts = "  ".join(
             f"{name}: {loss:.4f} (ppl {_perplexity(loss):.4g})"
             for name, loss in losses.items()
@@ -430,12 +431,7 @@ class SwallowMetricsProcessor(MetricsProcessor):
     def log_eval(self, step: int, scalars: dict[str, float], seconds: float) -> None:
         """Downstream evaluation ([eval]): eval/<task>/<metric> scalars and one console line."""
         values = {**scalars, "eval/time_s": seconds}
-        if self.writer is not None:
-            self.writer.scalars(values, step)
-            self.writer.flush()
-        if self.run_log is not None:
-            self.run_log.write(step, values)
-        self.logger.log(values, step)
+        self._emit(values, step)
         parts = "  ".join(
             f"{tag.removeprefix('eval/')}: {value:.4f}" for tag, value in scalars.items()
         )
