@@ -195,6 +195,12 @@ DEVICE_SEAMS: tuple[DeviceSeam, ...] = (
         shim=False,
     ),
     DeviceSeam(
+        "swallow_titan/evaluate.py: _init_distributed, main",
+        "evaluates on CPU with gloo, in float32 unless --dtype says otherwise",
+        "one GPU per process (LOCAL_RANK) with NCCL, bfloat16 by default",
+        shim=False,
+    ),
+    DeviceSeam(
         "kernels/runtime.py: check_device, autotune_configs, num_programs",
         "kernels run only under Triton's interpreter, one autotune config, 4 programs",
         "compiled Triton, the GPU autotune lists, programs per SM",

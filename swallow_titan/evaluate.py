@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import swallow_titan  # noqa: F401  (selects the device before torchtitan loads)
+import swallow_titan  # selects the device before torchtitan loads
 import torch
 import torch.distributed as dist
 
@@ -103,7 +103,8 @@ def resolve_source(source: str, step: int | None, tokenizer: str | None) -> Mode
 def _init_distributed() -> tuple[int, int, torch.device]:
     world = job_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
+    # The device swallow_titan selected for torchtitan when it was imported.
+    if swallow_titan.DEVICE_TYPE == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     else:
