@@ -23,7 +23,10 @@ streams the data-parallel ranks read, see ``slots.py``): the batch's sequences
 are laid out by source and rotated by ``b * P mod G`` with ``P`` close to
 ``0.618 G`` and coprime to ``G``. Over every ``G`` consecutive batches each slot
 visits every rotation once, so each slot takes each source at the source's
-rate and the slots' shares of a source are read at the same speed.
+rate and the slots' shares of a source are read at the same speed. Rows differ
+from batch to batch, so that is not a proof for one slot over many cycles: at
+the recipe's weights a slot stayed within 7 sequences of its rate over 320
+cycles (``tests/test_schedule.py``).
 """
 
 from __future__ import annotations
