@@ -1,4 +1,4 @@
-"""Every seam between swallow-titan and torchtitan / torch, and the process-wide patches.
+"""Every seam between swallow-titan and torchtitan / torch / lm-eval, and the process-wide patches.
 
 A seam is a place where our code relies on more than a dependency's public,
 documented API: a module attribute we replace (``patch``), a private name we
@@ -451,6 +451,15 @@ SEAMS: tuple[Seam, ...] = (
         "gloo lacks PREMUL_SUM; with a divide factor of 1 SUM is the same arithmetic.",
         params=("self", "enable"),
     ),
+    # ------------------------------------------------- lm-eval (the [eval] extra)
+    Seam(
+        "lm_eval.tasks._yaml_loader.load_yaml",
+        "private",
+        "swallow_titan.eval.tasks.unreadable_yaml",
+        "lm-eval's task index skips a YAML file it cannot parse without a word; "
+        "parsing each file with lm-eval's own loader (its !function tags) names it.",
+        params=("path",),
+    ),
 )
 
 
@@ -480,7 +489,7 @@ def _assigned_attributes(init: Any) -> set[str]:
 
 
 def seam_problems(seams: tuple[Seam, ...] = SEAMS) -> list[str]:
-    """What no longer matches in the installed torch / torchtitan, one line per problem."""
+    """What no longer matches in the installed torch / torchtitan / lm-eval, one line per problem."""
     problems = []
     for seam in seams:
         where = f"{seam.target} ({seam.kind}, used in {seam.used_in})"
