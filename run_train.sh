@@ -28,7 +28,7 @@ fi
 
 PYTHON="${PYTHON:-python}"
 if [[ -z "${NGPU:-}" ]]; then
-    NGPU=$("$PYTHON" -c 'from swallow_titan.device import default_ngpu; print(default_ngpu())')
+    NGPU=$("$PYTHON" -c 'from swallow_titan.runtime.device import default_ngpu; print(default_ngpu())')
 fi
 NNODES="${NNODES:-1}"
 

@@ -26,7 +26,7 @@ from swallow_titan.config.manager import SwallowConfigManager
 from swallow_titan.data.dataloader import build_dataloader
 from swallow_titan.data.tokenizer import build_tokenizer
 from swallow_titan.model.args import FLAVORS
-from swallow_titan.seams import use_cpu_profiler_in_stock_trainer
+from swallow_titan.runtime.seams import use_cpu_profiler_in_stock_trainer
 
 STOCK_MODEL_NAME = "llama3_stock"
 

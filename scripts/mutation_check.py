@@ -180,35 +180,35 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     # ------------------------------------------------------------------- start rule
     Mutation(
-        "start-hf-beats-own-checkpoint", "swallow_titan/start_rule.py",
+        "start-hf-beats-own-checkpoint", "swallow_titan/components/start_rule.py",
         "    if steps:\n", "    if steps and not hf_path:\n",
         START, "HF weights win over the run's own checkpoint",
     ),
     Mutation(
-        "start-dcp-beats-hf", "swallow_titan/start_rule.py",
+        "start-dcp-beats-hf", "swallow_titan/components/start_rule.py",
         "    if hf_path:\n", "    if hf_path and not dcp_path:\n",
         START, "checkpoint.initial_load_path wins over [hf] load_path",
     ),
     Mutation(
-        "start-resumes-oldest", "swallow_titan/start_rule.py",
+        "start-resumes-oldest", "swallow_titan/components/start_rule.py",
         "else max(steps)", "else min(steps)",
         START, "the start rule names the oldest checkpoint",
     ),
     # ------------------------------------------------------------------------ guard
     Mutation(
-        "guard-one-skip-too-many", "swallow_titan/guard.py",
+        "guard-one-skip-too-many", "swallow_titan/components/guard.py",
         "if self.consecutive_skips >= self.max_consecutive_skips:",
         "if self.consecutive_skips > self.max_consecutive_skips:",
         GUARD, "max_consecutive_skips lets one more bad step through",
     ),
     Mutation(
-        "guard-streak-never-reset", "swallow_titan/guard.py",
+        "guard-streak-never-reset", "swallow_titan/components/guard.py",
         "            self.consecutive_skips = 0\n            return True",
         "            return True",
         GUARD, "a good step does not end the streak of skipped steps",
     ),
     Mutation(
-        "guard-optimizer-state-unchecked", "swallow_titan/guard.py",
+        "guard-optimizer-state-unchecked", "swallow_titan/components/guard.py",
         "            tensors += [\n", "            tensors += [] and [\n",
         GUARD, "optimizer state is not checked before a checkpoint",
     ),
@@ -289,30 +289,30 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     # -------------------------------------------------- HF mapping and RoPE settings
     Mutation(
-        "hf-permutation-ignores-gqa", "swallow_titan/hf/hf_weights.py",
+        "hf-permutation-ignores-gqa", "swallow_titan/hf/weights.py",
         "return Llama3StateDictAdapter(args, None)",
         "return Llama3StateDictAdapter(replace(args, n_kv_heads=args.n_heads), None)",
         HF, "the q/k RoPE permutation treats k as having every head",
     ),
     Mutation(
-        "hf-rope-low-high-swapped", "swallow_titan/hf/hf_config.py",
+        "hf-rope-low-high-swapped", "swallow_titan/hf/config.py",
         'low_freq_factor=float(entry["low_freq_factor"]),',
         'low_freq_factor=float(entry["high_freq_factor"]),',
         HF, "llama3 RoPE's low frequency factor read from the high one",
     ),
     Mutation(
-        "hf-kv-heads-default", "swallow_titan/hf/hf_config.py",
+        "hf-kv-heads-default", "swallow_titan/hf/config.py",
         'n_kv_heads = config.get("num_key_value_heads") or n_heads', "n_kv_heads = n_heads",
         HF, "num_key_value_heads ignored (no GQA)",
     ),
     Mutation(
-        "hf-export-writes-heads-as-kv", "swallow_titan/hf/hf_config.py",
+        "hf-export-writes-heads-as-kv", "swallow_titan/hf/config.py",
         '"num_key_value_heads": n_kv_heads,', '"num_key_value_heads": args.n_heads,',
         HF, "exported config.json claims as many KV heads as query heads",
     ),
     # ---------------------------------------------------------------------- run log
     Mutation(
-        "run-log-keeps-redone-step", "swallow_titan/metrics.py",
+        "run-log-keeps-redone-step", "swallow_titan/components/metrics.py",
         'kept = [r for r in read_run_log(self.path) if r["step"] < first_step]',
         'kept = [r for r in read_run_log(self.path) if r["step"] <= first_step]',
         ("tests/test_monitoring.py", "-k", "run_log and not tensorboard"),

@@ -18,9 +18,9 @@ import sys
 import swallow_titan  # noqa: F401  (selects the device before torchtitan loads)
 from torchtitan.tools.logging import init_logger
 
-from swallow_titan.hf.hf_import import convert_hf_to_dcp
+from swallow_titan.hf.convert import convert_hf_to_dcp
 from swallow_titan.config.errors import ExitCode
-from swallow_titan.hf.hf_weights import HFWeightsError
+from swallow_titan.hf.weights import HFWeightsError
 from swallow_titan.export import INPUT_ERRORS, add_export_arguments, run_export
 
 

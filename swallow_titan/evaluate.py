@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from swallow_titan.config.errors import ExitCode
 from swallow_titan.eval import EvalUnavailableError, require_lm_eval
-from swallow_titan.ranks import job_world_size
+from swallow_titan.runtime.ranks import job_world_size
 
 # Llama 3's pre-training context, for HF folders without a run record.
 DEFAULT_MAX_LENGTH = 8192
@@ -68,7 +68,7 @@ class ModelSource:
 def resolve_source(source: str, step: int | None, tokenizer: str | None) -> ModelSource:
     """Find out what SOURCE is (HF folder, run folder, one DCP checkpoint)."""
     from swallow_titan.checkpoint.dcp_reader import CheckpointReadError, locate_checkpoint
-    from swallow_titan.hf.hf_config import (
+    from swallow_titan.hf.config import (
         CONFIG_FILE,
         HFConfigError,
         model_args_from_hf_config,
@@ -119,8 +119,8 @@ def build_model(source: ModelSource, max_length: int, dtype: torch.dtype, device
     """swallow-titan's Transformer with SOURCE's weights, FSDP2-sharded over all processes."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    from swallow_titan.hf.hf_weights import load_hf_weights
-    from swallow_titan.start_rule import load_dcp_model_weights
+    from swallow_titan.hf.weights import load_hf_weights
+    from swallow_titan.components.start_rule import load_dcp_model_weights
     from swallow_titan.model.transformer import SwallowTransformer
 
     args = replace(source.args, max_seq_len=max_length)

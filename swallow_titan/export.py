@@ -22,8 +22,8 @@ from torchtitan.tools.logging import init_logger
 from swallow_titan.checkpoint.dcp_reader import CheckpointReadError
 from swallow_titan.config.errors import ExitCode
 from swallow_titan.hf.atomic import OutputFolderError
-from swallow_titan.hf.hf_config import HFConfigError
-from swallow_titan.hf.hf_export import EXPORT_DTYPES, ExportError, export_hf
+from swallow_titan.hf.config import HFConfigError
+from swallow_titan.hf.export import EXPORT_DTYPES, ExportError, export_hf
 from swallow_titan.hf.hub import HubPushError, push_to_hub
 from swallow_titan.hf.run_record import RunRecordError
 

@@ -31,10 +31,10 @@ from swallow_titan.config.paths import RunPaths
 from swallow_titan.config.sections import FUSED_LOSS
 from swallow_titan.data.source_size import format_source_line, plan_sources
 from swallow_titan.data.stages import plan_stages
-from swallow_titan.device import add_process_arguments
+from swallow_titan.runtime.device import add_process_arguments
 from swallow_titan.eval.cost import estimate_eval_cost
 from swallow_titan.model.args import SwallowModelArgs
-from swallow_titan.preflight import check_structure, file_problems, model_args
+from swallow_titan.components.preflight import check_structure, file_problems, model_args
 
 GIB = 1024**3
 

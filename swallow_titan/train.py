@@ -25,12 +25,12 @@ from swallow_titan.checkpoint.manager import CheckpointError
 from swallow_titan.config.errors import ConfigError, ExitCode
 from swallow_titan.config.manager import SwallowConfigManager
 from swallow_titan.eval import eval_problems
-from swallow_titan.final_export import export_at_end
-from swallow_titan.guard import NonfiniteError
+from swallow_titan.components.final_export import export_at_end
+from swallow_titan.components.guard import NonfiniteError
 from swallow_titan.hf.hub import HubPushError
-from swallow_titan.preflight import check_job_config
-from swallow_titan.ranks import job_world_size, process_rank
-from swallow_titan.start_rule import start_run
+from swallow_titan.components.preflight import check_job_config
+from swallow_titan.runtime.ranks import job_world_size, process_rank
+from swallow_titan.components.start_rule import start_run
 from swallow_titan.trainer import SwallowTrainer
 
 

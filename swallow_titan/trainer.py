@@ -6,8 +6,8 @@ building, parallelism, forward/backward, the dataloader loop — is inherited):
 - ``train_step``: after clipping, one all-reduce (MAX over all ranks) of three
   flags — this rank's loss is non-finite, the gradient norm is non-finite, a
   stop signal arrived — decides, the same on every rank, whether the
-  optimizer steps (``[guard]``, :mod:`swallow_titan.guard`) and whether the
-  run stops after this step (SIGTERM, :mod:`swallow_titan.preemption`).
+  optimizer steps (``[guard]``, :mod:`swallow_titan.components.guard`) and whether the
+  run stops after this step (SIGTERM, :mod:`swallow_titan.runtime.preemption`).
   Cost: that all-reduce and one host sync per step, before the optimizer
   step. torchtitan already syncs once per step (``dist_sum(...)`` of the
   token count at the start of the step), so the GPU only idles while the
@@ -46,16 +46,16 @@ from swallow_titan.checkpoint.manager import AtomicCheckpointManager
 from swallow_titan.checkpoint.rng import RNG, RngState
 from swallow_titan.config.paths import step_folder_name
 from swallow_titan.data.dataloader import Batch
-from swallow_titan.guard import (
+from swallow_titan.components.guard import (
     NonfiniteError,
     NonfiniteGuard,
     NonfiniteInjector,
     state_is_finite,
 )
-from swallow_titan.loss import Z_LOSS
-from swallow_titan.preemption import PreemptionSignal
-from swallow_titan.profiling import profiling_context
-from swallow_titan.ranks import process_rank
+from swallow_titan.components.loss import Z_LOSS
+from swallow_titan.runtime.preemption import PreemptionSignal
+from swallow_titan.components.profiling import profiling_context
+from swallow_titan.runtime.ranks import process_rank
 
 # Checkpoint entry of the guard's counters (skipped steps).
 GUARD = "guard"
@@ -67,7 +67,7 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 def _z_loss_per_token(mesh: Any) -> float | None:
     """z-loss per token over all data-parallel ranks since the last log step.
 
-    Read from the loss's meter (``swallow_titan.loss.Z_LOSS``: training
+    Read from the loss's meter (``swallow_titan.components.loss.Z_LOSS``: training
     forwards add their z-loss sum and counted tokens; ``take()`` returns and
     resets them) when a z-loss is on; else None.
     """

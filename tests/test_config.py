@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from support import REPO, TINY_CONFIG
-from swallow_titan.preflight import check_job_config
+from swallow_titan.components.preflight import check_job_config
 from swallow_titan.config.manager import ConfigError, load_job_config
 
 

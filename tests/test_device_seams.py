@@ -1,7 +1,7 @@
 """The CUDA path is checked without CUDA: the device seams are listed, and a
 process where torch reports CUDA gets none of the CPU shims.
 
-``swallow_titan.device.DEVICE_SEAMS`` lists every device-dependent behaviour.
+``swallow_titan.runtime.device.DEVICE_SEAMS`` lists every device-dependent behaviour.
 The subprocess tests make torch report CUDA the way torch itself detects it
 (``torch.cuda.is_available``, which ``torch._utils._get_available_device_type``
 calls) before anything imports swallow_titan or torchtitan.
@@ -18,7 +18,7 @@ import sys
 import pytest
 
 from support import REPO
-from swallow_titan.device import DEVICE_SEAMS
+from swallow_titan.runtime.device import DEVICE_SEAMS
 
 # What a device branch looks like in this code base.
 _BRANCH = re.compile(
@@ -53,13 +53,13 @@ if os.environ["REPORT_CUDA"] == "1":
     torch.cuda.device_count = lambda: 1
 original = torch._utils._get_available_device_type
 import swallow_titan
-import swallow_titan.device as device
+import swallow_titan.runtime.device as device
 import torchtitan.tools.utils as titan
 import torchtitan.train
 from swallow_titan.config.manager import load_job_config
-from swallow_titan.preflight import _check_float8, _check_kernels_device
-from swallow_titan.profiling import available_activities, maybe_enable_profiling
-from swallow_titan.seams import use_cpu_profiler_in_stock_trainer
+from swallow_titan.components.preflight import _check_float8, _check_kernels_device
+from swallow_titan.components.profiling import available_activities, maybe_enable_profiling
+from swallow_titan.runtime.seams import use_cpu_profiler_in_stock_trainer
 use_cpu_profiler_in_stock_trainer()
 config = load_job_config(sys.argv[1], [
     "--model.converters", "quantize.linear.float8",

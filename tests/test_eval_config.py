@@ -13,7 +13,7 @@ from support.eval import EVAL_TASKS, MC_TASK, QA_TASK
 from support.runs import training_env
 from swallow_titan.config.errors import ConfigError
 from swallow_titan.config.manager import load_job_config
-from swallow_titan.preflight import check_job_config
+from swallow_titan.components.preflight import check_job_config
 
 lm_eval = pytest.importorskip("lm_eval")
 

@@ -35,8 +35,8 @@ from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
-from swallow_titan.hf.hf_config import model_args_from_hf_config, read_hf_config  # noqa: E402
-from swallow_titan.hf.hf_weights import load_hf_weights  # noqa: E402
+from swallow_titan.hf.config import model_args_from_hf_config, read_hf_config  # noqa: E402
+from swallow_titan.hf.weights import load_hf_weights  # noqa: E402
 from swallow_titan.data.tokenizer import Llama3Tokenizer  # noqa: E402
 from swallow_titan.eval.adapter import ModelRunner, SwallowLM  # noqa: E402
 from swallow_titan.model.transformer import (  # noqa: E402

@@ -210,7 +210,7 @@ def test_a_failing_evaluation_is_skipped_and_training_goes_on(tmp_path):
 
 
 def test_the_exported_model_card_has_the_last_evaluation_table(runs, tmp_path):
-    from swallow_titan.hf.hf_export import export_hf
+    from swallow_titan.hf.export import export_hf
 
     folder, with_eval, _ = runs
     export_hf(folder / "checkpoint", tmp_path / "hf", dtype="float32")

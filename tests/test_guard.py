@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from support.runs import from_seed, run_training
-from swallow_titan.guard import NonfiniteError, NonfiniteGuard, state_is_finite
+from swallow_titan.components.guard import NonfiniteError, NonfiniteGuard, state_is_finite
 
 
 def test_skip_policy_skips_and_counts():

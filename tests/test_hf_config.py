@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from swallow_titan.hf.hf_config import (
+from swallow_titan.hf.config import (
     HFConfigError,
     check_hf_config_matches_flavor,
     ffn_hidden_dim,

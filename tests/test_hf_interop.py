@@ -25,13 +25,13 @@ from support.hf import (
     save_random_llama,
     transformers4_python,
 )
-from swallow_titan.hf import hf_export
+from swallow_titan.hf import export as hf_export
 from swallow_titan.hf.atomic import OutputFolderError
 from swallow_titan.checkpoint.dcp_reader import DCPCheckpoint
-from swallow_titan.hf.hf_config import model_args_from_hf_config, read_hf_config
-from swallow_titan.hf.hf_export import export_hf, parse_size, plan_shards
-from swallow_titan.hf.hf_import import convert_hf_to_dcp
-from swallow_titan.hf.hf_weights import HFWeightsError, load_hf_weights
+from swallow_titan.hf.config import model_args_from_hf_config, read_hf_config
+from swallow_titan.hf.export import export_hf, parse_size, plan_shards
+from swallow_titan.hf.convert import convert_hf_to_dcp
+from swallow_titan.hf.weights import HFWeightsError, load_hf_weights
 from swallow_titan.hf.run_record import RunRecordError
 
 transformers = pytest.importorskip("transformers")

@@ -8,8 +8,8 @@ import pytest
 
 from support import REPO, TINY_CONFIG
 from support.hf import ODD_CONFIG, TINY_FLAVOR_CONFIG, save_random_llama
-from swallow_titan.start_rule import decide_start
-from swallow_titan.preflight import check_job_config, check_structure, file_problems
+from swallow_titan.components.start_rule import decide_start
+from swallow_titan.components.preflight import check_job_config, check_structure, file_problems
 from swallow_titan.config.manager import ConfigError, load_job_config
 
 RECIPE = REPO / "train_configs" / "swallow_8b_v05.toml"

@@ -15,7 +15,7 @@ from torchtitan.models.llama3.model.model import Transformer
 from support.hf import TINY_FLAVOR_CONFIG, assert_same_logits, save_random_llama
 from support.runs import free_port, run_training, series
 from swallow_titan.checkpoint.dcp_reader import DCPCheckpoint
-from swallow_titan.hf.hf_import import convert_hf_to_dcp
+from swallow_titan.hf.convert import convert_hf_to_dcp
 from swallow_titan.data.dataloader import source_token_counts
 from swallow_titan.model.args import FLAVORS
 

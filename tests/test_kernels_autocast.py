@@ -18,7 +18,7 @@ from support import TINY_CONFIG
 from support.runs import run_training
 from kernels import rms_norm, rms_norm_reference
 from swallow_titan.config.manager import load_job_config
-from swallow_titan.loss import SwallowLoss
+from swallow_titan.components.loss import SwallowLoss
 from swallow_titan.model.args import FLAVORS
 from swallow_titan.model.transformer import SwallowTransformer
 

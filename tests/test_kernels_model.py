@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from support import REPO, TINY_CONFIG
-from swallow_titan.preflight import check_job_config
+from swallow_titan.components.preflight import check_job_config
 from swallow_titan.config.manager import ConfigError, load_job_config
-from swallow_titan.loss import Z_LOSS, LabelsInInputs, SwallowLoss
+from swallow_titan.components.loss import Z_LOSS, LabelsInInputs, SwallowLoss
 from swallow_titan.model.args import FLAVORS
 from swallow_titan.model.transformer import (
     FusedLossOutput,

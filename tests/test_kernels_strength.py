@@ -16,7 +16,7 @@ from kernels import rms_norm
 from kernels.rmsnorm import rms_norm_reference
 from support import TINY_CONFIG
 from support.model import build_model
-from swallow_titan.preflight import check_job_config
+from swallow_titan.components.preflight import check_job_config
 from swallow_titan.config.manager import ConfigError, load_job_config
 from swallow_titan.model.transformer import FusedLossOutput, FusedNormBlock, TritonRMSNorm
 

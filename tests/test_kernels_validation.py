@@ -10,10 +10,10 @@ from torchtitan.distributed import ParallelDims
 
 from support import TINY_CONFIG, tiny_tokenizer
 from swallow_titan.config.manager import load_job_config
-from swallow_titan.loss import SwallowLoss
+from swallow_titan.components.loss import SwallowLoss
 from swallow_titan.model.args import FLAVORS
 from swallow_titan.model.transformer import SwallowTransformer
-from swallow_titan.validation import PerDomainValidator
+from swallow_titan.components.validation import PerDomainValidator
 
 
 class _Sets:

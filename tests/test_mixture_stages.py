@@ -117,7 +117,7 @@ def config_with_stages(tmp_path, until=40, anneal="math_sample = 1, code_sample 
     (40, "math_sample = -1", "data.stages[1].weights.math_sample: must be >= 0"),
 ])
 def test_bad_stages_are_rejected_naming_the_key(tmp_path, until, anneal, expected):
-    from swallow_titan.preflight import check_job_config
+    from swallow_titan.components.preflight import check_job_config
 
     path = config_with_stages(tmp_path, until, anneal)
     with pytest.raises(ConfigError) as e:

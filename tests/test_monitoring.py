@@ -9,7 +9,7 @@ import pytest
 
 from support.runs import ANSI, from_seed, run_training, series
 from support.tensorboard import events, scalars
-from swallow_titan.metrics import RunLog, dense_bf16_peak_flops, format_duration, read_run_log
+from swallow_titan.components.metrics import RunLog, dense_bf16_peak_flops, format_duration, read_run_log
 
 STEPS = 4
 SETS = ("ja", "en", "code", "math")

@@ -108,7 +108,7 @@ def test_plan_of_tiny_config_has_no_problems():
 
 
 def test_plan_without_ngpu_counts_the_visible_gpus_like_run_train_sh():
-    from swallow_titan.device import default_ngpu
+    from swallow_titan.runtime.device import default_ngpu
 
     proc = run_plan("train_configs/tiny_cpu.toml", "--json")
     assert proc.returncode == 0, proc.stderr

@@ -1,4 +1,4 @@
-"""Every torchtitan / torch seam listed in swallow_titan.seams still matches the installed packages."""
+"""Every torchtitan / torch seam listed in swallow_titan.runtime.seams still matches the installed packages."""
 
 from __future__ import annotations
 
@@ -7,14 +7,14 @@ import dataclasses
 import pytest
 
 import swallow_titan  # noqa: F401  (device selection first)
-from swallow_titan.seams import SEAMS, Seam, seam_problems, source_hash
+from swallow_titan.runtime.seams import SEAMS, Seam, seam_problems, source_hash
 
 
 def test_every_seam_matches_the_installed_torchtitan_and_torch():
     problems = seam_problems()
     assert not problems, (
         "torchtitan / torch changed where swallow-titan relies on it "
-        "(see swallow_titan/seams.py):\n" + "\n".join(problems)
+        "(see swallow_titan/runtime/seams.py):\n" + "\n".join(problems)
     )
 
 
@@ -68,10 +68,10 @@ def test_every_torchtitan_method_we_override_is_listed():
 
     from swallow_titan.checkpoint.manager import AtomicCheckpointManager
     from swallow_titan.config.manager import SwallowConfigManager
-    from swallow_titan.metrics import SwallowMetricsProcessor
-    from swallow_titan.seams import resolve
+    from swallow_titan.components.metrics import SwallowMetricsProcessor
+    from swallow_titan.runtime.seams import resolve
     from swallow_titan.trainer import SwallowTrainer
-    from swallow_titan.validation import PerDomainValidator
+    from swallow_titan.components.validation import PerDomainValidator
 
     listed = {
         id(resolve(s.target)) for s in SEAMS if s.kind in ("override", "reimplemented")
@@ -92,4 +92,4 @@ def test_every_torchtitan_method_we_override_is_listed():
             original = resolve(f"{theirs.__module__}.{theirs.__qualname__}.{name}")
             if id(original) not in listed:
                 unlisted.append(f"{ours.__qualname__}.{name} overrides {theirs.__qualname__}.{name}")
-    assert not unlisted, "add these to swallow_titan/seams.py:\n" + "\n".join(unlisted)
+    assert not unlisted, "add these to swallow_titan/runtime/seams.py:\n" + "\n".join(unlisted)

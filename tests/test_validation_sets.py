@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from support import TINY_CONFIG, tiny_tokenizer
-from swallow_titan.preflight import check_job_config
+from swallow_titan.components.preflight import check_job_config
 from swallow_titan.config.manager import ConfigError, load_job_config
-from swallow_titan.validation import PerDomainValidator
+from swallow_titan.components.validation import PerDomainValidator
 
 SEQ_64 = ["--training.seq_len", "64", "--validation.seq_len", "64"]
 

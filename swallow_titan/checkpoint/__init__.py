@@ -7,6 +7,6 @@
 - ``dcp_reader``: reading a torchtitan/DCP checkpoint offline, piece by piece.
 
 Hugging Face import and export live in :mod:`swallow_titan.hf`; the run's
-start rule and end-of-run export in :mod:`swallow_titan.start_rule` and
-:mod:`swallow_titan.final_export`.
+start rule and end-of-run export in :mod:`swallow_titan.components.start_rule` and
+:mod:`swallow_titan.components.final_export`.
 """

@@ -52,7 +52,7 @@ from swallow_titan.checkpoint.integrity import (
 )
 from swallow_titan.checkpoint.rng import RNG
 from swallow_titan.config.paths import step_folder_name, step_of_folder
-from swallow_titan.ranks import process_rank
+from swallow_titan.runtime.ranks import process_rank
 
 
 class CheckpointError(RuntimeError):

@@ -3,7 +3,7 @@
 These are the checks that read no file and know no model: they use only the
 config's own values. The checks that need a flavor, files, a tokenizer, an HF
 folder or the device live with the modules that own those, and
-:mod:`swallow_titan.preflight` runs them all, in ``swallow_titan.plan`` and
+:mod:`swallow_titan.components.preflight` runs them all, in ``swallow_titan.plan`` and
 before training starts, so a config that cannot work fails early, naming the
 file and key.
 """

@@ -36,7 +36,7 @@ from swallow_titan.data.dataloader import SlotDataLoader, build_dataloader
 from swallow_titan.data.slots import SlotWindow
 from swallow_titan.data.sources import DataSourceError
 from swallow_titan.data.tokenizer import Llama3Tokenizer, TokenizerFileError
-from swallow_titan.device import add_process_arguments
+from swallow_titan.runtime.device import add_process_arguments
 
 
 def window_segments(window: SlotWindow, source_name: str) -> list[dict]:

@@ -26,7 +26,7 @@ from torchtitan.tools.utils import device_type
 from swallow_titan.checkpoint.rng import RngState
 from swallow_titan.eval.adapter import ModelRunner, SwallowLM
 from swallow_titan.eval.tasks import flatten_results, task_manager
-from swallow_titan.ranks import process_rank
+from swallow_titan.runtime.ranks import process_rank
 
 
 def lm_eval_limit(limit: float) -> int | float | None:

@@ -2,7 +2,7 @@
 
 A DCP checkpoint holds tensors and training state but not the model's
 configuration, the tokenizer or the recipe. A run writes this record into its
-checkpoint folder when it starts (``swallow_titan.start_rule``), and ``convert
+checkpoint folder when it starts (``swallow_titan.components.start_rule``), and ``convert
 hf-to-dcp`` writes one into its output, so ``python -m swallow_titan.export
 CKPT_DIR OUT_DIR`` needs nothing else.
 """

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 TRAINING_LOSS_TAGS = ("loss_metrics/global_avg_loss", "loss/train", "train/loss")
-# "val/loss": the mean over [[validation.sets]] (swallow_titan.metrics).
-# [eval] (swallow_titan.metrics.log_eval): eval/<task>/<metric>, and its duration.
+# "val/loss": the mean over [[validation.sets]] (swallow_titan.components.metrics).
+# [eval] (swallow_titan.components.metrics.log_eval): eval/<task>/<metric>, and its duration.
 EVAL_PREFIX = "eval/"
 EVAL_TIME_TAG = "eval/time_s"
 VALIDATION_LOSS_TAGS = ("val/loss", "validation_metrics/loss", "validation/loss", "loss/validation")

@@ -13,7 +13,7 @@ plus two options from ``[kernels]``:
   tensor parallel's vocabulary-sharded weight is used where it lies.
 
 The labels reach the model as an extra key of the dataloader's input dict
-(``swallow_titan.loss.LabelsInInputs``); torchtitan passes every key but
+(``swallow_titan.components.loss.LabelsInInputs``); torchtitan passes every key but
 "input" to the model's forward; validation adds them the same way. Without
 ``labels`` the model returns logits as usual (generation, HF export checks).
 """
@@ -86,7 +86,7 @@ class FusedLossOutput(nn.Linear):
     (what torchtitan's loss function returns), and the z-loss part of it,
     detached, for logging. It stays a tensor so that tensor parallel's output
     hook (which expects a DTensor and redistributes it to ``Shard(-1)``) passes
-    it through; ``swallow_titan.loss`` unpacks it.
+    it through; ``swallow_titan.components.loss`` unpacks it.
     """
 
     def __init__(self, dim: int, vocab_size: int, z_loss: float = 0.0):

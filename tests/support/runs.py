@@ -19,7 +19,7 @@ from pathlib import Path
 
 from support import REPO, TINY_CONFIG
 from swallow_titan.config.paths import METRICS_LOG
-from swallow_titan.metrics import SCALARS, read_run_log
+from swallow_titan.components.metrics import SCALARS, read_run_log
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 

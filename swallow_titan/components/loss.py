@@ -7,7 +7,7 @@ the model in the input dict (:class:`LabelsInInputs`), the model's output layer
 returns ``[loss_sum, z_loss_sum]`` (``model/transformer.py``) and
 :class:`SwallowLoss` unpacks it. Either way the trainer gets a sum over
 non-ignored tokens and divides it by the global token count, as torchtitan does.
-Validation passes the labels the same way (``swallow_titan.validation``), so with the
+Validation passes the labels the same way (``swallow_titan.components.validation``), so with the
 fused loss it never materialises the logits either.
 
 z-loss for logging: every training forward adds its z-loss sum and its number of

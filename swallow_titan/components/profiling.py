@@ -19,7 +19,7 @@ import torch
 from torchtitan.tools import profiling as titan_profiling
 from torchtitan.tools.logging import logger
 
-from swallow_titan.ranks import process_rank
+from swallow_titan.runtime.ranks import process_rank
 
 
 def available_activities() -> list[torch.profiler.ProfilerActivity]:

@@ -42,7 +42,7 @@ from torchtitan.tools.logging import logger
 from torchtitan.tools.utils import device_type
 
 from swallow_titan.config.paths import RunPaths
-from swallow_titan.ranks import process_rank
+from swallow_titan.runtime.ranks import process_rank
 
 # Scalar tags logged at every log step (data/<source>/... come on top).
 SCALARS = {

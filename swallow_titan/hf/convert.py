@@ -19,14 +19,14 @@ import torch.distributed.checkpoint as dcp
 from torchtitan.tools.logging import logger
 
 from swallow_titan.hf.atomic import staged_folder
-from swallow_titan.hf.hf_config import (
+from swallow_titan.hf.config import (
     CONFIG_FILE,
     hf_config_from_model_args,
     model_args_from_hf_config,
     read_hf_config,
 )
-from swallow_titan.hf.hf_export import tokenizer_files
-from swallow_titan.hf.hf_weights import (
+from swallow_titan.hf.export import tokenizer_files
+from swallow_titan.hf.weights import (
     check_hf_tensors,
     list_safetensors,
     read_hf_tensors,

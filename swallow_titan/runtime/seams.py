@@ -18,9 +18,9 @@ The two process-wide patches are applied here and nowhere else:
 loads) and :func:`use_cpu_profiler_in_stock_trainer` (stock torchtitan runs
 on CPU in ``benchmarks/``; swallow-titan's own Trainer picks its profiler
 itself and needs no patch). The CPU shims they install live in
-:mod:`swallow_titan.device` and :mod:`swallow_titan.profiling`; every place
+:mod:`swallow_titan.runtime.device` and :mod:`swallow_titan.components.profiling`; every place
 that behaves differently on CPU and CUDA is listed in
-:data:`swallow_titan.device.DEVICE_SEAMS`.
+:data:`swallow_titan.runtime.device.DEVICE_SEAMS`.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ SEAMS: tuple[Seam, ...] = (
     Seam(
         "torch._utils._get_available_device_type",
         "patch",
-        "swallow_titan.seams.select_device",
+        "swallow_titan.runtime.seams.select_device",
         "torchtitan picks its device at import as this() or 'cuda'; on a CPU-only "
         "machine it must answer 'cpu' (patched before torchtitan loads).",
         params=(),
@@ -76,7 +76,7 @@ SEAMS: tuple[Seam, ...] = (
     Seam(
         "torchtitan.tools.utils.device_module",
         "patch",
-        "swallow_titan.seams.select_device",
+        "swallow_titan.runtime.seams.select_device",
         "On CPU replaced by device.CpuDeviceModule: torch.cpu plus the torch.cuda "
         "memory calls torchtitan's metrics make (get_device_name, "
         "get_device_properties, reset_peak_memory_stats, empty_cache, memory_stats, "
@@ -86,7 +86,7 @@ SEAMS: tuple[Seam, ...] = (
     Seam(
         "torchtitan.tools.utils.device_type",
         "private",
-        "swallow_titan.seams.select_device",
+        "swallow_titan.runtime.seams.select_device",
         "Read to detect that torchtitan was imported before swallow_titan on a "
         "CPU-only machine (its device choice is then final).",
     ),
@@ -94,7 +94,7 @@ SEAMS: tuple[Seam, ...] = (
     Seam(
         "torchtitan.train.maybe_enable_profiling",
         "patch",
-        "swallow_titan.seams.use_cpu_profiler_in_stock_trainer",
+        "swallow_titan.runtime.seams.use_cpu_profiler_in_stock_trainer",
         "torchtitan's profiler passes activities=[CPU, None] without a GPU, which "
         "torch rejects; stock-torchtitan CPU runs (benchmarks/) get "
         "profiling.maybe_enable_profiling instead.",
@@ -103,7 +103,7 @@ SEAMS: tuple[Seam, ...] = (
     Seam(
         "torchtitan.tools.profiling.maybe_enable_profiling",
         "private",
-        "swallow_titan.profiling.profiling_context",
+        "swallow_titan.components.profiling.profiling_context",
         "torchtitan's profiler, used when a GPU is present.",
         params=("profiling_config", "global_step", "base_folder", "leaf_folder"),
     ),
@@ -218,7 +218,7 @@ SEAMS: tuple[Seam, ...] = (
     Seam(
         f"{_CHECKPOINTER}.__init__",
         "attributes",
-        "swallow_titan.checkpoint.manager / swallow_titan.start_rule",
+        "swallow_titan.checkpoint.manager / swallow_titan.components.start_rule",
         "The manager publishes into `folder`, prunes through `purge_queue` / "
         "`purge_thread` with `keep_latest_k`, waits on `save_future`; the start "
         "rule clears `initial_load_path` / `initial_load_in_hf` after loading "
@@ -358,7 +358,7 @@ SEAMS: tuple[Seam, ...] = (
     Seam(
         f"{_VALIDATOR}.__init__",
         "reimplemented",
-        "swallow_titan.validation.PerDomainValidator.__init__",
+        "swallow_titan.components.validation.PerDomainValidator.__init__",
         "Sets what validate() reads without building torchtitan's C4 dataloader.",
         params=("self", "job_config", "dp_world_size", "dp_rank", "tokenizer",
                 "parallel_dims", "loss_fn", "validation_context", "maybe_enable_amp",
@@ -369,7 +369,7 @@ SEAMS: tuple[Seam, ...] = (
     Seam(
         f"{_VALIDATOR}.validate",
         "override",
-        "swallow_titan.validation.PerDomainValidator.validate",
+        "swallow_titan.components.validation.PerDomainValidator.validate",
         "Run once per set: it iterates self.validation_dataloader and reports the "
         "set's loss through metrics_processor.log_validation exactly once.",
         params=("self", "model_parts", "step"),
@@ -379,7 +379,7 @@ SEAMS: tuple[Seam, ...] = (
     Seam(
         f"{_METRICS}.__init__",
         "override",
-        "swallow_titan.metrics.SwallowMetricsProcessor.__init__",
+        "swallow_titan.components.metrics.SwallowMetricsProcessor.__init__",
         "Built with TensorBoard off (ours replaces it); reads device_memory_monitor, "
         "ntokens_since_last_log, data_loading_times, time_last_log, "
         "num_flops_per_token, logger.",
@@ -388,7 +388,7 @@ SEAMS: tuple[Seam, ...] = (
     Seam(
         f"{_METRICS}.__init__",
         "attributes",
-        "swallow_titan.metrics.SwallowMetricsProcessor.log",
+        "swallow_titan.components.metrics.SwallowMetricsProcessor.log",
         "The counters log() reads and resets.",
         attributes=(
             "device_memory_monitor",
@@ -401,7 +401,7 @@ SEAMS: tuple[Seam, ...] = (
     Seam(
         f"{_METRICS}.log",
         "reimplemented",
-        "swallow_titan.metrics.SwallowMetricsProcessor.log",
+        "swallow_titan.components.metrics.SwallowMetricsProcessor.log",
         "Our scalars, TensorBoard writer and progress line with ETA.",
         params=("self", "step", "global_avg_loss", "global_max_loss", "grad_norm",
                 "extra_metrics"),
@@ -410,7 +410,7 @@ SEAMS: tuple[Seam, ...] = (
     Seam(
         f"{_METRICS}.log_validation",
         "reimplemented",
-        "swallow_titan.metrics.SwallowMetricsProcessor.log_validation",
+        "swallow_titan.components.metrics.SwallowMetricsProcessor.log_validation",
         "A single validation loss is logged as one set.",
         params=("self", "loss", "step", "extra_metrics"),
         source_sha256="803a61e555750782",
@@ -418,7 +418,7 @@ SEAMS: tuple[Seam, ...] = (
     Seam(
         f"{_METRICS}.close",
         "override",
-        "swallow_titan.metrics.SwallowMetricsProcessor.close",
+        "swallow_titan.components.metrics.SwallowMetricsProcessor.close",
         "Closes our TensorBoard writer.",
         params=("self",),
     ),
@@ -533,7 +533,7 @@ def select_device() -> str:
     Idempotent. Raises if torchtitan was imported earlier on a CPU-only machine,
     because its device choice can no longer be changed then.
     """
-    from swallow_titan.device import CpuDeviceModule, gpu_available
+    from swallow_titan.runtime.device import CpuDeviceModule, gpu_available
 
     if gpu_available():
         return torch._utils._get_available_device_type()
@@ -558,7 +558,7 @@ def use_cpu_profiler_in_stock_trainer() -> None:
     """Give torchtitan's own Trainer a profiler that works without a GPU."""
     import torchtitan.train
 
-    from swallow_titan.profiling import maybe_enable_profiling
+    from swallow_titan.components.profiling import maybe_enable_profiling
 
     if not torch.cuda.is_available():
         torchtitan.train.maybe_enable_profiling = maybe_enable_profiling

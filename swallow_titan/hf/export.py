@@ -24,8 +24,8 @@ from torchtitan.tools.logging import logger
 
 from swallow_titan.checkpoint.dcp_reader import DCPCheckpoint, locate_checkpoint
 from swallow_titan.hf.atomic import staged_folder
-from swallow_titan.hf.hf_config import CONFIG_FILE, model_args_from_hf_config
-from swallow_titan.hf.hf_weights import (
+from swallow_titan.hf.config import CONFIG_FILE, model_args_from_hf_config
+from swallow_titan.hf.weights import (
     HF_INDEX,
     hf_names,
     native_tensor_shapes,

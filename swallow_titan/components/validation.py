@@ -35,7 +35,7 @@ from torchtitan.tools.logging import logger
 
 from swallow_titan.config.sections import FUSED_LOSS, DataSource, ValidationSet
 from swallow_titan.data.dataloader import Batch, held_out_batches
-from swallow_titan.loss import LABELS_KEY
+from swallow_titan.components.loss import LABELS_KEY
 
 
 def set_source(validation_set: ValidationSet) -> DataSource:

@@ -28,9 +28,9 @@ from swallow_titan.data.sources import (
 from swallow_titan.data.stages import check_stages
 from swallow_titan.data.tokenizer import Llama3Tokenizer, TokenizerFileError
 from swallow_titan.eval import EvalUnavailableError, require_lm_eval
-from swallow_titan.hf.hf_config import HFConfigError, check_hf_config_matches_flavor
-from swallow_titan.hf.hf_export import ExportError, parse_size
-from swallow_titan.hf.hf_weights import HFWeightsError, check_hf_tensors, list_safetensors
+from swallow_titan.hf.config import HFConfigError, check_hf_config_matches_flavor
+from swallow_titan.hf.export import ExportError, parse_size
+from swallow_titan.hf.weights import HFWeightsError, check_hf_tensors, list_safetensors
 from swallow_titan.model.args import FLAVORS, SwallowModelArgs
 
 

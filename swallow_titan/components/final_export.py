@@ -13,7 +13,7 @@ from torchtitan.tools.logging import logger
 
 from swallow_titan.checkpoint.dcp_reader import locate_checkpoint
 from swallow_titan.config.paths import RunPaths
-from swallow_titan.hf.hf_export import ExportResult, export_hf
+from swallow_titan.hf.export import ExportResult, export_hf
 from swallow_titan.hf.hub import push_to_hub
 
 

@@ -30,15 +30,15 @@ from torchtitan.tools.logging import logger
 from swallow_titan.checkpoint.dcp_reader import checkpoint_steps
 from swallow_titan.config.checks import global_batch_sequences, resolve_layout
 from swallow_titan.config.paths import RunPaths, step_folder_name
-from swallow_titan.hf.hf_config import (
+from swallow_titan.hf.config import (
     check_hf_config_matches_flavor,
     hf_config_from_model_args,
     read_hf_config,
 )
-from swallow_titan.hf.hf_weights import load_hf_weights
+from swallow_titan.hf.weights import load_hf_weights
 from swallow_titan.hf.run_record import RunRecord, read_run_record
 from swallow_titan.model.state import model_state, set_model_state
-from swallow_titan.ranks import job_world_size, process_rank
+from swallow_titan.runtime.ranks import job_world_size, process_rank
 
 StartKind = Literal["resume", "hf", "dcp", "random"]
 

@@ -4,7 +4,7 @@ torchtitan 0.2.2 picks its device once, at import time, with
 ``torch._utils._get_available_device_type() or "cuda"``, and several of its
 modules copy ``device_type``/``device_module`` by name. On a CPU-only machine
 that yields "cuda" and the trainer fails on its first ``set_device``.
-:func:`swallow_titan.seams.select_device` (run by ``import swallow_titan``,
+:func:`swallow_titan.runtime.seams.select_device` (run by ``import swallow_titan``,
 before torchtitan loads) therefore makes it pick "cpu" and installs
 :class:`CpuDeviceModule`: the memory calls torchtitan's metrics expect from a
 device module (``torch.cpu`` lacks them). Peak memory on CPU is the process's
@@ -136,7 +136,7 @@ class DeviceSeam:
 
 DEVICE_SEAMS: tuple[DeviceSeam, ...] = (
     DeviceSeam(
-        "swallow_titan/seams.py: select_device",
+        "swallow_titan/runtime/seams.py: select_device",
         "replaces torch._utils._get_available_device_type (reports 'cpu') before "
         "torchtitan is imported, so torchtitan's device_type is 'cpu', and installs "
         "CpuDeviceModule",
@@ -144,26 +144,26 @@ DEVICE_SEAMS: tuple[DeviceSeam, ...] = (
         shim=True,
     ),
     DeviceSeam(
-        "swallow_titan/device.py: CpuDeviceModule",
+        "swallow_titan/runtime/device.py: CpuDeviceModule",
         "torchtitan.tools.utils.device_module becomes torch.cpu plus memory and "
         "device-name calls (peak RSS as memory)",
         "torchtitan's device_module stays torch.cuda",
         shim=True,
     ),
     DeviceSeam(
-        "swallow_titan/device.py: default_ngpu",
+        "swallow_titan/runtime/device.py: default_ngpu",
         "1 process per node",
         "one process per visible GPU",
         shim=False,
     ),
     DeviceSeam(
-        "swallow_titan/profiling.py: profiling_context, available_activities",
+        "swallow_titan/components/profiling.py: profiling_context, available_activities",
         "swallow-titan's trainer profiles with this module's CPU-activities profiler",
         "torchtitan's profiler (CPU + CUDA activities)",
         shim=True,
     ),
     DeviceSeam(
-        "swallow_titan/seams.py: use_cpu_profiler_in_stock_trainer",
+        "swallow_titan/runtime/seams.py: use_cpu_profiler_in_stock_trainer",
         "stock torchtitan's Trainer (benchmarks/) gets the CPU profiler",
         "torchtitan.train.maybe_enable_profiling left as it is",
         shim=True,
@@ -175,7 +175,7 @@ DEVICE_SEAMS: tuple[DeviceSeam, ...] = (
         shim=False,
     ),
     DeviceSeam(
-        "swallow_titan/metrics.py: SwallowMetricsProcessor",
+        "swallow_titan/components/metrics.py: SwallowMetricsProcessor",
         "no MFU (no peak), memory is peak RSS",
         "MFU against the card's dense bf16 peak",
         shim=False,
@@ -187,7 +187,7 @@ DEVICE_SEAMS: tuple[DeviceSeam, ...] = (
         shim=False,
     ),
     DeviceSeam(
-        "swallow_titan/preflight.py: _check_checkpoint_device, _check_float8, "
+        "swallow_titan/components/preflight.py: _check_checkpoint_device, _check_float8, "
         "_check_kernels_device",
         "refuses pinned-memory async checkpoints, float8 without emulate (or emulated "
         "with a compiled model), Triton kernels without TRITON_INTERPRET=1",
