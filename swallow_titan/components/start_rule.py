@@ -162,8 +162,8 @@ def run_record_for(trainer, config) -> RunRecord:
     tokenizer = trainer.tokenizer
     hf_config = hf_config_from_model_args(
         trainer.model_args,
-        bos_token_id=getattr(tokenizer, "bos_id", None),
-        eos_token_id=getattr(tokenizer, "eos_id", None),
+        bos_token_id=tokenizer.bos_id,
+        eos_token_id=tokenizer.eos_id,
         dtype="bfloat16",
         max_position_embeddings=max_positions,
     )
