@@ -23,11 +23,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
-import torch.distributed.checkpoint as dcp
-from torch import nn
 from torchtitan.tools.logging import logger
 
 from swallow_titan.checkpoint.dcp_reader import checkpoint_steps
+from swallow_titan.checkpoint.model_weights import load_dcp_model_weights
 from swallow_titan.config.checks import global_batch_sequences, resolve_layout
 from swallow_titan.config.paths import RunPaths, step_folder_name
 from swallow_titan.hf.config import (
@@ -37,7 +36,6 @@ from swallow_titan.hf.config import (
 )
 from swallow_titan.hf.weights import load_hf_weights
 from swallow_titan.hf.run_record import RunRecord, read_run_record
-from swallow_titan.model.state import model_state, set_model_state
 from swallow_titan.runtime.ranks import job_world_size, process_rank
 
 StartKind = Literal["resume", "hf", "dcp", "random"]
@@ -102,14 +100,6 @@ def decide_start(config) -> StartDecision:
         f"Start rule: {where} and no hf.load_path or checkpoint.initial_load_path; "
         "starting from random initial weights",
     )
-
-
-def load_dcp_model_weights(model_parts: list[nn.Module], path: str) -> int:
-    """Load the model entries of a DCP checkpoint into a (sharded) model; collective."""
-    state = model_state(model_parts)
-    dcp.load(state, checkpoint_id=path)
-    set_model_state(model_parts, state)
-    return len(state)
 
 
 def start_run(trainer, config) -> StartDecision:
