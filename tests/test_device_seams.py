@@ -1,7 +1,8 @@
 """The CUDA path is checked without CUDA: the device seams are listed, and a
 process where torch reports CUDA gets none of the CPU shims.
 
-``swallow_titan.runtime.device.DEVICE_SEAMS`` lists every device-dependent behaviour.
+``swallow_titan.runtime.seams.DEVICE_SEAMS`` lists every device-dependent behaviour
+(checked with the other seams by ``seam_problems``, tests/test_seams.py).
 The subprocess tests make torch report CUDA the way torch itself detects it
 (``torch.cuda.is_available``, which ``torch._utils._get_available_device_type``
 calls) before anything imports swallow_titan or torchtitan.
@@ -18,7 +19,7 @@ import sys
 import pytest
 
 from support import REPO
-from swallow_titan.runtime.device import DEVICE_SEAMS
+from swallow_titan.runtime.seams import DEVICE_SEAMS
 
 # What a device branch looks like in this code base.
 _BRANCH = re.compile(
