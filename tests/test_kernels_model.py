@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from support import REPO, TINY_CONFIG
+from support.overrides import KERNELS_ON
 from swallow_titan.components.preflight import check_job_config
 from swallow_titan.config.manager import ConfigError, load_job_config
 from swallow_titan.components.loss import SwallowLoss
@@ -25,7 +26,6 @@ from swallow_titan.model.transformer import (
 )
 
 RECIPE = REPO / "train_configs" / "swallow_8b_v05.toml"
-KERNELS_ON = ["--kernels.rmsnorm", "triton", "--kernels.loss", "fused_linear_ce"]
 
 
 def _args(**kernels):
