@@ -110,7 +110,8 @@ class SwallowTrainer(Trainer):
     def _atomic_checkpointer(self, stock: Any) -> AtomicCheckpointManager:
         """Replace the CheckpointManager torchtitan built with the atomic one."""
         config = self.job_config
-        adapter = stock.sd_adapter
+        # torchtitan's manager sets sd_adapter only when checkpointing is enabled.
+        adapter = getattr(stock, "sd_adapter", None)
         if adapter is None and self.train_spec.state_dict_adapter is not None:
             adapter = self.train_spec.state_dict_adapter(
                 self.model_args, config.model.hf_assets_path
