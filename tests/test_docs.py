@@ -81,6 +81,31 @@ def link_targets(text: str) -> set[str]:
     return targets
 
 
+def anchors(text: str) -> set[str]:
+    """GitHub's anchors for the headings of ``text`` (fenced code skipped): lower case,
+    punctuation dropped, spaces to hyphens."""
+    found, fenced = set(), False
+    for line in text.splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        elif not fenced and (heading := re.match(r"#{1,6}\s+(.*)", line)):
+            found.add(re.sub(r"[^\w\- ]", "", heading.group(1).strip().lower()).replace(" ", "-"))
+    return found
+
+
+def broken_anchors(doc: Path) -> list[str]:
+    """Links of ``doc`` to ``file.md#anchor`` (or ``#anchor``) whose anchor no heading has."""
+    broken = []
+    for match in _LINK.finditer(doc.read_text(encoding="utf-8")):
+        target, _, anchor = match.group(1).partition("#")
+        if not anchor or "://" in target:
+            continue
+        page = (doc.parent / target) if target else doc
+        if page.suffix == ".md" and page.exists() and anchor not in anchors(page.read_text(encoding="utf-8")):
+            broken.append(match.group(1))
+    return broken
+
+
 def missing(paths: set[str], base: Path) -> list[str]:
     """The paths of ``paths`` (relative to ``base``) that name nothing there."""
     absent = []
@@ -126,6 +151,11 @@ def test_the_path_finder_finds_paths_and_reports_missing_ones(tmp_path):
     ]
     assert link_targets(text) == {"docs/data.md", "docs/away.md"}
     assert missing(link_targets(text), tmp_path) == ["docs/away.md"]
+    page = tmp_path / "docs" / "page.md"
+    page.write_text("# Crashes, pre-emption and NaNs\n```bash\n# not a heading\n```\n"
+                    "[ok](#crashes-pre-emption-and-nans) [bad](#not-a-heading) [ok](data.md)\n")
+    assert anchors(page.read_text()) == {"crashes-pre-emption-and-nans"}
+    assert broken_anchors(page) == ["#not-a-heading"]
     assert named_commands(["python -m swallow_titan.plan X", "torchrun -m  swallow_titan.evaluate",
                            "python -m swallow_titan.<command>"]) == {
         "swallow_titan.plan", "swallow_titan.evaluate",
@@ -143,6 +173,7 @@ def test_every_repository_path_named_exists(doc):
 def test_every_relative_link_resolves(doc):
     targets = link_targets(doc.read_text(encoding="utf-8"))
     assert missing(targets, doc.parent) == [], f"{doc.relative_to(ROOT)} has broken links"
+    assert broken_anchors(doc) == [], f"{doc.relative_to(ROOT)} links to headings that do not exist"
 
 
 def test_every_docs_file_is_reachable_from_the_front_page_or_the_index():
