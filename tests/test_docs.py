@@ -191,20 +191,21 @@ def test_the_readme_is_a_front_page():
 
 _HELP_DRIVER = """
 import contextlib, io, json, runpy, sys
-codes = {}
+answers = {}
 for module in sys.argv[1:]:
     sys.argv = [module, "--help"]
     out = io.StringIO()
+    code = 0
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
             runpy.run_module(module, run_name="__main__", alter_sys=True)
-        codes[module] = [0, out.getvalue()[-400:]]
     except SystemExit as stop:
         code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
-        codes[module] = [code, out.getvalue()[-400:]]
     except BaseException as error:
-        codes[module] = [1, out.getvalue()[-400:] + repr(error)]
-print("HELP-CODES " + json.dumps(codes))
+        code, _ = 1, out.write(repr(error))
+    text = out.getvalue()
+    answers[module] = {"code": code, "usage": "usage" in text.lower(), "tail": text[-400:]}
+print("HELP-ANSWERS " + json.dumps(answers))
 """
 
 
@@ -216,12 +217,13 @@ def test_every_named_command_answers_help():
         [sys.executable, "-c", _HELP_DRIVER, *commands],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
     )
-    line = next((l for l in done.stdout.splitlines() if l.startswith("HELP-CODES ")), None)
+    line = next((l for l in done.stdout.splitlines() if l.startswith("HELP-ANSWERS ")), None)
     assert line is not None, done.stdout[-2000:] + done.stderr[-2000:]
-    codes = json.loads(line.removeprefix("HELP-CODES "))
-    failed = {module: output for module, (code, output) in codes.items() if code != 0}
+    answers = json.loads(line.removeprefix("HELP-ANSWERS "))
+    assert sorted(answers) == commands
+    # Exit 0 alone would pass a module that ignores its arguments: it must print a usage.
+    failed = {m: a["tail"] for m, a in answers.items() if a["code"] != 0 or not a["usage"]}
     assert failed == {}
-    assert sorted(codes) == commands
 
 
 def test_the_layout_names_every_module_and_only_modules_that_exist():
