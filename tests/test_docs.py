@@ -9,7 +9,7 @@ prose, backticks and code blocks alike):
   (``/data/tests/x`` or ``hf://...`` are not ours);
 - a top-level file written as ``./name`` (``./setup.sh``, ``./run_train.sh``);
 - a relative markdown link target ``[text](target)``, resolved against the file's own
-  folder, with any ``#anchor`` dropped.
+  folder; its ``#anchor``, if any, must be GitHub's anchor of a heading of that file.
 
 A bare file name without a folder (``config.json``, ``tiny_cpu.toml``) is *not* a path:
 such names mostly describe files a run or an export writes. A ``pytest`` node id keeps
