@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import save_file
 from torchtitan.tools.logging import logger
 
+from swallow_titan.checkpoint.average import AveragedCheckpoint
 from swallow_titan.checkpoint.dcp_reader import DCPCheckpoint, locate_checkpoint
 from swallow_titan.hf.atomic import staged_folder
 from swallow_titan.hf.config import CONFIG_FILE, model_args_from_hf_config
@@ -107,7 +108,7 @@ def tokenizer_files(tokenizer_path: str | Path) -> list[Path]:
     return [Path(name) for name in TOKENIZER_FILES if (root / name).is_file()]
 
 
-def training_summary(checkpoint: DCPCheckpoint, record: RunRecord, step: int | None) -> TrainingSummary:
+def training_summary(checkpoint: DCPCheckpoint | AveragedCheckpoint, record: RunRecord, step: int | None) -> TrainingSummary:
     """Steps, tokens, per-source tokens and final losses for the model card."""
     from swallow_titan.data.dataloader import source_token_counts
 
@@ -163,14 +164,42 @@ def export_hf(
     names the model in its card. Every input is checked before anything is
     written.
     """
+    step_dir, step = locate_checkpoint(checkpoint, step)
+    record, record_path = find_run_record(step_dir)
+    return export_hf_from(
+        DCPCheckpoint(step_dir),
+        record,
+        record_path,
+        out_dir,
+        step=step,
+        dtype=dtype,
+        max_shard_size=max_shard_size,
+        tokenizer_path=tokenizer_path,
+        repo_id=repo_id,
+        overwrite=overwrite,
+    )
+
+
+def export_hf_from(
+    ckpt: DCPCheckpoint | AveragedCheckpoint,
+    record: RunRecord,
+    record_path: Path,
+    out_dir: str | Path,
+    *,
+    step: int | None = None,
+    dtype: str = "bfloat16",
+    max_shard_size: str = "5GB",
+    tokenizer_path: str | Path | None = None,
+    repo_id: str | None = None,
+    overwrite: bool = False,
+) -> ExportResult:
+    """:func:`export_hf` of an opened checkpoint (or an average of checkpoints) and its record."""
     if dtype not in EXPORT_DTYPES:
         raise ExportError(f"dtype {dtype!r}: expected one of {sorted(EXPORT_DTYPES)}")
     target = EXPORT_DTYPES[dtype]
     max_bytes = parse_size(max_shard_size)
-    step_dir, step = locate_checkpoint(checkpoint, step)
-    record, record_path = find_run_record(step_dir)
+    step_dir = ckpt.path
     args = model_args_from_hf_config(record.hf_config, str(record_path))
-    ckpt = DCPCheckpoint(step_dir)
 
     names = hf_names(args)
     shapes = native_tensor_shapes(args)
