@@ -1,12 +1,14 @@
-"""Checkpoint averaging: offline (``python -m swallow_titan.average``).
+"""Checkpoint averaging: offline (``python -m swallow_titan.average``) and in the loop ([averaging]).
 
-One tiny run writes a checkpoint after every step; the averages are checked
-against the mean computed here from those checkpoints, tensor by tensor.
+One tiny run writes a checkpoint after every step, with an EMA and a tail
+window in the loop; the averages are checked against the means and the
+recurrence computed here from those checkpoints, tensor by tensor.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import weakref
 from pathlib import Path
@@ -24,22 +26,37 @@ from swallow_titan.hf.run_record import RUN_RECORD_FILE
 pytestmark = pytest.mark.slow
 
 STEPS = 4
+EMA_DECAY = 0.75
+TAIL_STEPS = 3  # the window ending at step 4: steps 2, 3, 4
+AVERAGING = [
+    "--averaging.ema_decay", str(EMA_DECAY),
+    "--averaging.tail_steps", str(TAIL_STEPS),
+    "--averaging.tail_every", str(STEPS),
+    "--validation.enable", "true",
+    "--validation.freq", str(STEPS),
+    "--validation.steps", "1",
+    "--validation.seq_len", "64",
+    "--validation.local_batch_size", "4",
+    "--hf.export_at_end", "true",
+    "--hf.export_dtype", "float32",
+]
 # fp32 rounding: each product and each sum is rounded once (relative 2^-24);
 # n terms give at most 2n roundings of the running sum's magnitude.
 FP32_EPS = 2.0**-24
 
 
+CHECKPOINT_EVERY_STEP = [
+    "--checkpoint.enable", "true",
+    "--checkpoint.interval", "1",
+    "--checkpoint.keep_latest_k", "0",
+]
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
-    """A 4-step run with a checkpoint after every step."""
+    """A 4-step run with a checkpoint after every step, an EMA and a tail window."""
     dump = tmp_path_factory.mktemp("avg") / "out"
-    run_training(
-        dump,
-        "--training.steps", str(STEPS),
-        "--checkpoint.enable", "true",
-        "--checkpoint.interval", "1",
-        "--checkpoint.keep_latest_k", "0",
-    ).check()
+    run_training(dump, "--training.steps", str(STEPS), *CHECKPOINT_EVERY_STEP, *AVERAGING).check()
     return dump
 
 
@@ -48,7 +65,8 @@ def step_dir(run: Path, step: int) -> Path:
 
 
 def model_names(run: Path) -> list[str]:
-    names = [n for n in DCPCheckpoint(step_dir(run, 1)).tensors() if not n.startswith("optimizer.")]
+    stored = DCPCheckpoint(step_dir(run, 1)).tensors()
+    names = [n for n in stored if not n.startswith(("optimizer.", "averaging."))]
     assert "tok_embeddings.weight" in names and "output.weight" in names
     return names
 
@@ -220,3 +238,83 @@ def test_hf_average_loads_in_transformers_and_its_card_lists_the_steps(run, tmp_
     assert f"| `3` | 0.25 | `{paths[0]}` |" in card
     assert f"| `4` | 0.75 | `{paths[1]}` |" in card
     assert "Steps trained: `4`" in card
+
+
+# ------------------------------------------------------------------ in the loop
+
+
+def in_loop(run: Path, step: int, kind: str, names: list[str]) -> dict[str, torch.Tensor]:
+    stored = read(step_dir(run, step), [f"averaging.{kind}.{n}" for n in names])
+    return {n: stored[f"averaging.{kind}.{n}"] for n in names}
+
+
+def test_in_loop_tail_average_equals_the_offline_average_of_the_same_steps(run):
+    names = model_names(run)
+    tail = in_loop(run, STEPS, "tail", names)
+    offline = AveragedCheckpoint([step_dir(run, s) for s in (2, 3, 4)])
+    for name in names:
+        assert torch.equal(tail[name], offline.average(name)), name
+    # Written after the last step too, as a model-weights checkpoint.
+    final = read(run / "checkpoint" / f"tail-step-{STEPS}", names)
+    assert all(torch.equal(final[n], tail[n]) for n in names)
+
+
+def test_ema_equals_its_recurrence_computed_from_the_saved_weights(run):
+    names = model_names(run)
+    ema = read(step_dir(run, 1), names)  # the EMA starts as the weights after step 1
+    for step in range(1, STEPS + 1):
+        weights = read(step_dir(run, step), names)
+        if step > 1:
+            ema = {n: ema[n] * EMA_DECAY + weights[n] * (1 - EMA_DECAY) for n in names}
+        stored = in_loop(run, step, "ema", names)
+        for name in names:
+            assert torch.equal(stored[name], ema[name]), (step, name)
+    assert not torch.equal(ema["output.weight"], weights["output.weight"])
+
+
+def test_a_resumed_run_continues_the_averages_exactly(run, tmp_path):
+    dump = tmp_path / "out"
+    (dump / "checkpoint").mkdir(parents=True)
+    for step in (1, 2):
+        shutil.copytree(step_dir(run, step), step_dir(dump, step))
+    shutil.copyfile(run / "checkpoint" / RUN_RECORD_FILE, dump / "checkpoint" / RUN_RECORD_FILE)
+    resumed = run_training(dump, "--training.steps", str(STEPS), *CHECKPOINT_EVERY_STEP, *AVERAGING).check()
+    assert sorted(resumed.losses) == [3, 4]
+    names = model_names(run)
+    for kind in ("ema", "tail"):
+        first, second = in_loop(run, STEPS, kind, names), in_loop(dump, STEPS, kind, names)
+        assert all(torch.equal(first[n], second[n]) for n in names), kind
+
+
+def test_the_averages_are_validated_beside_the_raw_weights(run):
+    from support.runs import run_log
+
+    logged: dict[int, dict] = {}
+    for record in run_log(run):
+        logged.setdefault(record["step"], {}).update(record)
+    last = logged[STEPS]
+    for kind in ("ema", "tail"):
+        assert math.isfinite(last[f"val/{kind}/loss"])
+        assert last[f"val/{kind}/loss"] != last["val/loss"]
+        per_set = [k for k in last if k.startswith(f"val/{kind}/") and k.count("/") == 3]
+        assert per_set and all(k.endswith(("/loss", "/perplexity")) for k in per_set)
+    # The tail is validated only when its window is complete (step 4), the EMA whenever
+    # validation runs.
+    for step, values in logged.items():
+        if step != STEPS:
+            assert "val/tail/loss" not in values
+            assert ("val/ema/loss" in values) == ("val/loss" in values)
+
+
+def test_the_averages_are_exported_beside_the_last_weights(run):
+    from safetensors.torch import load_file
+
+    names = model_names(run)
+    for kind in ("ema", "tail"):
+        folder = run / "hf" / f"step-{STEPS}-{kind}"
+        tensors = {}
+        for file in folder.glob("*.safetensors"):
+            tensors.update(load_file(file))
+        expected = in_loop(run, STEPS, kind, names)
+        assert torch.equal(tensors["model.norm.weight"], expected["norm.weight"]), kind
+        assert (folder / "README.md").is_file()

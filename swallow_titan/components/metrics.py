@@ -409,26 +409,31 @@ class SwallowMetricsProcessor(MetricsProcessor):
     # --------------------------------------------------------- validation logs
 
     def log_validation_sets(
-        self, step: int, losses: dict[str, float], seconds: float
+        self, step: int, losses: dict[str, float], seconds: float, prefix: str = "val"
     ) -> None:
-        """Per-set validation losses: val/<set>/loss and /perplexity, plus their mean."""
+        """Per-set validation losses: <prefix>/<set>/loss and /perplexity, plus their mean.
+
+        ``prefix`` is ``val`` for the trained weights, ``val/ema`` or
+        ``val/tail`` for an ``[averaging]`` average of them.
+        """
         scalars: dict[str, float] = {}
         for name, loss in losses.items():
-            scalars[f"val/{name}/loss"] = loss
-            scalars[f"val/{name}/perplexity"] = _perplexity(loss)
+            scalars[f"{prefix}/{name}/loss"] = loss
+            scalars[f"{prefix}/{name}/perplexity"] = _perplexity(loss)
         if losses:
             mean = sum(losses.values()) / len(losses)
-            scalars["val/loss"] = mean
-            scalars["val/perplexity"] = _perplexity(mean)
-        scalars["val/time_s"] = seconds
+            scalars[f"{prefix}/loss"] = mean
+            scalars[f"{prefix}/perplexity"] = _perplexity(mean)
+        scalars[f"{prefix}/time_s"] = seconds
         self._emit(scalars, step)
         parts = "  ".join(
             f"{name}: {loss:.4f} (ppl {_perplexity(loss):.4g})"
             for name, loss in losses.items()
         )
         c = self.color
+        what = "validate" if prefix == "val" else f"validate {prefix.removeprefix('val/')}"
         logger.info(
-            f"{c.yellow}validate step: {step:2}  loss: {scalars.get('val/loss', float('nan')):8.5f}  "
+            f"{c.yellow}{what} step: {step:2}  loss: {scalars.get(f'{prefix}/loss', float('nan')):8.5f}  "
             f"{parts}  [{seconds:.1f}s]{c.reset}"
         )
         # Keep validation time out of the next training throughput.

@@ -139,7 +139,8 @@ class PerDomainValidator(Validator):
             else:
                 yield dict(inputs), labels
 
-    def validate(self, model_parts: list, step: int) -> None:
+    def validate(self, model_parts: list, step: int, prefix: str = "val") -> None:
+        """Every set's loss, logged as ``<prefix>/<set>/loss`` (``val/ema`` for the EMA)."""
         begin = time.perf_counter()
         processor = self.metrics_processor
         losses: dict[str, float] = {}
@@ -156,7 +157,7 @@ class PerDomainValidator(Validator):
         finally:
             self.metrics_processor = processor
             self._current = None
-        processor.log_validation_sets(step, losses, time.perf_counter() - begin)
+        processor.log_validation_sets(step, losses, time.perf_counter() - begin, prefix)
 
 
 def build_validator(**kwargs) -> PerDomainValidator:
