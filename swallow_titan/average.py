@@ -31,7 +31,7 @@ from swallow_titan.checkpoint.average import (
 )
 from swallow_titan.config.errors import ExitCode
 from swallow_titan.export import INPUT_ERRORS
-from swallow_titan.hf.export import EXPORT_DTYPES, export_hf_from
+from swallow_titan.hf.export import EXPORT_DTYPES, export_hf
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,13 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         average = AveragedCheckpoint(args.checkpoints, weights)
         steps = ", ".join(str(i.step) for i in average.inputs)
         if args.hf:
-            newest = average.read_entry("train_state") or {}
-            result = export_hf_from(
+            result = export_hf(
                 average,
-                average.averaged_record(),
-                average.record_path,
                 args.out,
-                step=newest.get("step"),
                 dtype=args.dtype,
                 max_shard_size=args.max_shard_size,
                 tokenizer_path=args.tokenizer,

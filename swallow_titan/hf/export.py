@@ -147,7 +147,7 @@ def training_summary(checkpoint: DCPCheckpoint | AveragedCheckpoint, record: Run
 
 
 def export_hf(
-    checkpoint: str | Path,
+    checkpoint: str | Path | AveragedCheckpoint,
     out_dir: str | Path,
     *,
     step: int | None = None,
@@ -159,41 +159,21 @@ def export_hf(
 ) -> ExportResult:
     """Write a Hub-ready folder for a checkpoint (see the module docstring).
 
-    ``checkpoint`` is a run's checkpoint folder (latest step unless ``step``)
-    or one DCP checkpoint; ``repo_id`` (the Hub repository it is meant for)
-    names the model in its card. Every input is checked before anything is
-    written.
+    ``checkpoint`` is a run's checkpoint folder (latest step unless ``step``),
+    one DCP checkpoint, or an average of checkpoints (``python -m
+    swallow_titan.average --hf``: its newest input's step and run record,
+    with the averaged steps and weights); ``repo_id`` (the Hub repository it
+    is meant for) names the model in its card. Every input is checked before
+    anything is written.
     """
-    step_dir, step = locate_checkpoint(checkpoint, step)
-    record, record_path = find_run_record(step_dir)
-    return export_hf_from(
-        DCPCheckpoint(step_dir),
-        record,
-        record_path,
-        out_dir,
-        step=step,
-        dtype=dtype,
-        max_shard_size=max_shard_size,
-        tokenizer_path=tokenizer_path,
-        repo_id=repo_id,
-        overwrite=overwrite,
-    )
-
-
-def export_hf_from(
-    ckpt: DCPCheckpoint | AveragedCheckpoint,
-    record: RunRecord,
-    record_path: Path,
-    out_dir: str | Path,
-    *,
-    step: int | None = None,
-    dtype: str = "bfloat16",
-    max_shard_size: str = "5GB",
-    tokenizer_path: str | Path | None = None,
-    repo_id: str | None = None,
-    overwrite: bool = False,
-) -> ExportResult:
-    """:func:`export_hf` of an opened checkpoint (or an average of checkpoints) and its record."""
+    ckpt: DCPCheckpoint | AveragedCheckpoint
+    if isinstance(checkpoint, AveragedCheckpoint):
+        ckpt, record, record_path = checkpoint, checkpoint.averaged_record(), checkpoint.record_path
+        step = (checkpoint.read_entry("train_state") or {}).get("step")
+    else:
+        step_dir, step = locate_checkpoint(checkpoint, step)
+        record, record_path = find_run_record(step_dir)
+        ckpt = DCPCheckpoint(step_dir)
     if dtype not in EXPORT_DTYPES:
         raise ExportError(f"dtype {dtype!r}: expected one of {sorted(EXPORT_DTYPES)}")
     target = EXPORT_DTYPES[dtype]
