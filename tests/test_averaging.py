@@ -318,3 +318,35 @@ def test_the_averages_are_exported_beside_the_last_weights(run):
         expected = in_loop(run, STEPS, kind, names)
         assert torch.equal(tensors["model.norm.weight"], expected["norm.weight"]), kind
         assert (folder / "README.md").is_file()
+
+
+@pytest.mark.distributed
+def test_a_two_process_fsdp_run_averages_each_shard_in_place(tmp_path):
+    from support.overrides import FSDP2
+
+    dump = tmp_path / "fsdp"
+    run_training(
+        dump,
+        "--training.steps", "3",
+        *CHECKPOINT_EVERY_STEP,
+        "--averaging.ema_decay", str(EMA_DECAY),
+        "--averaging.tail_steps", "2",
+        "--averaging.tail_every", "3",
+        *FSDP2,
+        nproc=2,
+    ).check()
+    names = model_names(dump)
+    # Kept sharded: each rank wrote its own piece of every average.
+    metadata = DCPCheckpoint(step_dir(dump, 3)).metadata.state_dict_metadata
+    assert len(metadata["averaging.ema.tok_embeddings.weight"].chunks) == 2
+    # Elementwise on the shards: exactly the recurrence and the offline mean of the
+    # weights the run saved.
+    ema = read(step_dir(dump, 1), names)
+    for step in (2, 3):
+        weights = read(step_dir(dump, step), names)
+        ema = {n: ema[n] * EMA_DECAY + weights[n] * (1 - EMA_DECAY) for n in names}
+    stored = in_loop(dump, 3, "ema", names)
+    assert all(torch.equal(stored[n], ema[n]) for n in names)
+    tail = in_loop(dump, 3, "tail", names)
+    offline = AveragedCheckpoint([step_dir(dump, 2), step_dir(dump, 3)])
+    assert all(torch.equal(tail[n], offline.average(n)) for n in names)
