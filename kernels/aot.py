@@ -31,9 +31,11 @@ REGISTERS_PER_SM = 65536
 SMEM_PER_BLOCK = 227 * 1024
 
 # The recipe's shapes: Llama-3.1-8B's hidden size and vocabulary, and the
-# vocabulary shard of tensor parallel 8.
+# vocabulary shard of tensor parallel 8; Qwen3's head_dim (every size from
+# 0.6B to 32B and 30B-A3B), the row width of its q/k norms.
 RECIPE_HIDDEN = 4096
 RECIPE_VOCABS = (128_256, 128_256 // 8)
+RECIPE_HEAD_DIM = 128
 
 
 @dataclass(frozen=True)
@@ -90,9 +92,41 @@ def _divisible_by_16(fn, signature: dict[str, str], values: dict[str, int]) -> d
     return {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in names}
 
 
-def recipe_jobs(hidden: int = RECIPE_HIDDEN, vocabs=RECIPE_VOCABS) -> list[CompileJob]:
-    """Every kernel x constexpr variant x pointer dtypes x GPU autotune config."""
-    from kernels import cross_entropy, rmsnorm
+def recipe_jobs(
+    hidden: int = RECIPE_HIDDEN, vocabs=RECIPE_VOCABS, head_dim: int = RECIPE_HEAD_DIM
+) -> list[CompileJob]:
+    """Every kernel x constexpr variant x pointer dtypes x GPU autotune config,
+    at the hidden width and, for the q/k norms, the head_dim width."""
+    from kernels import cross_entropy
+
+    jobs = _norm_jobs(hidden)
+    if head_dim:
+        jobs += _qk_norm_jobs(head_dim)
+    ce = cross_entropy._ce_rows_kernel.fn
+    # Without TP one launch does both passes; vocabulary parallel does them apart.
+    variants = ((True, True), (True, False), (False, True))
+    for vocab, (do_lse, do_grad), config in itertools.product(
+        vocabs, variants, cross_entropy.GPU_CONFIGS
+    ):
+        sig = {
+            "LOGITS": "*fp32", "DLOGITS": "*bf16", "TARGETS": "*i64", "LSE": "*fp32",
+            "TARGET_LOGIT": "*fp32", "stride_l": "i32", "stride_dl": "i32", "M": "i32",
+            "V": "i32", "vocab_start": "i32", "ignore_index": "i32", "z_loss": "fp32",
+            "DO_LSE": "constexpr", "DO_GRAD": "constexpr",
+            "BLOCK_M": "constexpr", "BLOCK_V": "constexpr",
+        }
+        ints = {"stride_l": vocab, "stride_dl": vocab, "V": vocab, "M": 640}
+        jobs.append(CompileJob(
+            f"ce_rows[V={vocab}]", f"lse={do_lse},grad={do_grad}", config, ce, sig,
+            {"DO_LSE": do_lse, "DO_GRAD": do_grad, **config.kwargs},
+            _divisible_by_16(ce, sig, ints),
+        ))
+    return jobs
+
+
+def _norm_jobs(hidden: int) -> list[CompileJob]:
+    """The block norms (with and without the fused residual add) at ``hidden``."""
+    from kernels import rmsnorm
 
     jobs: list[CompileJob] = []
     block_n = triton.next_power_of_2(hidden)
@@ -135,24 +169,47 @@ def recipe_jobs(hidden: int = RECIPE_HIDDEN, vocabs=RECIPE_VOCABS) -> list[Compi
             {"HAS_DH": has_dh, **config.kwargs, "BLOCK_N": block_n},
             _divisible_by_16(bwd, sig, {**ints, "M": 8192, "rows_per_program": 16}),
         ))
-    ce = cross_entropy._ce_rows_kernel.fn
-    # Without TP one launch does both passes; vocabulary parallel does them apart.
-    variants = ((True, True), (True, False), (False, True))
-    for vocab, (do_lse, do_grad), config in itertools.product(
-        vocabs, variants, cross_entropy.GPU_CONFIGS
-    ):
+    return jobs
+
+
+def _qk_norm_jobs(head_dim: int) -> list[CompileJob]:
+    """Qwen3's q/k norms: rows of ``head_dim``, no residual. The query/key heads
+    come out of a bf16 GEMM in both modes; under AMP the weight stays fp32."""
+    from kernels import rmsnorm
+
+    jobs: list[CompileJob] = []
+    block_n = triton.next_power_of_2(head_dim)
+    configs = rmsnorm.configs_for_width(rmsnorm.GPU_CONFIGS, block_n)
+    fwd = rmsnorm._rms_norm_fwd_kernel.fn
+    bwd = rmsnorm._rms_norm_bwd_kernel.fn
+    # M: batch x seq x heads rows, e.g. 1 x 8192 x 32.
+    rows = 8192 * 32
+    for mode, config in itertools.product(("fsdp", "amp"), configs):
+        w = "*bf16" if mode == "fsdp" else "*fp32"
         sig = {
-            "LOGITS": "*fp32", "DLOGITS": "*bf16", "TARGETS": "*i64", "LSE": "*fp32",
-            "TARGET_LOGIT": "*fp32", "stride_l": "i32", "stride_dl": "i32", "M": "i32",
-            "V": "i32", "vocab_start": "i32", "ignore_index": "i32", "z_loss": "fp32",
-            "DO_LSE": "constexpr", "DO_GRAD": "constexpr",
-            "BLOCK_M": "constexpr", "BLOCK_V": "constexpr",
+            "X": "*bf16", "R": "*bf16", "W": w, "Y": "*bf16", "H": "*bf16",
+            "RSTD": "*fp32", "stride_x": "i32", "stride_r": "i32", "stride_y": "i32",
+            "stride_h": "i32", "M": "i32", "N": "i32", "eps": "fp32",
+            "HAS_RESIDUAL": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
         }
-        ints = {"stride_l": vocab, "stride_dl": vocab, "V": vocab, "M": 640}
+        ints = {n: head_dim for n in ("stride_x", "stride_r", "stride_y", "stride_h", "N")}
         jobs.append(CompileJob(
-            f"ce_rows[V={vocab}]", f"lse={do_lse},grad={do_grad}", config, ce, sig,
-            {"DO_LSE": do_lse, "DO_GRAD": do_grad, **config.kwargs},
-            _divisible_by_16(ce, sig, ints),
+            f"rms_norm_fwd[N={head_dim}]", f"{mode},qk_norm", config, fwd, sig,
+            {"HAS_RESIDUAL": False, **config.kwargs, "BLOCK_N": block_n},
+            _divisible_by_16(fwd, sig, {**ints, "M": rows}),
+        ))
+        sig = {
+            "DY": "*bf16", "X": "*bf16", "W": w, "RSTD": "*fp32", "DH": "*bf16",
+            "DX": "*bf16", "DW_PARTIAL": "*fp32", "stride_dy": "i32", "stride_x": "i32",
+            "stride_dh": "i32", "stride_dx": "i32", "M": "i32", "N": "i32",
+            "rows_per_program": "i32",
+            "HAS_DH": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
+        }
+        ints = {n: head_dim for n in ("stride_dy", "stride_x", "stride_dh", "stride_dx", "N")}
+        jobs.append(CompileJob(
+            f"rms_norm_bwd[N={head_dim}]", f"{mode},qk_norm", config, bwd, sig,
+            {"HAS_DH": False, **config.kwargs, "BLOCK_N": block_n},
+            _divisible_by_16(bwd, sig, {**ints, "M": rows, "rows_per_program": 512}),
         ))
     return jobs
 
