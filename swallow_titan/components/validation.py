@@ -17,7 +17,8 @@ to that rounding.
 The forward pass and the loss reduction are torchtitan's ``Validator.validate``
 (which handles TP, CP and PP), run once per set: it hands each set's loss to
 ``log_validation``, which :class:`_SetLoss` captures. With ``[kernels] loss =
-"fused_linear_ce"`` the labels go into the input dict, as in training, so the
+"fused_linear_ce"`` the labels go into the input dict, as in training
+(``data.dataloader.with_labels``), so the
 model's output layer returns the loss without materialising the logits
 (``[batch, seq_len, vocab]`` in fp32 would be about 21 GiB per rank at the
 recipe's validation shapes).
@@ -34,8 +35,7 @@ from torchtitan.components.validate import Validator
 from torchtitan.tools.logging import logger
 
 from swallow_titan.config.sections import FUSED_LOSS, DataSource, ValidationSet
-from swallow_titan.data.dataloader import Batch, held_out_batches
-from swallow_titan.components.loss import LABELS_KEY
+from swallow_titan.data.dataloader import Batch, held_out_batches, with_labels
 
 
 def set_source(validation_set: ValidationSet) -> DataSource:
@@ -133,11 +133,11 @@ class PerDomainValidator(Validator):
         # validate() moves tensors to the device by assigning into the input
         # dict: hand it copies so the cached CPU batches stay as they are.
         for inputs, labels in self._batches[self._current]:
-            inputs = dict(inputs)
             if self._labels_in_inputs:
                 # The fused output layer computes the loss from the labels.
-                inputs[LABELS_KEY] = labels
-            yield inputs, labels
+                yield with_labels(inputs, labels), labels
+            else:
+                yield dict(inputs), labels
 
     def validate(self, model_parts: list, step: int) -> None:
         begin = time.perf_counter()
