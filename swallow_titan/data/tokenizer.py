@@ -232,6 +232,13 @@ class Llama3Tokenizer(BaseTokenizer):
         for tok, idx in default_specials.items():
             if idx not in taken and tok not in specials:
                 specials[tok] = idx
+        if BOS_TOKEN not in specials or EOS_TOKEN not in specials:
+            # E.g. Qwen's tokenizer.json, whose <|endoftext|> takes Llama's BOS slot.
+            raise TokenizerFileError(
+                f"{self.path}: not a Llama 3 tokenizer ({BOS_TOKEN!r} and {EOS_TOKEN!r} "
+                "are not among its special tokens); load it with load_tokenizer, which "
+                "reads the family from the file"
+            )
         self.special_tokens = specials
         self.num_threads = num_threads
         self._encoding = tiktoken.Encoding(
