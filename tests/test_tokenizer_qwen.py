@@ -12,6 +12,7 @@ from support.vocab import (
     PARITY_TEXTS,
     QWEN3_TOKENIZER_JSON_SHA256,
     hf_ids,
+    qwen3_tokenizer,
     qwen3_tokenizer_dir,
     sample_corpus,
 )
@@ -38,7 +39,7 @@ DECOMPOSED = "か\u3099き\u3099く\u3099 cafe\u0301 A\u030a \u1100\u1161\u11a8"
 
 @pytest.fixture(scope="module")
 def ours() -> QwenTokenizer:
-    return QwenTokenizer(QWEN3_DIR)
+    return qwen3_tokenizer()
 
 
 @pytest.fixture(scope="module")
@@ -124,8 +125,9 @@ def test_the_family_is_read_from_the_file():
 
 
 def test_a_tokenizer_json_of_an_unknown_family_is_refused_naming_the_field(tmp_path):
-    spec = json.loads((QWEN3_DIR / "tokenizer.json").read_text())
-    spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] != "<|endoftext|>"]
+    # A byte-level BPE file whose added tokens name neither family's document marker.
+    spec = {"model": {"type": "BPE", "vocab": {"a": 0}, "merges": []},
+            "added_tokens": [{"id": 1, "content": "<|im_start|>", "special": True}]}
     (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
     with pytest.raises(TokenizerFileError, match=r"tokenizer\.json.*tokenizer_kind"):
         load_tokenizer(tmp_path)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from functools import lru_cache
 from pathlib import Path
 
 from support import SAMPLES
@@ -24,6 +25,15 @@ def qwen3_tokenizer_dir() -> Path | None:
     if spec is None or not spec.submodule_search_locations:
         return None
     return Path(next(iter(spec.submodule_search_locations))) / "tokenizer_files"
+
+
+@lru_cache(maxsize=1)
+def qwen3_tokenizer():
+    """The project's tokenizer on Qwen3's file, loaded once per test session
+    (call only where ``qwen3_tokenizer_dir()`` is not None)."""
+    from swallow_titan.data.tokenizer import QwenTokenizer
+
+    return QwenTokenizer(qwen3_tokenizer_dir())
 
 
 # Short texts of every domain the recipe trains on, for tokenizer parity.
