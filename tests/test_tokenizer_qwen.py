@@ -99,6 +99,13 @@ def test_every_added_token_string_stays_text_even_the_non_special_ones(ours):
         assert ours.decode(ids) == f"a{token}b"
 
 
+def test_a_lone_surrogate_is_encoded_as_the_replacement_character(ours):
+    # JSON text may hold "\\ud800"; tokenizers refuses such a str outright,
+    # which would cost the whole document.
+    assert ours.encode("a\ud800b") == ours.encode("a\ufffdb")
+    assert ours.encode_batch(["ok", "a\udfffb"]) == [ours.encode("ok"), ours.encode("a\ufffdb")]
+
+
 def test_ids_and_vocabulary_size_follow_the_released_config(ours):
     config = json.loads((QWEN3_DIR / "tokenizer_config.json").read_text())
     released = {v["content"]: int(k) for k, v in config["added_tokens_decoder"].items()}

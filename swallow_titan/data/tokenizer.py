@@ -390,11 +390,20 @@ class QwenTokenizer(BaseTokenizer):
     def encode_ordinary(self, text: str) -> list[int]:
         """Token ids of ``text`` (NFC-normalised first, as the file says);
         special-token strings are plain text here."""
-        return self._hf.encode(text, add_special_tokens=False).ids
+        try:
+            return self._hf.encode(text, add_special_tokens=False).ids
+        except TypeError:  # tokenizers refuses str holding lone surrogates
+            return self._hf.encode(_without_lone_surrogates(text), add_special_tokens=False).ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Encode many documents on tokenizers' thread pool."""
-        return [e.ids for e in self._hf.encode_batch(list(texts), add_special_tokens=False)]
+        try:
+            encodings = self._hf.encode_batch(list(texts), add_special_tokens=False)
+        except TypeError:
+            encodings = self._hf.encode_batch(
+                [_without_lone_surrogates(t) for t in texts], add_special_tokens=False
+            )
+        return [e.ids for e in encodings]
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of ``ids``; added tokens are written as their strings."""
@@ -414,6 +423,12 @@ class QwenTokenizer(BaseTokenizer):
 
     def get_vocab_size(self) -> int:
         return self.n_words
+
+
+def _without_lone_surrogates(text: str) -> str:
+    """``text`` with each lone UTF-16 surrogate (JSON can carry them, UTF-8
+    cannot) replaced by U+FFFD, as tiktoken does for Llama 3."""
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
 DocumentTokenizer = Llama3Tokenizer | QwenTokenizer
