@@ -358,19 +358,26 @@ SEAMS: tuple[Seam, ...] = (
     ),
     # ---------------------------------------------------------------- Validator
     Seam(
+        "torchtitan.components.validate.build_text_validation_dataloader",
+        "patch",
+        "swallow_titan.components.validation._validator_reads",
+        "Validator.__init__ always builds torchtitan's text dataloader through this "
+        "module-level name; while one set's Validator is constructed it returns that "
+        "set's HeldOutLoader (keyword call: job_config, dp_world_size, dp_rank, "
+        "tokenizer, infinite).",
+        params=("dp_world_size", "dp_rank", "tokenizer", "job_config", "infinite"),
+    ),
+    Seam(
         f"{_VALIDATOR}.__init__",
-        "reimplemented",
-        "swallow_titan.components.validation.PerDomainValidator.__init__",
-        "Sets what validate() reads without building torchtitan's C4 dataloader.",
-        params=("self", "job_config", "dp_world_size", "dp_rank", "tokenizer",
-                "parallel_dims", "loss_fn", "validation_context", "maybe_enable_amp",
-                "metrics_processor", "pp_schedule", "pp_has_first_stage",
-                "pp_has_last_stage"),
-        source_sha256="0a5c54e9fcae3d73",
+        "attributes",
+        "swallow_titan.components.validation.PerDomainValidator",
+        "Built through its constructor with the set's loader and loss recorder: "
+        "these must be what validate() reads.",
+        attributes=("validation_dataloader", "metrics_processor", "loss_fn"),
     ),
     Seam(
         f"{_VALIDATOR}.validate",
-        "override",
+        "private",
         "swallow_titan.components.validation.PerDomainValidator.validate",
         "Run once per set: it iterates self.validation_dataloader and reports the "
         "set's loss through metrics_processor.log_validation exactly once.",
