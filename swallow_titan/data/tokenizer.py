@@ -333,7 +333,14 @@ class QwenTokenizer(BaseTokenizer):
         super().__init__()
         from tokenizers import Tokenizer  # the runtime dependency of this family only
 
-        self.path = find_tokenizer_file(path)
+        root = Path(path)
+        self.path = root if root.is_file() else root / "tokenizer.json"
+        if self.path.suffix != ".json" or not self.path.is_file():
+            raise TokenizerFileError(
+                f"{self.path}: the qwen tokenizer reads a tokenizer.json (a file, or the "
+                "HF-style folder holding it); [model] tokenizer_kind = \"auto\" picks "
+                "the family from the files there"
+            )
         spec = _read_json(self.path)
         model = spec.get("model") or {}
         if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
