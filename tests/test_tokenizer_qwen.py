@@ -153,7 +153,7 @@ def test_the_llama3_tokenizer_refuses_qwens_file_naming_it():
 
 
 def test_the_qwen_kind_on_a_tiktoken_file_is_refused_naming_it():
-    with pytest.raises(TokenizerFileError, match=r"tokenizer\.model: the qwen tokenizer reads a tokenizer\.json"):
+    with pytest.raises(TokenizerFileError, match=r"tokenizer\.model: the qwen tokenizer reads"):
         load_tokenizer(TINY_TOKENIZER_DIR / "tokenizer.model", kind="qwen")
     with pytest.raises(TokenizerFileError, match=r"tokenizer\.json: the qwen tokenizer"):
         load_tokenizer(TINY_TOKENIZER_DIR, kind="qwen")  # a folder without tokenizer.json
