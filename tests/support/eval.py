@@ -45,3 +45,38 @@ def write_hf_tokenizer(folder: Path, tokenizer_model: Path) -> None:
         eos_token="<|end_of_text|>",
     )
     fast.save_pretrained(folder)
+
+
+class SuccessorModel:
+    """A language model whose answers are known: after token t it predicts ``successor[t]``.
+
+    Its logits are ``scale`` at ``successor[t]`` and 0 elsewhere, so the
+    log-probability of the predicted token is ``scale - log(e^scale + V - 1)``
+    (:meth:`logprob`) and greedy decoding follows ``successor`` from the
+    last prompt token. ``calls`` records each forward batch's shape, the work
+    the adapter asked for. (A plain callable, not a module: the adapter only
+    calls ``ModelRunner.forward``.)
+    """
+
+    def __init__(self, vocab_size: int, scale: float = 10.0):
+        import torch
+
+        self.vocab_size = vocab_size
+        self.scale = scale
+        self.successor = (torch.arange(vocab_size) + 1) % vocab_size
+        self.calls: list[tuple[int, int]] = []
+
+    def __call__(self, tokens):
+        import torch
+
+        self.calls.append(tuple(tokens.shape))
+        logits = torch.zeros(*tokens.shape, self.vocab_size)
+        logits.scatter_(-1, self.successor[tokens].unsqueeze(-1), self.scale)
+        return logits
+
+    def logprob(self, hit: bool = True) -> float:
+        """Log-probability of the predicted token (``hit``) or of any other one."""
+        import math
+
+        lse = math.log(math.exp(self.scale) + self.vocab_size - 1)
+        return (self.scale if hit else 0.0) - lse
