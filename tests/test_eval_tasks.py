@@ -7,14 +7,12 @@ file through a group's overrides.
 from __future__ import annotations
 
 import json
-import re
-from pathlib import Path
 
 import pytest
 import torch
 
 from support import REPO, tiny_tokenizer
-from support.eval import EVAL_TASKS, MC_TASK, QA_TASK, SuccessorModel
+from support.eval import EVAL_TASKS, MC_TASK, QA_TASK, SuccessorModel, own_copy
 
 pytest.importorskip("lm_eval")
 
@@ -29,19 +27,6 @@ from swallow_titan.eval.tasks import (  # noqa: E402
     task_manager,
 )
 from swallow_titan.evaluate import EvalOptions  # noqa: E402
-
-
-def own_copy(folder: Path, task: str, new_name: str) -> Path:
-    """A shipped task under a new name, reading copies of its data files in ``folder``."""
-    yaml = (EVAL_TASKS / f"{task}.yaml").read_text(encoding="utf-8")
-    yaml = yaml.replace(f"task: {task}", f"task: {new_name}")
-    for split in ("train", "test"):
-        source = re.search(rf"{split}: (\S+)", yaml).group(1)
-        copy = folder / f"{new_name}_{split}.jsonl"
-        copy.write_bytes((REPO / source).read_bytes())
-        yaml = yaml.replace(f"{split}: {source}", f"{split}: {copy}")
-    (folder / f"{new_name}.yaml").write_text(yaml, encoding="utf-8")
-    return folder / f"{new_name}_test.jsonl"
 
 
 def test_an_evaluation_reuses_the_tasks_built_at_start_up(tmp_path):

@@ -222,20 +222,24 @@ class SwallowLM(TemplateLM):
             indices = mine[b] if b < len(mine) else []
             rows = [windows[i][0][:-1] for i in indices] or [[self.prefix_token_id]]
             logits = self._forward(rows)
-            self._held.run(lambda: results.extend(self._score(logits, indices, windows)))
+            # Collectives (a vocabulary-sharded output is gathered): on every rank, always.
+            pieces = [
+                _rows(logits, row, len(windows[i][0]) - 1 - windows[i][1], len(windows[i][0]) - 1)
+                for row, i in enumerate(indices)
+            ]
+            self._held.run(lambda: results.extend(self._score(pieces, indices, windows)))
         merged = self._exchange(results)
         return [merged[i] if n > 0 else (0.0, True) for i, (_, n) in enumerate(windows)]
 
     def _score(
-        self, logits: Any, indices: list[int], windows: list[tuple[list[int], int]]
+        self, pieces: list[torch.Tensor], indices: list[int], windows: list[tuple[list[int], int]]
     ) -> list[tuple[int, tuple[float, bool]]]:
-        """(request index, (log-likelihood, greedy)) of one batch's rows."""
+        """(request index, (log-likelihood, greedy)) of one batch's rows, from their scored logits."""
         self._check_injected_failure()
         out = []
-        for row, i in enumerate(indices):
+        for piece, i in zip(pieces, indices, strict=True):
             whole, n = windows[i]
-            end = len(whole) - 1
-            logprobs = F.log_softmax(_rows(logits, row, end - n, end), dim=-1)
+            logprobs = F.log_softmax(piece, dim=-1)
             target = torch.tensor(whole[-n:], device=logprobs.device)
             picked = logprobs.gather(-1, target[:, None]).squeeze(-1)
             greedy = bool((logprobs.argmax(dim=-1) == target).all())
@@ -317,12 +321,11 @@ class SwallowLM(TemplateLM):
                 i = pending.pop(0)
                 active.append((i, list(jobs[i][0]), []))
 
-        def step(logits: Any) -> None:
+        def step(last: list[torch.Tensor]) -> None:
             self._check_injected_failure()
             still = []
-            for r, (i, row, generated) in enumerate(active):
-                last = len(row) - 1
-                token = int(_rows(logits, r, last, last + 1)[0].argmax())
+            for (i, row, generated), scores in zip(active, last, strict=True):
+                token = int(scores[0].argmax())
                 row.append(token)
                 generated.append(token)
                 if self._row_done(generated, jobs[i]):
@@ -336,7 +339,9 @@ class SwallowLM(TemplateLM):
             if not self._held.sync(int(bool(active)), self.runner.device):
                 break
             logits = self._forward([row for _, row, _ in active] or [[self.prefix_token_id]])
-            self._held.run(lambda: step(logits))
+            # Collectives (a vocabulary-sharded output is gathered): on every rank, always.
+            last = [_rows(logits, r, len(row) - 1, len(row)) for r, (_, row, _) in enumerate(active)]
+            self._held.run(lambda: step(last))
         return results
 
     def _row_done(self, generated: list[int], job: tuple[list[int], list[str], int]) -> bool:

@@ -9,10 +9,11 @@ prevents it:
   *sync point*: one all-reduce (MAX) of ``[value, failed]``
   (:func:`sync`). The adapter starts every request type, every decoding
   step and every exchange of results with one.
-- A failure in work between two sync points that is local to a rank (reading
-  logits, decoding) is held and reported at the next sync point, so the rank
-  keeps running the same collectives as the others until then
-  (:class:`HeldFailure`).
+- A failure in work between two sync points that is local to a rank (scoring
+  logits already gathered, decoding) is held and reported at the next sync
+  point, so the rank keeps running the same collectives as the others until
+  then (:class:`HeldFailure`). Held work must run no collective itself: the
+  adapter gathers vocabulary-sharded logits before it, on every rank.
 - A failure anywhere else (lm-eval building requests, computing metrics, a
   dataset) ends ``run`` on that rank; :func:`run_together` then sends one
   ``failed`` sync, which meets the sync point the other ranks wait at. Every

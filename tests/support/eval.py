@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from support import REPO
@@ -9,6 +10,22 @@ from support import REPO
 EVAL_TASKS = REPO / "assets" / "eval_tasks"
 MC_TASK = "swallow_ja_mc_sample"  # multiple choice, 12 examples, acc / acc_norm
 QA_TASK = "swallow_ja_qa_sample"  # short-answer generation, 8 examples, exact match
+
+
+def own_copy(folder: Path, task: str, new_name: str) -> Path:
+    """A shipped task as ``new_name`` in ``folder``, reading copies of its data files there.
+
+    Returns the copy of its test split (a test may delete it).
+    """
+    yaml = (EVAL_TASKS / f"{task}.yaml").read_text(encoding="utf-8")
+    yaml = yaml.replace(f"task: {task}", f"task: {new_name}")
+    for split in ("train", "test"):
+        source = re.search(rf"{split}: (\S+)", yaml).group(1)
+        copy = folder / f"{new_name}_{split}.jsonl"
+        copy.write_bytes((REPO / source).read_bytes())
+        yaml = yaml.replace(f"{split}: {source}", f"{split}: {copy}")
+    (folder / f"{new_name}.yaml").write_text(yaml, encoding="utf-8")
+    return folder / f"{new_name}_test.jsonl"
 
 
 def write_hf_tokenizer(folder: Path, tokenizer_model: Path) -> None:
