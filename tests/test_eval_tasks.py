@@ -111,3 +111,19 @@ def test_group_members_reads_every_form_of_a_task_list():
     assert group_members(members) == ["plain", "with_overrides", "referenced", "deep", "deeper"]
     assert group_members("single") == ["single"]
     assert group_members(None) == []
+
+
+def test_flattened_results_keep_numbers_and_filters_and_drop_errors_and_aliases():
+    from swallow_titan.eval.tasks import flatten_results
+
+    results = {
+        "group": {"alias": "group", "acc,none": 0.25, "acc_stderr,none": 0.01, " ": " "},
+        "task": {
+            "exact_match,strict-match": 1, "exact_match_stderr,strict-match": 0.5,
+            "sample_len": 4, "flag,none": True, "note,none": "N/A",
+        },
+    }
+    assert flatten_results(results) == {
+        "eval/group/acc": 0.25,
+        "eval/task/exact_match_strict-match": 1.0,
+    }
