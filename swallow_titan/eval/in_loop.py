@@ -36,10 +36,8 @@ from swallow_titan.config.paths import RunPaths
 from swallow_titan.eval.adapter import ModelRunner, SwallowLM
 from swallow_titan.eval.lockstep import run_together
 from swallow_titan.eval.tasks import built_tasks, flatten_results, task_manager
+from swallow_titan.hf.training_log import EVAL_TIME_TAG
 from swallow_titan.runtime.ranks import process_rank
-
-# The run-log scalar every logged evaluation has.
-EVAL_TIME = "eval/time_s"
 
 
 def lm_eval_limit(limit: float) -> int | float | None:
@@ -152,7 +150,7 @@ class InLoopEvaluator:
         if self.trainer.metrics_processor.run_log is None:
             return False
         path = RunPaths.of(self.trainer.job_config).metrics_log
-        return not any(r["step"] == step and EVAL_TIME in r for r in read_run_log(path))
+        return not any(r["step"] == step and EVAL_TIME_TAG in r for r in read_run_log(path))
 
     def evaluate(self, step: int) -> dict[str, Any] | None:
         """Evaluate now; returns simple_evaluate's ``results``, or None if it failed (logged).
