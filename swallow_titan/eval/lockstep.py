@@ -33,6 +33,7 @@ from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+from torchtitan.tools.logging import logger
 
 T = TypeVar("T")
 
@@ -107,6 +108,8 @@ def run_together(run: Callable[[], T], device: torch.device) -> tuple[T | None, 
         except EvaluationAborted:
             pass
     mine = None if error is None else f"{type(error).__name__}: {error}"
+    if error is not None:  # where it happened, in this rank's own log
+        logger.error("[eval] this rank's evaluation failed", exc_info=error)
     if not world():
         return None, [f"rank 0: {mine}"]
     everyone: list[Any] = [None] * dist.get_world_size()
