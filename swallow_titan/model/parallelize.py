@@ -1,6 +1,7 @@
 """Apply torchtitan's parallelisms to the model, plus what CPU training needs.
 
-torchtitan's ``parallelize_llama`` applies tensor parallel, activation
+Each model family uses torchtitan's own recipe (``parallelize_llama``,
+``parallelize_qwen3``). torchtitan's ``parallelize_llama`` applies tensor parallel, activation
 checkpointing, torch.compile and FSDP2/HSDP as the TOML asks. It also sets
 FSDP's gradient divide factor to 1 (the loss is already normalised by the
 global token count), and FSDP then reduces gradients with
@@ -15,6 +16,7 @@ import torch.nn as nn
 from torch.distributed.fsdp import FSDPModule
 from torchtitan.distributed import ParallelDims
 from torchtitan.models.llama3.infra.parallelize import parallelize_llama
+from torchtitan.models.qwen3 import parallelize_qwen3
 
 
 def uses_gloo() -> bool:
@@ -39,6 +41,17 @@ def parallelize_swallow(
 ) -> nn.Module:
     """TrainSpec ``parallelize_fn``: torchtitan's llama3 recipe, gloo-safe."""
     model = parallelize_llama(model, parallel_dims, job_config)
+    if parallel_dims.fsdp_enabled and uses_gloo():
+        force_sum_reduction(model)
+    return model
+
+
+def parallelize_swallow_qwen3(
+    model: nn.Module, parallel_dims: ParallelDims, job_config
+) -> nn.Module:
+    """TrainSpec ``parallelize_fn`` of Qwen3: torchtitan's qwen3 recipe (TP, EP,
+    AC, compile, FSDP2), gloo-safe."""
+    model = parallelize_qwen3(model, parallel_dims, job_config)
     if parallel_dims.fsdp_enabled and uses_gloo():
         force_sum_reduction(model)
     return model
