@@ -20,7 +20,7 @@ from typing import Any
 from torchtitan.models.moe import MoEArgs
 
 from swallow_titan.hf.config import HFConfigError, require_field, rope_settings
-from swallow_titan.model.qwen3 import SwallowQwen3ModelArgs
+from swallow_titan.model.qwen3 import GROUPED_MM_AVAILABLE, SwallowQwen3ModelArgs
 
 DENSE_MODEL_TYPE = "qwen3"
 MOE_MODEL_TYPE = "qwen3_moe"
@@ -143,6 +143,7 @@ def qwen3_args_from_hf_config(config: dict[str, Any], source: str) -> SwallowQwe
             route_norm=bool(config.get("norm_topk_prob", False)),
             route_scale=1.0,
             score_before_experts=False,
+            use_grouped_mm=GROUPED_MM_AVAILABLE,
         )
         args.router_aux_loss_coef = float(
             config.get("router_aux_loss_coef", QWEN3_DEFAULT_AUX_LOSS_COEF)

@@ -35,6 +35,10 @@ from swallow_titan.model.state import model_state, set_model_state
 _IGNORED_HF_TENSOR = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 
 
+# torchtitan's MoE buffer of auxiliary-loss-free load balancing (per layer).
+EXPERT_BIAS = "moe.expert_bias"
+
+
 class HFWeightsError(ValueError):
     """An HF weights folder that does not hold the model's tensors."""
 
@@ -78,6 +82,21 @@ def _hf_tensors_by_native(args: Any) -> dict[str, dict[str, tuple[int, ...]]]:
             for hf, t in adapter.to_hf({name: torch.empty(shape, device="meta")}).items()
         }
         for name, shape in native_tensor_shapes(args).items()
+    }
+
+
+def state_not_in_hf(args: Any) -> dict[str, torch.Tensor]:
+    """The model state HF does not store, at its initial value: the MoE expert
+    bias of auxiliary-loss-free balancing (zero at the start of training).
+
+    A converted checkpoint holds it, so a run started from it finds every
+    entry its model has.
+    """
+    stored = hf_names(args)
+    return {
+        name: torch.zeros(shape)
+        for name, shape in native_tensor_shapes(args).items()
+        if name not in stored and name.endswith(EXPERT_BIAS)
     }
 
 

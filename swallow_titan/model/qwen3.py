@@ -26,6 +26,11 @@ from swallow_titan.config.sections import AUX_LOSS, AUX_LOSS_FREE
 from swallow_titan.model.args import TINY_VOCAB_SIZE
 
 
+# torch._grouped_mm computes in bf16 and needs 16-byte-aligned groups (CUDA);
+# on CPU the experts run torchtitan's per-expert loop in the model's dtype.
+GROUPED_MM_AVAILABLE = device_type == "cuda"
+
+
 @dataclass
 class SwallowQwen3ModelArgs(Qwen3ModelArgs):
     """torchtitan's Qwen3 arguments, updated from swallow-titan's ``[model]`` and ``[moe]``."""
@@ -47,15 +52,15 @@ class SwallowQwen3ModelArgs(Qwen3ModelArgs):
             moe.bias_update_rate if moe.load_balance == AUX_LOSS_FREE else None
         )
         self.router_aux_loss_coef = moe.aux_loss_coef if moe.load_balance == AUX_LOSS else 0.0
-        # torch._grouped_mm computes in bf16 and needs 16-byte-aligned groups;
-        # on CPU the experts run torchtitan's per-expert loop in the model dtype.
-        self.moe_args.use_grouped_mm = moe.grouped_mm and device_type == "cuda"
+        self.moe_args.use_grouped_mm = moe.grouped_mm and GROUPED_MM_AVAILABLE
 
 
 def _ours(args: Qwen3ModelArgs, **overrides) -> SwallowQwen3ModelArgs:
     """torchtitan's flavor as ``SwallowQwen3ModelArgs`` (a deep copy), changed by ``overrides``."""
     values = {f.name: copy.deepcopy(getattr(args, f.name)) for f in fields(Qwen3ModelArgs)}
-    return replace(SwallowQwen3ModelArgs(**values), **overrides)
+    ours = replace(SwallowQwen3ModelArgs(**values), **overrides)
+    ours.moe_args.use_grouped_mm = GROUPED_MM_AVAILABLE
+    return ours
 
 
 # Qwen3's tied embeddings, q/k norm, GQA and decoupled head_dim, small enough

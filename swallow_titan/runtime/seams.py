@@ -84,6 +84,14 @@ SEAMS: tuple[Seam, ...] = (
         "components.metrics copy it by name at import, after the patch.",
     ),
     Seam(
+        "torch.histc",
+        "patch",
+        "swallow_titan.runtime.seams.select_device",
+        "On CPU wrapped by device.integer_histc_on_cpu: torchtitan's MoE router and "
+        "reorderer (torchtitan.models.moe.moe) histogram int64 expert indices, which "
+        "only CUDA's histc takes.",
+    ),
+    Seam(
         "torchtitan.tools.utils.device_type",
         "private",
         "swallow_titan.runtime.seams.select_device",
@@ -533,7 +541,11 @@ def select_device() -> str:
     Idempotent. Raises if torchtitan was imported earlier on a CPU-only machine,
     because its device choice can no longer be changed then.
     """
-    from swallow_titan.runtime.device import CpuDeviceModule, gpu_available
+    from swallow_titan.runtime.device import (
+        CpuDeviceModule,
+        gpu_available,
+        integer_histc_on_cpu,
+    )
 
     if gpu_available():
         return torch._utils._get_available_device_type()
@@ -551,6 +563,8 @@ def select_device() -> str:
     # Modules importing `device_module` by name do so later, and get this one.
     if not isinstance(titan_utils.device_module, CpuDeviceModule):
         titan_utils.device_module = CpuDeviceModule()
+    if not hasattr(torch.histc, "__wrapped_histc__"):
+        torch.histc = integer_histc_on_cpu(torch.histc)
     return "cpu"
 
 
