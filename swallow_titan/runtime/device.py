@@ -179,6 +179,12 @@ DEVICE_SEAMS: tuple[DeviceSeam, ...] = (
         shim=True,
     ),
     DeviceSeam(
+        "swallow_titan/model/qwen3.py: GROUPED_MM_AVAILABLE",
+        "MoE experts run torchtitan's per-expert loop in the model dtype",
+        "torch._grouped_mm in bf16 unless [moe] grouped_mm = false",
+        shim=False,
+    ),
+    DeviceSeam(
         "swallow_titan/runtime/device.py: default_ngpu",
         "1 process per node",
         "one process per visible GPU",
