@@ -21,13 +21,12 @@ from torchtitan.components.optimizer import (
 )
 from torchtitan.distributed.pipeline_parallel import pipeline_llm
 from torchtitan.models.llama3.model.state_dict_adapter import Llama3StateDictAdapter
-from torchtitan.models.qwen3 import Qwen3Model
 from torchtitan.models.qwen3.model.state_dict_adapter import Qwen3StateDictAdapter
 
 from swallow_titan.config.sections import MODEL_NAME, MODEL_NAMES, QWEN3_MODEL_NAME
 from swallow_titan.model.args import FLAVORS, SwallowModelArgs
 from swallow_titan.model.parallelize import parallelize_swallow, parallelize_swallow_qwen3
-from swallow_titan.model.qwen3 import QWEN3_FLAVORS, SwallowQwen3ModelArgs
+from swallow_titan.model.qwen3 import QWEN3_FLAVORS, SwallowQwen3Model, SwallowQwen3ModelArgs
 from swallow_titan.model.transformer import SwallowTransformer
 
 
@@ -66,7 +65,7 @@ QWEN3 = ModelFamily(
     label="Qwen3",
     args_cls=SwallowQwen3ModelArgs,
     flavors=QWEN3_FLAVORS,
-    model_cls=Qwen3Model,
+    model_cls=SwallowQwen3Model,
     state_dict_adapter=Qwen3StateDictAdapter,
     parallelize_fn=parallelize_swallow_qwen3,
     # As torchtitan's own qwen3 TrainSpec: no pipeline parallelism.

@@ -17,6 +17,9 @@ from torch.distributed.fsdp import FSDPModule
 from torchtitan.distributed import ParallelDims
 from torchtitan.models.llama3.infra.parallelize import parallelize_llama
 from torchtitan.models.qwen3 import parallelize_qwen3
+from torchtitan.tools.utils import device_type
+
+from swallow_titan.runtime.seams import use_cpu_expert_permutation
 
 
 def uses_gloo() -> bool:
@@ -51,6 +54,8 @@ def parallelize_swallow_qwen3(
 ) -> nn.Module:
     """TrainSpec ``parallelize_fn`` of Qwen3: torchtitan's qwen3 recipe (TP, EP,
     AC, compile, FSDP2), gloo-safe."""
+    if parallel_dims.ep_enabled and device_type == "cpu":
+        use_cpu_expert_permutation()
     model = parallelize_qwen3(model, parallel_dims, job_config)
     if parallel_dims.fsdp_enabled and uses_gloo():
         force_sum_reduction(model)

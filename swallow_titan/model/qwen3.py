@@ -16,11 +16,15 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, fields, replace
 
+import torch
+import torch.nn.functional as F
 from torchtitan.models.moe import MoEArgs
-from torchtitan.models.qwen3 import Qwen3ModelArgs, qwen3_args
+from torchtitan.models.qwen3 import Qwen3Model, Qwen3ModelArgs, qwen3_args
 from torchtitan.tools.utils import device_type
 
+from swallow_titan.config.checks import global_batch_sequences, resolve_layout
 from swallow_titan.config.sections import AUX_LOSS, AUX_LOSS_FREE
+from swallow_titan.runtime.ranks import job_world_size
 
 # The vocabulary of the tiny tokenizer in assets/tokenizer (see model.args).
 from swallow_titan.model.args import TINY_VOCAB_SIZE
@@ -39,6 +43,10 @@ class SwallowQwen3ModelArgs(Qwen3ModelArgs):
     """Coefficient of the MoE auxiliary load-balancing loss (HF's
     ``router_aux_loss_coef``); 0 when ``[moe] load_balance`` is not "aux_loss"."""
 
+    aux_loss_weight: float = 0.0
+    """``router_aux_loss_coef`` x local batch / global batch: the weight of one
+    micro-batch's auxiliary loss in the step's gradient (see SwallowQwen3Model)."""
+
     def update_from_config(self, job_config, **kwargs) -> None:
         super().update_from_config(job_config, **kwargs)
         self.attn_type = job_config.model.attn_type
@@ -52,6 +60,12 @@ class SwallowQwen3ModelArgs(Qwen3ModelArgs):
             moe.bias_update_rate if moe.load_balance == AUX_LOSS_FREE else None
         )
         self.router_aux_loss_coef = moe.aux_loss_coef if moe.load_balance == AUX_LOSS else 0.0
+        layout = resolve_layout(job_config, job_world_size(), job_config.job.config_file or "")
+        self.aux_loss_weight = (
+            self.router_aux_loss_coef
+            * job_config.training.local_batch_size
+            / global_batch_sequences(job_config, layout)
+        )
         self.moe_args.use_grouped_mm = moe.grouped_mm and GROUPED_MM_AVAILABLE
 
 
@@ -97,3 +111,90 @@ QWEN3_FLAVORS["tiny_moe"] = _ours(
         score_before_experts=False,
     ),
 )
+
+
+class _AddAuxiliaryGradient(torch.autograd.Function):
+    """Identity on ``x`` whose backward also sends gradient ``weight`` into ``aux``.
+
+    The auxiliary loss enters training through its gradient only, so the
+    model's output and torchtitan's loss (and train/loss) stay the
+    cross-entropy; ``weight`` is the coefficient scaled to this micro-batch's
+    share of the step (see :class:`SwallowQwen3Model`).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, aux: torch.Tensor, weight: float) -> torch.Tensor:
+        ctx.aux_shape, ctx.aux_dtype, ctx.weight = aux.shape, aux.dtype, weight
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        aux_grad = torch.full(ctx.aux_shape, ctx.weight, dtype=ctx.aux_dtype, device=grad.device)
+        return grad, aux_grad, None
+
+
+def load_balancing_loss(router_logits: list[torch.Tensor], top_k: int) -> torch.Tensor:
+    """Qwen3-MoE's auxiliary loss (transformers' ``load_balancing_loss_func``).
+
+    Over the tokens of all MoE layers together: ``num_experts x sum over
+    experts of (share of routed slots) x (mean router probability)``, summed
+    over the ``top_k`` slots; ``top_k`` when routing is uniform. ``router_logits``: one ``[tokens, num_experts]`` tensor
+    per layer.
+    """
+    logits = torch.cat(router_logits, dim=0).float()
+    probs = torch.softmax(logits, dim=-1)
+    num_experts = probs.shape[-1]
+    _, selected = torch.topk(probs, top_k, dim=-1)
+    slots = F.one_hot(selected, num_experts).float().mean(dim=0)  # [top_k, experts]
+    return num_experts * (slots * probs.mean(dim=0)).sum()
+
+
+class SwallowQwen3Model(Qwen3Model):
+    """torchtitan's ``Qwen3Model``, plus Qwen3-MoE's auxiliary load-balancing loss.
+
+    With ``router_aux_loss_coef > 0`` (``[moe] load_balance = "aux_loss"``), a
+    training forward collects every MoE router's logits (forward hooks on the
+    routers' gates, so torchtitan's modules run unchanged) and, in the last MoE
+    layer's output, attaches the gradient of ``aux_loss_weight x`` the loss of
+    :func:`load_balancing_loss`. ``aux_loss_weight`` is the coefficient times
+    this micro-batch's share of the step's sequences (local batch / global
+    batch): gradient accumulation and FSDP's summed reduction then add up to
+    the coefficient times the mean auxiliary loss, as HF's Qwen3-MoE trains.
+    :meth:`take_aux_loss` returns the mean auxiliary loss since the last call,
+    for the run log. Otherwise the model is exactly torchtitan's.
+    """
+
+    def __init__(self, model_args: Qwen3ModelArgs):
+        super().__init__(model_args)
+        self._router_logits: list[torch.Tensor] = []
+        self._aux_sum = 0.0
+        self._aux_count = 0
+        weight = getattr(model_args, "aux_loss_weight", 0.0)
+        self._aux_weight = weight
+        if not (model_args.moe_enabled and weight > 0):
+            return
+        moe_layers = [layer.moe for layer in self.layers.values()]
+        for moe in moe_layers:
+            moe.router.gate.register_forward_hook(self._keep_router_logits)
+        moe_layers[-1].register_forward_hook(self._attach_aux_loss)
+
+    def _keep_router_logits(self, module, inputs, logits: torch.Tensor) -> None:
+        if self.training and torch.is_grad_enabled():
+            self._router_logits.append(logits)
+
+    def _attach_aux_loss(self, module, inputs, output: torch.Tensor) -> torch.Tensor | None:
+        logits, self._router_logits = self._router_logits, []
+        if not logits:  # eval, no_grad, or the recomputation of activation checkpointing
+            return None
+        aux = load_balancing_loss(logits, self.model_args.moe_args.top_k)
+        self._aux_sum += aux.detach().item()
+        self._aux_count += 1
+        return _AddAuxiliaryGradient.apply(output, aux, self._aux_weight)
+
+    def take_aux_loss(self) -> float | None:
+        """Mean auxiliary loss of the training forwards since the last call (None: none)."""
+        if not self._aux_count:
+            return None
+        mean = self._aux_sum / self._aux_count
+        self._aux_sum, self._aux_count = 0.0, 0
+        return mean

@@ -179,6 +179,13 @@ DEVICE_SEAMS: tuple[DeviceSeam, ...] = (
         shim=True,
     ),
     DeviceSeam(
+        "swallow_titan/model/parallelize.py: parallelize_swallow_qwen3",
+        "expert parallelism permutes tokens with torchtitan's CPU index fill "
+        "(seams.use_cpu_expert_permutation)",
+        "torchtitan's Triton index-fill kernel",
+        shim=True,
+    ),
+    DeviceSeam(
         "swallow_titan/model/qwen3.py: GROUPED_MM_AVAILABLE",
         "MoE experts run torchtitan's per-expert loop in the model dtype",
         "torch._grouped_mm in bf16 unless [moe] grouped_mm = false",

@@ -25,6 +25,7 @@ that behaves differently on CPU and CUDA is listed in
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import inspect
@@ -90,6 +91,21 @@ SEAMS: tuple[Seam, ...] = (
         "On CPU wrapped by device.integer_histc_on_cpu: torchtitan's MoE router and "
         "reorderer (torchtitan.models.moe.moe) histogram int64 expert indices, which "
         "only CUDA's histc takes.",
+    ),
+    Seam(
+        "torchtitan.models.moe.utils.generate_permute_indices",
+        "patch",
+        "swallow_titan.runtime.seams.use_cpu_expert_permutation",
+        "Expert parallelism on CPU: torchtitan's _permute calls it without use_cpu "
+        "(a Triton GPU kernel); it is replaced by itself with use_cpu=True.",
+        params=(
+            "tokens_per_expert_group",
+            "experts_per_rank",
+            "num_ranks",
+            "max_len",
+            "alignment",
+            "use_cpu",
+        ),
     ),
     Seam(
         "torchtitan.tools.utils.device_type",
@@ -566,6 +582,21 @@ def select_device() -> str:
     if not hasattr(torch.histc, "__wrapped_histc__"):
         torch.histc = integer_histc_on_cpu(torch.histc)
     return "cpu"
+
+
+def use_cpu_expert_permutation() -> None:
+    """Make torchtitan's expert-parallel token permutation run on CPU.
+
+    ``torchtitan.models.moe.utils._permute`` calls ``generate_permute_indices``
+    without ``use_cpu``, which launches a Triton GPU kernel; torchtitan ships
+    the exact CPU implementation behind ``use_cpu=True``. Called by the Qwen3
+    parallelisation when expert parallelism runs without a GPU. Idempotent.
+    """
+    import torchtitan.models.moe.utils as moe_utils
+
+    current = moe_utils.generate_permute_indices
+    if not isinstance(current, functools.partial):
+        moe_utils.generate_permute_indices = functools.partial(current, use_cpu=True)
 
 
 def use_cpu_profiler_in_stock_trainer() -> None:
