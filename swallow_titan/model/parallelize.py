@@ -49,14 +49,57 @@ def parallelize_swallow(
     return model
 
 
+class _SumGradientOverGroup(torch.autograd.Function):
+    """Identity whose backward all-reduces (sums) the gradient over a process group."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous()
+        torch.distributed.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def sum_router_gradients_over_tp(model: nn.Module, tp_mesh) -> int:
+    """Make every MoE router's gradient the sum over the tensor-parallel ranks.
+
+    torchtitan 0.2.2 replicates the router gate over TP (``NoParallel``) and
+    returns its output as a local tensor marked replicated; but each TP rank
+    computes only part of the gradient of the routing scores (its experts'
+    shard, or its share of the tokens), so the gate's gradient is never summed
+    and the gate drifts apart on the TP ranks. Upstream fixed this in
+    NoParallel's output (``to_local(grad_placements=(Partial(),))``, torchtitan
+    issue #2387 / PR #2416; the "TP gradients below the experts" class of
+    PR #4054). Here a forward hook on each gate, run after torchtitan's, sums
+    the gradient of its local output over the TP group, which is what that
+    Partial placement makes DTensor do. Returns how many gates it hooked.
+    """
+    group = tp_mesh.get_group()
+    count = 0
+    for block in model.layers.values():
+        if getattr(block, "moe_enabled", False):
+            block.moe.router.gate.register_forward_hook(
+                lambda module, inputs, output: _SumGradientOverGroup.apply(output, group)
+            )
+            count += 1
+    return count
+
+
 def parallelize_swallow_qwen3(
     model: nn.Module, parallel_dims: ParallelDims, job_config
 ) -> nn.Module:
     """TrainSpec ``parallelize_fn`` of Qwen3: torchtitan's qwen3 recipe (TP, EP,
-    AC, compile, FSDP2), gloo-safe."""
+    AC, compile, FSDP2), gloo-safe, with the MoE router's TP gradient summed
+    (:func:`sum_router_gradients_over_tp`)."""
     if parallel_dims.ep_enabled and device_type == "cpu":
         use_cpu_expert_permutation()
     model = parallelize_qwen3(model, parallel_dims, job_config)
+    if parallel_dims.tp_enabled:
+        sum_router_gradients_over_tp(model, parallel_dims.get_mesh("tp"))
     if parallel_dims.fsdp_enabled and uses_gloo():
         force_sum_reduction(model)
     return model

@@ -107,6 +107,38 @@ SEAMS: tuple[Seam, ...] = (
             "use_cpu",
         ),
     ),
+    # ------------------------------------------------------------ Qwen3 / MoE
+    Seam(
+        "torchtitan.models.qwen3.get_train_spec",
+        "private",
+        "swallow_titan.model.family.QWEN3",
+        "Upstream PR #3666: 0.2.2's qwen3 spec builds plain optimizers, so the MoE "
+        "expert-bias hook is never registered; our Qwen3 family uses "
+        "build_optimizers_with_moe_load_balancing. Pinned: when upstream's spec "
+        "changes, check whether the fix landed and drop ours.",
+        source_sha256="a15b16299b24cd61",
+    ),
+    Seam(
+        "torchtitan.distributed.NoParallel._prepare_output_fn",
+        "private",
+        "swallow_titan.model.parallelize.sum_router_gradients_over_tp",
+        "Upstream issue #2387 / PR #2416: the router gate's output is made local "
+        "without Partial grad placements, so its TP gradient is never summed; our "
+        "hook sums it. Pinned: when this changes, check (tests/moe_tp_checks.py "
+        "says so) whether the fix landed and drop ours.",
+        source_sha256="2a50c745a0baa6a3",
+    ),
+    Seam(
+        "torchtitan.models.moe.moe.MoE.forward",
+        "private",
+        "swallow_titan.components.moe_metrics.ExpertLoadMeter, "
+        "swallow_titan.model.qwen3.SwallowQwen3Model",
+        "We read MoE.tokens_per_expert / load_balance_coeff / expert_bias and hook "
+        "router.gate's output (the logits, for the auxiliary loss) as this forward "
+        "uses them. Pinned: re-check those names and that the gate's output is "
+        "still the raw logits when it changes.",
+        source_sha256="cd182b383f69db58",
+    ),
     Seam(
         "torchtitan.tools.utils.device_type",
         "private",
