@@ -167,6 +167,23 @@ def _check_qwen3(config, args: Any, layout: Layout, source: str) -> None:
             "parallelism.pipeline_parallel_degree",
             f"{layout.pp}: torchtitan's Qwen3 model has no pipeline split; use 1",
         )
+    if layout.tp > 1 and config.data.reset_position_ids:
+        raise config_error(
+            source,
+            "data.reset_position_ids",
+            "true with tensor_parallel_degree > 1: torchtitan 0.2.2's Qwen3 TP plan "
+            "leaves per-document positions unsharded and its RoPE lookup fails on them; "
+            "use false (or tensor_parallel_degree = 1)",
+        )
+    from swallow_titan import DEVICE_TYPE
+
+    if layout.tp > 1 and DEVICE_TYPE == "cpu":
+        raise config_error(
+            source,
+            "parallelism.tensor_parallel_degree",
+            f"{layout.tp}: Qwen3's TP attention runs SDPA on DTensors, and torch has no "
+            "DTensor rule for the CPU kernel; TP for Qwen3 needs a GPU",
+        )
     ep = config.parallelism.expert_parallel_degree
     if ep > 1 and not is_moe(args):
         raise config_error(

@@ -89,6 +89,45 @@ def sum_router_gradients_over_tp(model: nn.Module, tp_mesh) -> int:
     return count
 
 
+def _detach_tied_ends(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """Take the tied embedding and output layer out of the model (see below)."""
+    ends = (model.tok_embeddings, model.output)
+    model.tok_embeddings = None
+    model.output = None
+    return ends
+
+
+def _shard_tied_ends(
+    model: nn.Module, ends: tuple[nn.Module, nn.Module], parallel_dims: ParallelDims, job_config
+) -> None:
+    """Put the tied embedding and output layer back, as one FSDP group.
+
+    torchtitan 0.2.2's FSDP recipe for Qwen3 (llama4's ``apply_fsdp``) shards
+    ``tok_embeddings`` and ``[norm, output]`` as two groups, which FSDP2 refuses
+    when the two share their weight (the tied 0.6B-4B models). They are taken
+    out while torchtitan shards the rest and then sharded together, with the
+    same mesh, mixed precision and (summed) gradient reduction.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torchtitan.config import TORCH_DTYPE_MAP
+
+    embeddings, output = ends
+    model.tok_embeddings, model.output = embeddings, output
+    output.weight = embeddings.weight
+    names = ["dp_replicate", "fsdp"] if parallel_dims.dp_replicate_enabled else ["fsdp"]
+    training = job_config.training
+    fully_shard(
+        [embeddings, output],
+        mesh=parallel_dims.get_mesh(names),
+        mp_policy=MixedPrecisionPolicy(
+            param_dtype=TORCH_DTYPE_MAP[training.mixed_precision_param],
+            reduce_dtype=TORCH_DTYPE_MAP[training.mixed_precision_reduce],
+        ),
+    )
+    # As torchtitan's groups: the loss is already normalised by the global token count.
+    embeddings.set_gradient_divide_factor(1.0)
+
+
 def parallelize_swallow_qwen3(
     model: nn.Module, parallel_dims: ParallelDims, job_config
 ) -> nn.Module:
@@ -97,7 +136,11 @@ def parallelize_swallow_qwen3(
     (:func:`sum_router_gradients_over_tp`)."""
     if parallel_dims.ep_enabled and device_type == "cpu":
         use_cpu_expert_permutation()
+    tied = parallel_dims.fsdp_enabled and model.model_args.enable_weight_tying
+    ends = _detach_tied_ends(model) if tied else None
     model = parallelize_qwen3(model, parallel_dims, job_config)
+    if ends is not None:
+        _shard_tied_ends(model, ends, parallel_dims, job_config)
     if parallel_dims.tp_enabled:
         sum_router_gradients_over_tp(model, parallel_dims.get_mesh("tp"))
     if parallel_dims.fsdp_enabled and uses_gloo():
