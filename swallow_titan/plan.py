@@ -252,7 +252,13 @@ def build_plan(config, ngpu: int, nnodes: int, source: str) -> dict:
         "params_active": counts.active_params,
         "params_non_embedding": n_params - counts.embedding_params,
         "flops_per_token": flops,
-        "layout": {**asdict(layout), "dp": layout.dp, "ngpu": ngpu, "nnodes": nnodes},
+        "layout": {
+            **asdict(layout),
+            "dp": layout.dp,
+            "ep": config.parallelism.expert_parallel_degree,
+            "ngpu": ngpu,
+            "nnodes": nnodes,
+        },
         "local_batch_size": config.training.local_batch_size,
         "seq_len": seq_len,
         "grad_accum_steps": accum,
@@ -370,7 +376,8 @@ def format_plan(plan: dict) -> str:
         f"{plan['flops_per_token'] / 1e9:.2f} GFLOP/token",
         f"  layout        {L['nnodes']} node(s) x {L['ngpu']} = {L['world_size']} ranks: "
         f"dp_replicate {L['dp_replicate']} x dp_shard {L['dp_shard']} x cp {L['cp']} x "
-        f"tp {L['tp']} x pp {L['pp']}",
+        f"tp {L['tp']} x pp {L['pp']}"
+        + (f"; experts split over ep {L['ep']} of the dp_shard ranks" if L["ep"] > 1 else ""),
         f"  batch         local {plan['local_batch_size']} x dp {L['dp']} x grad-accum "
         f"{plan['grad_accum_steps']} = {plan['global_batch_sequences']:,} sequences x "
         f"{plan['seq_len']:,} = {plan['global_batch_tokens']:,} tokens/step",

@@ -91,8 +91,13 @@ _TINY = dict(
     max_seq_len=4096,
 )
 
+# Qwen3's base models were pre-trained with 32,768 positions (config.json
+# max_position_embeddings); torchtitan's flavors say 4,096. The run's seq_len
+# replaces it either way; this only keeps torchtitan from warning at 8,192.
+QWEN3_MAX_POSITIONS = 32_768
+
 QWEN3_FLAVORS: dict[str, SwallowQwen3ModelArgs] = {
-    name: _ours(qwen3_args[name])
+    name: _ours(qwen3_args[name], max_seq_len=QWEN3_MAX_POSITIONS)
     for name in ("0.6B", "1.7B", "4B", "8B", "14B", "32B", "30B-A3B")
 }
 QWEN3_FLAVORS["tiny"] = _ours(qwen3_args["0.6B"], **_TINY)
