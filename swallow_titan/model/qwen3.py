@@ -157,40 +157,46 @@ def load_balancing_loss(router_logits: list[torch.Tensor], top_k: int) -> torch.
 class SwallowQwen3Model(Qwen3Model):
     """torchtitan's ``Qwen3Model``, plus Qwen3-MoE's auxiliary load-balancing loss.
 
-    With ``router_aux_loss_coef > 0`` (``[moe] load_balance = "aux_loss"``), a
+    With ``aux_loss_weight > 0`` (``[moe] load_balance = "aux_loss"``), a
     training forward collects every MoE router's logits (forward hooks on the
-    routers' gates, so torchtitan's modules run unchanged) and, in the last MoE
-    layer's output, attaches the gradient of ``aux_loss_weight x`` the loss of
-    :func:`load_balancing_loss`. ``aux_loss_weight`` is the coefficient times
-    this micro-batch's share of the step's sequences (local batch / global
-    batch): gradient accumulation and FSDP's summed reduction then add up to
-    the coefficient times the mean auxiliary loss, as HF's Qwen3-MoE trains.
+    routers' gates that only keep their output, so torchtitan's modules run
+    unchanged) and attaches to the model's output the gradient of
+    ``aux_loss_weight x`` the loss of :func:`load_balancing_loss`; the output
+    itself is unchanged. This happens outside the blocks, so activation
+    checkpointing recomputes them exactly (the hooks keep nothing while it
+    does). ``aux_loss_weight`` is the coefficient times this micro-batch's
+    share of the step's sequences (local batch / global batch): gradient
+    accumulation and FSDP's summed reduction then add up to the coefficient
+    times the mean auxiliary loss, as HF's Qwen3-MoE trains.
     :meth:`take_aux_loss` returns the mean auxiliary loss since the last call,
     for the run log. Otherwise the model is exactly torchtitan's.
     """
 
     def __init__(self, model_args: Qwen3ModelArgs):
         super().__init__(model_args)
-        self._router_logits: list[torch.Tensor] = []
+        self._router_logits: list[torch.Tensor] | None = None  # a list while collecting
         self._aux_sum = 0.0
         self._aux_count = 0
-        weight = getattr(model_args, "aux_loss_weight", 0.0)
-        self._aux_weight = weight
-        if not (model_args.moe_enabled and weight > 0):
-            return
-        moe_layers = [layer.moe for layer in self.layers.values()]
-        for moe in moe_layers:
-            moe.router.gate.register_forward_hook(self._keep_router_logits)
-        moe_layers[-1].register_forward_hook(self._attach_aux_loss)
+        self._aux_weight = getattr(model_args, "aux_loss_weight", 0.0)
+        self._aux_enabled = bool(model_args.moe_enabled and self._aux_weight > 0)
+        if self._aux_enabled:
+            for layer in self.layers.values():
+                layer.moe.router.gate.register_forward_hook(self._keep_router_logits)
 
     def _keep_router_logits(self, module, inputs, logits: torch.Tensor) -> None:
-        if self.training and torch.is_grad_enabled():
+        if self._router_logits is not None:
             self._router_logits.append(logits)
 
-    def _attach_aux_loss(self, module, inputs, output: torch.Tensor) -> torch.Tensor | None:
-        logits, self._router_logits = self._router_logits, []
-        if not logits:  # eval, no_grad, or the recomputation of activation checkpointing
-            return None
+    def forward(self, tokens: torch.Tensor, attention_masks=None, positions=None) -> torch.Tensor:
+        """torchtitan's forward; in training with the auxiliary loss on, its gradient rides on the output."""
+        if not (self._aux_enabled and self.training and torch.is_grad_enabled()):
+            return super().forward(tokens, attention_masks, positions)
+        self._router_logits = []
+        try:
+            output = super().forward(tokens, attention_masks, positions)
+            logits = self._router_logits
+        finally:
+            self._router_logits = None
         aux = load_balancing_loss(logits, self.model_args.moe_args.top_k)
         self._aux_sum += aux.detach().item()
         self._aux_count += 1
