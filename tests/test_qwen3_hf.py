@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from support.hf import (
     QWEN3_MOE_TINY_CONFIG,
     QWEN3_TINY_CONFIG,
     assert_same_logits,
     logits_tolerance,
+    safetensors_of,
     save_random_qwen3,
 )
 from swallow_titan.checkpoint.dcp_reader import DCPCheckpoint
@@ -118,13 +118,6 @@ def transformers_logits(folder: Path, ids: torch.Tensor) -> torch.Tensor:
         return model(ids).logits
 
 
-def all_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        tensors.update(load_file(file))
-    return tensors
-
-
 @pytest.fixture(scope="module")
 def hf_dense(tmp_path_factory) -> Path:
     return save_random_qwen3(tmp_path_factory.mktemp("hf") / "dense", QWEN3_TINY_CONFIG)
@@ -209,7 +202,7 @@ def test_the_test_model_decouples_head_dim_ties_embeddings_and_shards(hf_dense):
     assert config["head_dim"] * config["num_attention_heads"] != config["hidden_size"]
     assert config["tie_word_embeddings"] is True
     assert len(list(hf_dense.glob("model-*.safetensors"))) > 1
-    assert "lm_head.weight" not in all_tensors(hf_dense)
+    assert "lm_head.weight" not in safetensors_of(hf_dense)
 
 
 @pytest.mark.parametrize("kind", ["dense", "moe"])
@@ -267,7 +260,7 @@ def test_hf_to_dcp_to_hf_gives_bit_identical_tensors(tmp_path, kind, dtype):
     source = save_random_qwen3(tmp_path / "hf", config, dtype=dtype)
     converted = convert_hf_to_dcp(source, tmp_path / "dcp")
     exported = export_hf(converted, tmp_path / "back", dtype=str(dtype).removeprefix("torch.")).folder
-    before, after = all_tensors(source), all_tensors(exported)
+    before, after = safetensors_of(source), safetensors_of(exported)
     assert sorted(before) == sorted(after)
     for key in before:
         assert after[key].dtype == dtype

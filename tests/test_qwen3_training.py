@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from support.hf import QWEN3_TINY_CONFIG, assert_same_logits, save_random_qwen3
+from support.hf import QWEN3_TINY_CONFIG, assert_same_logits, safetensors_of, save_random_qwen3
 from support.runs import run_training
 from swallow_titan.checkpoint.dcp_reader import DCPCheckpoint
 from swallow_titan.model.family import QWEN3
@@ -59,13 +58,6 @@ def hf_run(hf_tiny, tmp_path_factory):
         "--validation.local_batch_size", "4",
     ).check()
     return dump, result
-
-
-def hf_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for file in folder.glob("*.safetensors"):
-        tensors.update(load_file(file))
-    return tensors
 
 
 def test_a_qwen3_run_starts_from_hf_weights_and_validates_per_domain(hf_run, hf_tiny):
@@ -111,8 +103,8 @@ def test_two_process_fsdp_run_imports_trains_and_exports_like_one_process(hf_run
     assert result.losses[1] == pytest.approx(single.losses[1], rel=1e-6)
     # Later steps: only the order of the gradient sums differs (as the Llama layouts).
     assert result.losses == pytest.approx(single.losses, rel=1e-4)
-    one = hf_tensors(hf_run[0] / "hf" / "step-3")
-    two = hf_tensors(tmp_path / "fsdp" / "hf" / "step-3")
+    one = safetensors_of(hf_run[0] / "hf" / "step-3")
+    two = safetensors_of(tmp_path / "fsdp" / "hf" / "step-3")
     assert sorted(one) == sorted(two)
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-5)

@@ -85,11 +85,26 @@ def save_random_llama(
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**config)).to(dtype)
-    model.save_pretrained(folder, max_shard_size=max_shard_size)
+    model = LlamaForCausalLM(LlamaConfig(**config))
+    return _save(model, folder, dtype, max_shard_size, tokenizer)
+
+
+def _save(model, folder: Path, dtype: torch.dtype, max_shard_size: str, tokenizer: Path | None) -> Path:
+    """Save a transformers model in ``dtype`` (sharded), with the tokenizer file beside it."""
+    model.to(dtype).save_pretrained(folder, max_shard_size=max_shard_size)
     if tokenizer is not None:
         shutil.copyfile(tokenizer, folder / tokenizer.name)
     return folder
+
+
+def safetensors_of(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of an HF folder's safetensors files, by name."""
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors
 
 
 def rewrite_config(folder: Path, **changes) -> None:
@@ -242,8 +257,4 @@ def save_random_qwen3(
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.copy_(1 + 0.2 * torch.randn_like(p))
-    model = model.to(dtype)
-    model.save_pretrained(folder, max_shard_size=max_shard_size)
-    if tokenizer is not None:
-        shutil.copyfile(tokenizer, folder / tokenizer.name)
-    return folder
+    return _save(model, folder, dtype, max_shard_size, tokenizer)
