@@ -272,7 +272,7 @@ def export_hf(
     return ExportResult(out_dir, summary.step, shard_files, total_bytes)
 
 
-def _warn_about_dropped_expert_bias(ckpt: DCPCheckpoint, args: Any, step_dir: Path) -> None:
+def _warn_about_dropped_expert_bias(ckpt: DCPCheckpoint | AveragedCheckpoint, args: Any, step_dir: Path) -> None:
     """Warn when the export changes routing: a non-zero expert bias is not exported."""
     names = [n for n in ckpt.tensors() if n.endswith(EXPERT_BIAS)]
     if not names:
