@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import math
+import os
 import re
+import resource
+import signal
 
 import pytest
 
@@ -62,6 +67,101 @@ def test_run_log_drops_a_line_torn_by_a_kill(tmp_path):
     assert math.isnan(read_run_log(path)[0]["train/grad_norm"])
     RunLog(path, first_step=2).close()
     assert path.read_text().count("\n") == 1 and path.read_text().endswith("\n")
+
+
+def _in_child_with_file_size_limit(limit: int, action) -> int:
+    """Run ``action`` in a forked child whose files may not grow past ``limit`` bytes.
+
+    RLIMIT_FSIZE gives real short writes and EFBIG errors on a real file, as a
+    full disk does; the child keeps the limit from the test process. Returns
+    the child's exit code: 0 if ``action`` returned, 1 if it raised.
+    """
+    pid = os.fork()
+    if pid == 0:  # child
+        code = 1
+        try:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a kill
+            soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+            action(lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard)))
+            code = 0
+        finally:
+            os._exit(code)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+def test_run_log_write_that_fails_warns_and_the_run_goes_on(tmp_path, caplog):
+    path = tmp_path / "metrics.jsonl"
+    log = RunLog(path, first_step=1)
+    log.write(1, {"train/loss": 3.0})
+    saved = os.dup(log._fd)
+    full = os.open("/dev/full", os.O_WRONLY)  # every write: ENOSPC, as on a full disk
+    os.dup2(full, log._fd)
+    with caplog.at_level(logging.WARNING):
+        log.write(2, {"train/loss": 2.0})
+    assert "step 2 not recorded" in caplog.text and "No space left" in caplog.text
+    os.dup2(saved, log._fd)  # space again
+    log.write(3, {"train/loss": 1.0})
+    log.close()
+    os.close(saved)
+    os.close(full)
+    assert series(read_run_log(path), "train/loss") == {1: 3.0, 3: 1.0}
+
+
+def test_run_log_short_write_never_merges_with_the_next_record(tmp_path, caplog):
+    path = tmp_path / "metrics.jsonl"
+    log = RunLog(path, first_step=1)
+    log.write(1, {"train/loss": 3.0})
+    size = path.stat().st_size
+
+    def fill_the_disk_mid_line(free_space):
+        log.write(2, {"train/loss": 2.0})  # 10 bytes land, then EFBIG
+        free_space()
+        log.write(3, {"train/loss": 1.0})
+
+    assert _in_child_with_file_size_limit(size + 10, fill_the_disk_mid_line) == 0
+    lines = path.read_text().split("\n")
+    assert len(lines[1]) == 10 and lines[1].startswith('{"step":2')  # the torn line
+    with caplog.at_level(logging.WARNING):
+        records = read_run_log(path)
+    assert series(records, "train/loss") == {1: 3.0, 3: 1.0}
+    assert f"{path}:2: unreadable run-log line skipped" in caplog.text
+
+
+def test_run_log_restart_that_cannot_rewrite_the_log_keeps_it_and_trains_on(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    log = RunLog(path, first_step=1)
+    for step in (1, 2, 3):
+        log.write(step, {"train/loss": float(step)})
+    log.close()
+    before = path.read_bytes()
+
+    def restart_on_a_full_disk(free_space):
+        restarted = RunLog(path, first_step=2)  # the rewrite hits EFBIG
+        restarted.write(2, {"train/loss": 9.0})
+        restarted.close()
+
+    assert _in_child_with_file_size_limit(5, restart_on_a_full_disk) == 0
+    assert path.read_bytes() == before
+    assert not path.with_name(path.name + ".tmp").exists()
+
+
+def test_run_log_skips_a_malformed_middle_line_naming_it(tmp_path, caplog):
+    path = tmp_path / "metrics.jsonl"
+    log = RunLog(path, first_step=1)
+    for step in (1, 2, 3, 4):
+        log.write(step, {"train/loss": float(step)})
+    log.close()
+    lines = path.read_text().splitlines(keepends=True)
+    lines[1] = '{"step":2,"time":1.0,"train/lo\n'  # a line torn in the middle of the file
+    lines[2] = '["not", "a", "record"]\n'
+    path.write_text("".join(lines))
+    with caplog.at_level(logging.WARNING):
+        assert series(read_run_log(path), "train/loss") == {1: 1.0, 4: 4.0}
+    assert f"{path}:2: unreadable" in caplog.text and f"{path}:3: run-log line without" in caplog.text
+    # A restart reads past them too, and its rewrite leaves only readable lines.
+    RunLog(path, first_step=4).close()
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1]
 
 
 @pytest.fixture(scope="module")
