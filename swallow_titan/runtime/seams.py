@@ -455,6 +455,24 @@ SEAMS: tuple[Seam, ...] = (
         "gloo lacks PREMUL_SUM; with a divide factor of 1 SUM is the same arithmetic.",
         params=("self", "enable"),
     ),
+    # ------------------------------------------------------ GPU smoke (benchmarks)
+    Seam(
+        "torchtitan.distributed.utils.set_determinism",
+        "private",
+        "benchmarks.gpu_e2e.recipe_path",
+        "With debug.deterministic, torchtitan recompiles FlexAttention without "
+        "max-autotune; the GPU smoke turns it on (warnings only) so that cold "
+        "compilation fits its time budget. The pinned source hash tells when that "
+        "behaviour may have changed.",
+        params=("parallel_dims", "device", "debug_config", "distinct_seed_mesh_dims"),
+        source_sha256="0d4253aca27f0ae4",
+    ),
+    Seam(
+        "torchtitan.models.attention.FlexAttentionWrapper._compiled_flex_attn",
+        "private",
+        "tests/test_gpu_run.py",
+        "The compiled flex_attention whose compiler options show max-autotune on or off.",
+    ),
     # ------------------------------------------------- lm-eval (the [eval] extra)
     Seam(
         "lm_eval.tasks._yaml_loader.load_yaml",
