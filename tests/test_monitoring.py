@@ -12,9 +12,19 @@ import signal
 
 import pytest
 
+from torchtitan.distributed.parallel_dims import ParallelDims
+
+from support import TINY_CONFIG
 from support.runs import ANSI, from_seed, run_training, series
 from support.tensorboard import events, scalars
-from swallow_titan.components.metrics import RunLog, dense_bf16_peak_flops, format_duration, read_run_log
+from swallow_titan.components.metrics import (
+    RunLog,
+    SwallowMetricsProcessor,
+    dense_bf16_peak_flops,
+    format_duration,
+    read_run_log,
+)
+from swallow_titan.config.manager import load_job_config
 
 STEPS = 4
 SETS = ("ja", "en", "code", "math")
@@ -162,6 +172,47 @@ def test_run_log_skips_a_malformed_middle_line_naming_it(tmp_path, caplog):
     # A restart reads past them too, and its rewrite leaves only readable lines.
     RunLog(path, first_step=4).close()
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1]
+
+
+@pytest.fixture
+def processor(tmp_path):
+    """A metrics processor of a TP=2 run (two GPUs share each rank's tokens), logging to tmp_path."""
+    config = load_job_config(TINY_CONFIG, [
+        "--job.dump_folder", str(tmp_path), "--metrics.enable_tensorboard", "false"])
+    dims = ParallelDims(dp_replicate=1, dp_shard=1, cp=1, tp=2, pp=1, ep=1, etp=1, world_size=2)
+    processor = SwallowMetricsProcessor(config, dims)
+    processor.start(first_step=1)
+    yield processor
+    processor.close()
+
+
+def test_throughput_flops_mfu_step_time_and_data_wait_follow_from_what_was_counted(processor):
+    steps, tokens, flops_per_token = 5, 8192, 3.0e9
+    processor.num_flops_per_token = flops_per_token
+    processor.peak_flops = 989e12  # as on an H100/H200 (CPU has none)
+    processor.ntokens_since_last_log = tokens
+    processor.data_loading_times.extend([0.01, 0.03])
+    processor.log(steps, 2.0, 2.5, 1.0)  # five steps since the run began
+    (record,) = read_run_log(processor.run_log_path())
+    step_time = record["perf/step_time_s"]
+    interval = step_time * steps
+    # this rank's tokens, shared by the tp = 2 GPUs that processed them
+    assert record["perf/tokens_per_s_per_gpu"] == pytest.approx(tokens / (interval * 2), rel=1e-9)
+    tflops = record["perf/tokens_per_s_per_gpu"] * flops_per_token / 1e12
+    assert record["perf/tflops_per_gpu"] == pytest.approx(tflops, rel=1e-9)
+    assert record["perf/mfu_pct"] == pytest.approx(100 * tflops * 1e12 / 989e12, rel=1e-9)
+    assert record["perf/data_wait_s"] == pytest.approx(0.02, rel=1e-9)
+    assert record["perf/data_wait_pct"] == pytest.approx(100 * 0.04 / interval, rel=1e-9)
+    assert record["train/loss"] == 2.0 and record["train/loss_max"] == 2.5
+
+
+def test_validation_mean_counts_each_set_the_same_whatever_its_loss(processor):
+    processor.log_validation_sets(4, {"ja": 2.0, "en": 3.0, "code": 7.0}, 1.5)
+    (record,) = read_run_log(processor.run_log_path())
+    assert record["val/loss"] == pytest.approx(4.0)
+    assert record["val/perplexity"] == pytest.approx(math.exp(4.0))
+    assert record["val/code/perplexity"] == pytest.approx(math.exp(7.0))
+    assert record["val/time_s"] == 1.5
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import logging
+
 import pytest
 import torch
 
@@ -9,6 +12,7 @@ from support import TINY_CONFIG, tiny_tokenizer
 from swallow_titan.components.preflight import check_job_config
 from swallow_titan.config.manager import ConfigError, load_job_config
 from swallow_titan.components.validation import PerDomainValidator
+from swallow_titan.config.sections import ValidationSet
 
 SEQ_64 = ["--training.seq_len", "64", "--validation.seq_len", "64"]
 
@@ -118,3 +122,20 @@ def test_pinned_memory_async_checkpoints_are_refused_on_cpu():
 
 def test_max_consecutive_skips_must_be_positive():
     assert "guard.max_consecutive_skips" in error_of("--guard.max_consecutive_skips", "0")
+
+
+def test_a_set_with_fewer_documents_than_asked_is_read_once_and_says_so(tmp_path, caplog):
+    path = tmp_path / "few.jsonl"
+    texts = [f"held-out document {i} " + "word " * 40 for i in range(6)]
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts) + "\n")
+    tok = tiny_tokenizer()
+    tokens = sum(len(tok.encode_ordinary(t)) + 2 for t in texts)  # BOS + text + EOS each
+    v = validator(0, 2)
+    v.sets = [ValidationSet(name="few", path=str(path), sequences=64)]
+    with caplog.at_level(logging.WARNING):
+        got = windows(v, "few")
+    # Whole global batches of 2 ranks x 2 out of the windows the documents fill, no repeats.
+    full_windows = tokens // (64 + 1)
+    assert got.shape[0] * 2 == full_windows // 4 * 4 < 64
+    assert "evaluating" in caplog.text and "of the 64 sequences" in caplog.text
+    assert "the documents hold no more" in caplog.text
