@@ -8,7 +8,9 @@ torchtitan's (``reimplemented``), or attributes torchtitan's ``__init__``
 sets that we read or change (``attributes``). ``SEAMS`` lists them all;
 ``seam_problems()`` checks each against the installed packages, and
 ``tests/test_seams.py`` fails with that list when a torchtitan or torch
-upgrade renames, removes or changes one. For a re-implemented method the
+upgrade renames, removes or changes one; ``call_site_problems()`` checks that
+every keyword our code passes to a seam is among the ``params`` checked (a
+renamed keyword would otherwise fail at run time only). For a re-implemented method the
 check pins a hash of torchtitan's source: when it changes, compare the new
 torchtitan method with ours (named in ``used_in``), port what matters, and
 update the hash.
