@@ -4,6 +4,7 @@
 # the kernels, time training throughput. Everything lands in $OUT.
 #
 #   benchmarks/gpu_run.sh --check      # here, on CPU: wheels, arguments, time plan
+#   benchmarks/gpu_run.sh --check-plan # the time plan only (E2E_STEPS=N for another budget)
 #   run(command="COMMIT=$(git rev-parse --short HEAD) benchmarks/gpu_run.sh",
 #       carry=[".whl"], timeout_s=580)
 #
@@ -135,14 +136,15 @@ PY
     return $failed
 }
 
-check() {  # on CPU, before a lease: wheels (unless $1 = no-wheels), arguments, time plan
+check() {  # on CPU, before a lease: wheels (unless $1 = no-wheels / plan), arguments, time plan
     local failed=0 scratch
     scratch=$(mktemp -d)
-    [[ ${1:-} == no-wheels ]] || check_wheels "$scratch" || failed=1
-    echo "== arguments"
+    [[ ${1:-} == no-wheels || ${1:-} == plan ]] || check_wheels "$scratch" || failed=1
     OUT="$scratch/out"
     compile_caches
+    [[ ${1:-} == plan ]] || echo "== arguments"
     for name in "${STAGE_NAMES[@]}"; do
+        [[ ${1:-} == plan ]] && break
         [[ $name == setup ]] && continue
         # shellcheck disable=SC2046
         if $(stage_cmd "$name") --parse-only > "$scratch/$name.txt" 2>&1; then
@@ -171,6 +173,7 @@ check() {  # on CPU, before a lease: wheels (unless $1 = no-wheels), arguments, 
 case "${1:-}" in
     --check) check; exit $? ;;
     --check-no-wheels) check no-wheels; exit $? ;;  # CI: no wheels there
+    --check-plan) check plan; exit $? ;;  # the time plan and caches only
     --setup) setup; exit $? ;;
 esac
 

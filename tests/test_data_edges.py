@@ -98,7 +98,7 @@ def test_a_sampled_packed_token_count_scales_the_stored_bos_eos_to_the_whole_fil
 @pytest.mark.parametrize("text", [
     "word " * 30_000,  # cut at spaces
     ("line\n" * 12_000) + "x" * 150_000,  # a newline, then a run with no whitespace
-])
+], ids=["spaces", "no-whitespace-run"])
 def test_text_longer_than_one_tokenizer_piece_round_trips(text):
     tok = tiny_tokenizer()
     assert len(text) > 100_000

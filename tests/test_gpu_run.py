@@ -49,7 +49,7 @@ def without_caches() -> dict[str, str]:
 def test_a_budget_that_does_not_fit_the_lease_fails_the_check():
     # The e2e limit follows its budget: 60 steps need more than the script has.
     proc = subprocess.run(
-        ["bash", "benchmarks/gpu_run.sh", "--check-no-wheels"],
+        ["bash", "benchmarks/gpu_run.sh", "--check-plan"],
         cwd=REPO, capture_output=True, text=True, timeout=300,
         env={**without_caches(), "E2E_STEPS": "60"},
     )
