@@ -43,13 +43,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-if __name__ == "__main__":
-    # benchmarks/kernels.py would shadow the `kernels` package.
-    sys.path[:] = [str(REPO)] + [
-        p for p in sys.path if Path(p or ".").resolve() != REPO / "benchmarks"
-    ]
+if not __package__:  # run as a script: benchmarks/kernels.py would shadow `kernels`
+    import _bootstrap  # noqa: F401
 from benchmarks.proctree import run_with_timeout  # noqa: E402
+from benchmarks.throughput import KERNELS_ON  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
 
 BASE_CONFIG = REPO / "benchmarks" / "proxy_8b.toml"
 # Inductor's and Triton's caches: the same folders for both runs and for the
@@ -85,7 +84,6 @@ COLD = RunBudget(start=25, compile=100, step=0.5)
 # mask and the float8 casts come from the caches.
 WARM = RunBudget(start=25, compile=50, step=0.5)
 OVERHEAD_S = 5  # this script around the two runs
-KERNELS_ON = ["--kernels.rmsnorm", "triton", "--kernels.loss", "fused_linear_ce"]
 KERNELS_OFF = ["--kernels.rmsnorm", "torch", "--kernels.loss", "torch"]
 
 

@@ -11,7 +11,7 @@ import torch
 from support import TINY_CONFIG, tiny_tokenizer
 from swallow_titan.components.preflight import check_job_config
 from swallow_titan.config.manager import ConfigError, load_job_config
-from swallow_titan.components.validation import PerDomainValidator
+from swallow_titan.components.validation import HeldOutLoader, PerDomainValidator
 from swallow_titan.config.sections import ValidationSet
 
 SEQ_64 = ["--training.seq_len", "64", "--validation.seq_len", "64"]
@@ -124,16 +124,33 @@ def test_max_consecutive_skips_must_be_positive():
     assert "guard.max_consecutive_skips" in error_of("--guard.max_consecutive_skips", "0")
 
 
+def test_each_set_is_validated_by_a_torchtitan_validator_built_by_its_constructor():
+    import torchtitan.components.validate as torchtitan_validate
+    from torchtitan.components.validate import Validator
+
+    builder = torchtitan_validate.build_text_validation_dataloader
+    v = validator()
+    assert set(v.validators) == {s.name for s in v.sets}
+    for name, inner in v.validators.items():
+        assert type(inner) is Validator
+        # What its validate() reads is what its constructor set from our arguments.
+        assert inner.validation_dataloader is v.loaders[name]
+        assert inner.metrics_processor is v.recorders[name]
+    # The constructor's dataloader builder is torchtitan's again afterwards.
+    assert torchtitan_validate.build_text_validation_dataloader is builder
+
+
 def test_a_set_with_fewer_documents_than_asked_is_read_once_and_says_so(tmp_path, caplog):
     path = tmp_path / "few.jsonl"
     texts = [f"held-out document {i} " + "word " * 40 for i in range(6)]
     path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts) + "\n")
     tok = tiny_tokenizer()
     tokens = sum(len(tok.encode_ordinary(t)) + 2 for t in texts)  # BOS + text + EOS each
-    v = validator(0, 2)
-    v.sets = [ValidationSet(name="few", path=str(path), sequences=64)]
+    config = load_job_config(TINY_CONFIG, [*SEQ_64, "--validation.local_batch_size", "2"])
+    loader = HeldOutLoader(ValidationSet(name="few", path=str(path), sequences=64), config, tok,
+                           dp_rank=0, dp_world_size=2)
     with caplog.at_level(logging.WARNING):
-        got = windows(v, "few")
+        got = torch.cat([labels for _, labels in loader.batches()])
     # Whole global batches of 2 ranks x 2 out of the windows the documents fill, no repeats.
     full_windows = tokens // (64 + 1)
     assert got.shape[0] * 2 == full_windows // 4 * 4 < 64
