@@ -251,7 +251,7 @@ def read_run_log(path: str | os.PathLike) -> list[dict[str, Any]]:
     """The records of a ``metrics.jsonl``, in file order ([] if there is none).
 
     A last line without its newline (a write cut short by a kill) is left out.
-    A line that is not a JSON object with a numeric ``step`` (a write torn by
+    A line that is not a JSON object with an integer ``step`` (a write torn by
     a full disk, an edit) is skipped with a warning naming file and line, so
     one bad line cannot stop every restart.
     """
