@@ -56,6 +56,8 @@ class MemoryEstimate:
     gathered_params: float
     activations: float
     logits: float
+    averaging: float = 0.0
+    """The ``[averaging]`` copies: fp32, sharded like the parameters, one per kind."""
 
     @property
     def total(self) -> float:
@@ -133,6 +135,7 @@ def estimate_memory(
     in the mixed-precision dtype; activations follow the AC mode; the output
     layer's logits are materialised in bf16 and fp32 with an fp32 gradient, or,
     with the fused loss, one chunk of them at a time plus the fp32 output-weight gradient.
+    Each ``[averaging]`` kind (EMA, tail) adds an fp32 copy of the parameter shards.
     """
     bytes_param = 4 if config.training.dtype == "float32" else 2
     bytes_compute = 2 if config.training.mixed_precision_param == "bfloat16" else 4
@@ -165,6 +168,44 @@ def estimate_memory(
         gathered_params=gathered / GIB,
         activations=activations / GIB,
         logits=logits / GIB,
+        averaging=per_gpu * 4 * len(averaging_kinds(config)) / GIB,
+    )
+
+
+def averaging_kinds(config) -> list[str]:
+    """The ``[averaging]`` averages the run keeps ("ema", "tail")."""
+    a = config.averaging
+    return [kind for kind, on in (("ema", a.ema_decay > 0), ("tail", a.tail_steps > 0)) if on]
+
+
+def _averaging_plan(config) -> dict:
+    a = config.averaging
+    return {
+        "kinds": averaging_kinds(config),
+        "ema_decay": a.ema_decay,
+        # Steps over which the EMA's weights sum to 1 - 1/e.
+        "ema_horizon_steps": round(1 / (1 - a.ema_decay)) if a.ema_decay > 0 else None,
+        "tail_steps": a.tail_steps,
+        "tail_every": a.tail_every or config.checkpoint.interval,
+    }
+
+
+def _averaging_line(plan: dict) -> str:
+    if not plan["kinds"]:
+        return "  averaging     off"
+    parts = []
+    if "ema" in plan["kinds"]:
+        parts.append(
+            f"EMA decay {plan['ema_decay']:g} (~{plan['ema_horizon_steps']:,}-step horizon)"
+        )
+    if "tail" in plan["kinds"]:
+        parts.append(
+            f"tail: mean of the last {plan['tail_steps']:,} steps before every "
+            f"{plan['tail_every']:,}-th step and the last"
+        )
+    return (
+        "  averaging     " + "; ".join(parts)
+        + "; validated as val/<kind>/..., in checkpoints, written after the last step"
     )
 
 
@@ -295,6 +336,7 @@ def build_plan(config, ngpu: int, nnodes: int, source: str) -> dict:
             ],
         },
         "eval": _eval_plan(config, global_seqs * seq_len),
+        "averaging": _averaging_plan(config),
         "memory_gib": {**asdict(memory), "total": memory.total},
         "outputs": output_paths(config),
         "problems": file_problems(config, source)
@@ -403,10 +445,13 @@ def format_plan(plan: dict) -> str:
         *_stage_lines(plan["stages"]),
         _validation_line(plan["validation"]),
         *_eval_lines(plan["eval"]),
+        _averaging_line(plan["averaging"]),
         f"  memory/GPU    ~{m['total']:.1f} GiB: params {m['parameters']:.1f}, grads "
         f"{m['gradients']:.1f}, optimizer {m['optimizer']:.1f}, gathered params "
         f"{m['gathered_params']:.1f}, activations {m['activations']:.1f}, logits "
-        f"{m['logits']:.1f} (estimate)",
+        f"{m['logits']:.1f}"
+        + (f", averages {m['averaging']:.1f}" if m["averaging"] else "")
+        + " (estimate)",
         *output_lines(plan["outputs"]),
     ]
     if plan["problems"]:

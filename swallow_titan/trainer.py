@@ -26,6 +26,9 @@ building, parallelism, forward/backward, the dataloader loop — is inherited):
   ``eval.freq`` steps and after the last one (:mod:`swallow_titan.eval.in_loop`);
   a restart first runs the evaluation of the step it resumes from if that
   one has no result (the run stopped during it).
+- ``[averaging]``: the EMA / tail average of the weights is updated after
+  each step, saved in checkpoints, validated after the raw weights and
+  written after the last step (:mod:`swallow_titan.components.averaging`).
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ from swallow_titan.components.guard import (
     NonfiniteInjector,
     state_is_finite,
 )
+from swallow_titan.components.averaging import AVERAGING, WeightAveraging
 from swallow_titan.components.loss import SwallowLoss
 from swallow_titan.components.metrics import SwallowMetricsProcessor
 from swallow_titan.components.moe_metrics import ExpertLoadMeter
@@ -104,6 +108,7 @@ class SwallowTrainer(Trainer):
         if inject:
             logger.warning(f"[debug] the loss will be made NaN at steps {sorted(inject)}")
             self.loss_fn = NonfiniteInjector(self.loss_fn, inject, lambda: self.step)
+        self.averaging = WeightAveraging(job_config, self.model_parts)
         self.checkpointer = self._atomic_checkpointer(self.checkpointer)
         self.expert_load = ExpertLoadMeter(self.model_parts)
         self.evaluator = None
@@ -124,20 +129,23 @@ class SwallowTrainer(Trainer):
             )
         stock.close()
         rank = process_rank()
+        states: dict[str, Any] = {
+            "train_state": self,
+            RNG: RngState(rank, device_type),
+            GUARD: self.guard,
+        }
+        if self.averaging.enabled:
+            states[AVERAGING] = self.averaging
         return AtomicCheckpointManager(
             dataloader=self.dataloader,
             model_parts=self.model_parts,
             optimizers=self.optimizers,
             lr_schedulers=self.lr_schedulers,
-            states={
-                "train_state": self,
-                RNG: RngState(rank, device_type),
-                GUARD: self.guard,
-            },
+            states=states,
             checkpoint_config=config.checkpoint,
             sd_adapter=adapter,
             base_folder=config.job.dump_folder,
-            optional_entries=(RNG, GUARD),
+            optional_entries=(RNG, GUARD, AVERAGING),
             publish_delay_s=config.debug.checkpoint_publish_delay_s,
         )
 
@@ -263,9 +271,12 @@ class SwallowTrainer(Trainer):
                 except DataloaderExhaustedError:
                     logger.warning("Ran out of data; the last step was not taken.")
                     break
+                if self.averaging.enabled:
+                    self.averaging.update(self.step)
                 self._save_checkpoint(forced=stop)
                 if config.validation.enable and self.validator.should_validate(self.step):
                     self.validator.validate(self.model_parts, self.step)
+                    self.averaging.validate(self.validator, self.model_parts, self.step)
                 if self.evaluator is not None and not stop and self.evaluator.should_evaluate(self.step):
                     self.evaluator.evaluate(self.step)
                 if torch_profiler:
@@ -290,6 +301,8 @@ class SwallowTrainer(Trainer):
                         )
                     )
                     break
+        if self.averaging.enabled and self.step == config.training.steps and config.checkpoint.enable:
+            self.averaging.save_final(self.step)
         if dist.is_initialized():
             dist.barrier()
         logger.info("Training completed" if not self.preempted else "Training paused")

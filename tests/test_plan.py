@@ -86,6 +86,19 @@ def test_recipe_validates_each_domain_every_500_steps(recipe_plan):
     assert {v["name"] for v in validation["sets"]} == {"ja", "en", "code", "math"}
 
 
+def test_recipe_states_its_averaging_and_the_plan_shows_it(recipe_plan):
+    from swallow_titan.plan import format_plan
+
+    assert recipe_plan["averaging"]["kinds"] == ["ema"]
+    assert recipe_plan["averaging"]["ema_decay"] == 0.999
+    # One fp32 copy of the parameter shards (the recipe's parameters are fp32 too).
+    memory = recipe_plan["memory_gib"]
+    assert memory["averaging"] == pytest.approx(memory["parameters"])
+    text = format_plan(recipe_plan)
+    assert "averaging     EMA decay 0.999 (~1,000-step horizon)" in text
+    assert f"averages {memory['averaging']:.1f}" in text
+
+
 def test_recipe_placeholders_are_listed_as_problems(recipe_plan):
     problems = "\n".join(recipe_plan["problems"])
     assert "model.hf_assets_path" in problems

@@ -104,3 +104,6 @@ def test_recipe_trains_with_only_sizes_paths_and_device_options_changed(tmp_path
         assert "enable_fsdp_float8_all_gather=True" in run.output
     assert (tmp_path / "run" / "checkpoint" / "step-3").is_dir()
     assert (tmp_path / "run" / "hf" / "step-3" / "config.json").is_file()
+    # [averaging]: the recipe's EMA is validated and exported beside the final weights.
+    assert re.search(r"validate ema step:\s+3\s+loss:", run.output)
+    assert (tmp_path / "run" / "hf" / "step-3-ema" / "config.json").is_file()

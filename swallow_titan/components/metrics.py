@@ -41,6 +41,7 @@ from torchtitan.components.metrics import MetricsProcessor
 from torchtitan.tools.logging import logger
 from torchtitan.tools.utils import device_type
 
+from swallow_titan.components.wandb_run import WandBRun
 from swallow_titan.config.paths import RunPaths
 from swallow_titan.runtime.ranks import process_rank
 
@@ -281,10 +282,11 @@ class SwallowMetricsProcessor(MetricsProcessor):
     """torchtitan's MetricsProcessor with swallow-titan's TensorBoard and console line."""
 
     def __init__(self, job_config: Any, parallel_dims: Any, tag: str | None = None):
-        # torchtitan's TensorBoard logger is replaced by _Writer; W&B stays.
+        # torchtitan's TensorBoard and W&B loggers are replaced by _Writer and
+        # WandBRun, opened in start() when the first step of this attempt is known.
         base_config = copy.copy(job_config)
         base_config.metrics = dataclasses.replace(
-            job_config.metrics, enable_tensorboard=False
+            job_config.metrics, enable_tensorboard=False, enable_wandb=False
         )
         super().__init__(base_config, parallel_dims, tag)
         self.job_config = job_config
@@ -299,6 +301,7 @@ class SwallowMetricsProcessor(MetricsProcessor):
             logger.warning(f"No dense bf16 peak known for {device_name!r}: MFU is not reported")
         self.writer: _Writer | None = None
         self.run_log: RunLog | None = None
+        self.wandb: WandBRun | None = None
         self._started = time.perf_counter()
         self._first_logged: tuple[float, int] | None = None
         self._start_step = 0
@@ -336,6 +339,8 @@ class SwallowMetricsProcessor(MetricsProcessor):
             if self.run_log is not None:
                 self.run_log.close()
             self.run_log = RunLog(self.run_log_path(), first_step)
+            if self.job_config.metrics.enable_wandb and self.wandb is None:
+                self.wandb = WandBRun(self.job_config, first_step)
         if not (self.job_config.metrics.enable_tensorboard and self._logs_here()):
             return
         self.writer = _Writer(self.tensorboard_folder(), first_step)
@@ -413,7 +418,8 @@ class SwallowMetricsProcessor(MetricsProcessor):
                 self.writer.flush()
         if self.run_log is not None:
             self.run_log.write(step, scalars)
-        self.logger.log(scalars, step)
+        if self.wandb is not None:
+            self.wandb.log(scalars, step)
 
     def _last_logged_step(self) -> int:
         return self._start_step if self._last_step is None else self._last_step
@@ -457,26 +463,31 @@ class SwallowMetricsProcessor(MetricsProcessor):
     # --------------------------------------------------------- validation logs
 
     def log_validation_sets(
-        self, step: int, losses: dict[str, float], seconds: float
+        self, step: int, losses: dict[str, float], seconds: float, prefix: str = "val"
     ) -> None:
-        """Per-set validation losses: val/<set>/loss and /perplexity, plus their mean."""
+        """Per-set validation losses: <prefix>/<set>/loss and /perplexity, plus their mean.
+
+        ``prefix`` is ``val`` for the trained weights, ``val/ema`` or
+        ``val/tail`` for an ``[averaging]`` average of them.
+        """
         scalars: dict[str, float] = {}
         for name, loss in losses.items():
-            scalars[f"val/{name}/loss"] = loss
-            scalars[f"val/{name}/perplexity"] = _perplexity(loss)
+            scalars[f"{prefix}/{name}/loss"] = loss
+            scalars[f"{prefix}/{name}/perplexity"] = _perplexity(loss)
         if losses:
             mean = sum(losses.values()) / len(losses)
-            scalars["val/loss"] = mean
-            scalars["val/perplexity"] = _perplexity(mean)
-        scalars["val/time_s"] = seconds
+            scalars[f"{prefix}/loss"] = mean
+            scalars[f"{prefix}/perplexity"] = _perplexity(mean)
+        scalars[f"{prefix}/time_s"] = seconds
         self._emit(scalars, step)
         parts = "  ".join(
             f"{name}: {loss:.4f} (ppl {_perplexity(loss):.4g})"
             for name, loss in losses.items()
         )
         c = self.color
+        what = "validate" if prefix == "val" else f"validate {prefix.removeprefix('val/')}"
         logger.info(
-            f"{c.yellow}validate step: {step:2}  loss: {scalars.get('val/loss', float('nan')):8.5f}  "
+            f"{c.yellow}{what} step: {step:2}  loss: {scalars.get(f'{prefix}/loss', float('nan')):8.5f}  "
             f"{parts}  [{seconds:.1f}s]{c.reset}"
         )
         # Keep validation time out of the next training throughput.
@@ -506,6 +517,9 @@ class SwallowMetricsProcessor(MetricsProcessor):
             self.writer.close()
         if self.run_log is not None:
             self.run_log.close()
+        if self.wandb is not None:
+            self.wandb.close()
+            self.wandb = None
         super().close()
 
 

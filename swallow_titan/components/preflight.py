@@ -12,6 +12,7 @@ the tokenizer (``data.tokenizer``), HF folders (``hf``), checkpoints
 from __future__ import annotations
 
 import copy
+import importlib.util
 import os
 from typing import Any
 
@@ -96,6 +97,16 @@ def file_problems(config, source: str) -> list[str]:
             str(config_error(source, "checkpoint.initial_load_path", f"{load_path!r} is not a folder"))
         )
     problems += _hf_load_path_problems(config, source)
+    if config.metrics.enable_wandb and importlib.util.find_spec("wandb") is None:
+        problems.append(
+            str(
+                config_error(
+                    source,
+                    "metrics.enable_wandb",
+                    "needs the wandb package: pip install 'swallow-titan[wandb]'",
+                )
+            )
+        )
     if config.eval.enable:
         try:
             require_lm_eval()

@@ -202,8 +202,12 @@ class PerDomainValidator(BaseValidator):
         """This rank's batches of a set (built on first use, then reused)."""
         return self.loaders[validation_set.name].batches()
 
-    def validate(self, model_parts: list, step: int) -> None:
-        """Validate every set with its torchtitan ``Validator``; log all losses at once."""
+    def validate(self, model_parts: list, step: int, prefix: str = "val") -> None:
+        """Validate every set with its torchtitan ``Validator``; log all losses at once.
+
+        Logged as ``<prefix>/<set>/loss``: ``val`` for the trained weights,
+        ``val/ema`` / ``val/tail`` for an ``[averaging]`` average swapped in.
+        """
         begin = time.perf_counter()
         losses: dict[str, float] = {}
         for vset in self.sets:
@@ -213,7 +217,9 @@ class PerDomainValidator(BaseValidator):
             loss = self.recorders[vset.name].take()
             if loss is not None:
                 losses[vset.name] = loss
-        self.metrics_processor.log_validation_sets(step, losses, time.perf_counter() - begin)
+        self.metrics_processor.log_validation_sets(
+            step, losses, time.perf_counter() - begin, prefix
+        )
 
 
 def build_validator(**kwargs) -> PerDomainValidator:

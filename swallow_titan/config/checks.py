@@ -140,6 +140,7 @@ def check_values(config, world_size: int, source: str) -> Layout:
     _check_validation_sets(config, layout, source)
     _check_checkpoint(config, source)
     _check_guard(config, source)
+    _check_averaging(config, source)
     _check_kernels(config, layout, source)
     _check_float8_options(config, source)
     _check_hf(config, source)
@@ -304,6 +305,26 @@ def _check_guard(config, source: str) -> None:
     if config.debug.eval_delay_s < 0:
         raise config_error(
             source, "debug.eval_delay_s", f"must be >= 0, got {config.debug.eval_delay_s}"
+        )
+
+
+def _check_averaging(config, source: str) -> None:
+    a = config.averaging
+    if not 0.0 <= a.ema_decay < 1.0:
+        raise config_error(
+            source, "averaging.ema_decay", f"must be in [0, 1) (0 is off), got {a.ema_decay}"
+        )
+    for key in ("tail_steps", "tail_every"):
+        if getattr(a, key) < 0:
+            raise config_error(source, f"averaging.{key}", f"must be >= 0, got {getattr(a, key)}")
+    every = a.tail_every or config.checkpoint.interval
+    if a.tail_steps > every:
+        raise config_error(
+            source,
+            "averaging.tail_steps",
+            f"{a.tail_steps} is longer than the {every} steps between window ends "
+            f"({'averaging.tail_every' if a.tail_every else 'checkpoint.interval'}); "
+            "windows cannot overlap",
         )
 
 

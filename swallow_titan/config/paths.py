@@ -14,6 +14,8 @@ from dataclasses import dataclass
 # Checkpoints (torchtitan's naming) and exports: one folder per step, "step-N".
 STEP_FOLDER = re.compile(r"^step-(\d+)$")
 METRICS_LOG = "metrics.jsonl"
+# The W&B run of a job (its id, the last step sent), kept across restarts.
+WANDB_STATE = "wandb_run.json"
 
 
 def step_folder_name(step: int) -> str:
@@ -40,6 +42,8 @@ class RunPaths:
     tensorboard: str
     hf_exports: str
     metrics_log: str
+    wandb_state: str
+    """``<dump_folder>/wandb_run.json``; W&B writes its files under ``<dump_folder>/wandb``."""
 
     @classmethod
     def of(cls, config) -> RunPaths:
@@ -51,6 +55,7 @@ class RunPaths:
             tensorboard=os.path.join(dump, config.metrics.save_tb_folder),
             hf_exports=os.path.join(dump, config.hf.export_folder),
             metrics_log=os.path.join(dump, METRICS_LOG),
+            wandb_state=os.path.join(dump, WANDB_STATE),
         )
 
     def checkpoint(self, step: int) -> str:

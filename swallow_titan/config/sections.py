@@ -182,6 +182,25 @@ class Guard:
 
 
 @dataclass
+class Averaging:
+    """``[averaging]``: averaged weights kept beside the trained ones (fp32, sharded
+    like the parameters: one extra copy of this rank's shards per kind), in every
+    checkpoint, validated as val/ema/... and val/tail/..., written after the last step."""
+
+    ema_decay: float = 0.0
+    """Exponential moving average of the weights, ``ema = ema * d + w * (1 - d)``
+    after every step; 0 is off. The average spans about 1 / (1 - d) steps."""
+
+    tail_steps: int = 0
+    """Average the weights after each of the last this many steps before every
+    ``tail_every``-th step and the last step (OLMo-core's checkpoint merging); 0 is off."""
+
+    tail_every: int = 0
+    """Steps between tail-window ends; 0 is checkpoint.interval (a tail average is
+    complete in every regular checkpoint)."""
+
+
+@dataclass
 class Debug:
     """Additions to torchtitan's ``[debug]`` section: test hooks, not for real runs."""
 
@@ -333,6 +352,7 @@ class JobConfig:
     hf: HF = field(default_factory=HF)
     validation: Validation = field(default_factory=Validation)
     guard: Guard = field(default_factory=Guard)
+    averaging: Averaging = field(default_factory=Averaging)
     debug: Debug = field(default_factory=Debug)
     eval: Eval = field(default_factory=Eval)
     moe: Moe = field(default_factory=Moe)

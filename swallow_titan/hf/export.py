@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import save_file
 from torchtitan.tools.logging import logger
 
+from swallow_titan.checkpoint.average import AveragedCheckpoint
 from swallow_titan.checkpoint.dcp_reader import DCPCheckpoint, locate_checkpoint
 from swallow_titan.hf.atomic import staged_folder
 from swallow_titan.hf.config import CONFIG_FILE, model_args_from_hf_config
@@ -112,7 +113,7 @@ def tokenizer_files(tokenizer_path: str | Path) -> list[Path]:
     return [Path(name) for name in TOKENIZER_FILES if (root / name).is_file()]
 
 
-def training_summary(checkpoint: DCPCheckpoint, record: RunRecord, step: int | None) -> TrainingSummary:
+def training_summary(checkpoint: DCPCheckpoint | AveragedCheckpoint, record: RunRecord, step: int | None) -> TrainingSummary:
     """Steps, tokens, per-source tokens and final losses for the model card."""
     from swallow_titan.data.dataloader import source_token_counts
 
@@ -151,7 +152,7 @@ def training_summary(checkpoint: DCPCheckpoint, record: RunRecord, step: int | N
 
 
 def export_hf(
-    checkpoint: str | Path,
+    checkpoint: str | Path | AveragedCheckpoint,
     out_dir: str | Path,
     *,
     step: int | None = None,
@@ -163,19 +164,27 @@ def export_hf(
 ) -> ExportResult:
     """Write a Hub-ready folder for a checkpoint (see the module docstring).
 
-    ``checkpoint`` is a run's checkpoint folder (latest step unless ``step``)
-    or one DCP checkpoint; ``repo_id`` (the Hub repository it is meant for)
-    names the model in its card. Every input is checked before anything is
-    written.
+    ``checkpoint`` is a run's checkpoint folder (latest step unless ``step``),
+    one DCP checkpoint, or an average of checkpoints (``python -m
+    swallow_titan.average --hf``: its newest input's step and run record,
+    with the averaged steps and weights); ``repo_id`` (the Hub repository it
+    is meant for) names the model in its card. Every input is checked before
+    anything is written.
     """
+    ckpt: DCPCheckpoint | AveragedCheckpoint
+    if isinstance(checkpoint, AveragedCheckpoint):
+        ckpt, record, record_path = checkpoint, checkpoint.averaged_record(), checkpoint.record_path
+        step = (checkpoint.read_entry("train_state") or {}).get("step")
+    else:
+        step_dir, step = locate_checkpoint(checkpoint, step)
+        record, record_path = find_run_record(step_dir)
+        ckpt = DCPCheckpoint(step_dir)
     if dtype not in EXPORT_DTYPES:
         raise ExportError(f"dtype {dtype!r}: expected one of {sorted(EXPORT_DTYPES)}")
     target = EXPORT_DTYPES[dtype]
     max_bytes = parse_size(max_shard_size)
-    step_dir, step = locate_checkpoint(checkpoint, step)
-    record, record_path = find_run_record(step_dir)
+    step_dir = ckpt.path
     args = model_args_from_hf_config(record.hf_config, str(record_path))
-    ckpt = DCPCheckpoint(step_dir)
 
     names = hf_names(args)
     shapes = native_tensor_shapes(args)
@@ -263,7 +272,7 @@ def export_hf(
     return ExportResult(out_dir, summary.step, shard_files, total_bytes)
 
 
-def _warn_about_dropped_expert_bias(ckpt: DCPCheckpoint, args: Any, step_dir: Path) -> None:
+def _warn_about_dropped_expert_bias(ckpt: DCPCheckpoint | AveragedCheckpoint, args: Any, step_dir: Path) -> None:
     """Warn when the export changes routing: a non-zero expert bias is not exported."""
     names = [n for n in ckpt.tensors() if n.endswith(EXPERT_BIAS)]
     if not names:

@@ -206,6 +206,27 @@ def _evaluation(evaluation: tuple[int, dict[str, float]] | None) -> list[str]:
     return [*lines, ""]
 
 
+def _average(averaged_from: list[dict[str, Any]] | None) -> list[str]:
+    """The checkpoints an averaged model was made of (nothing for a plain checkpoint)."""
+    if not averaged_from:
+        return []
+    lines = [
+        "### Checkpoint average",
+        "",
+        f"These weights are the weighted mean of {len(averaged_from)} checkpoints "
+        "(`python -m swallow_titan.average`, fp32 accumulation):",
+        "",
+        "| step | weight | checkpoint |",
+        "|---|---|---|",
+    ]
+    for entry in averaged_from:
+        lines.append(
+            f"| {_value(entry.get('step'))} | {entry.get('weight', 0.0):.6g} | "
+            f"`{entry.get('checkpoint')}` |"
+        )
+    return [*lines, ""]
+
+
 def render_model_card(
     record: RunRecord, summary: TrainingSummary, *, title: str, model_id: str, dtype: str
 ) -> str:
@@ -252,6 +273,7 @@ def render_model_card(
         ),
         "",
     ]
+    lines += _average(record.averaged_from)
     lines += _evaluation(summary.evaluation)
     lines += [
         "### Recipe",

@@ -49,6 +49,10 @@ class RunRecord:
     tensorboard_folder: str = ""
     """Where the run's TensorBoard events are (for the model card's losses)."""
 
+    averaged_from: list[dict[str, Any]] | None = None
+    """For an average of checkpoints (``python -m swallow_titan.average``): each
+    input's ``checkpoint``, ``step`` and normalised ``weight``."""
+
     format_version: int = field(default=FORMAT_VERSION)
 
     def write(self, folder: str | Path) -> Path:
