@@ -50,15 +50,21 @@ from swallow_titan.components.guard import (
     NonfiniteError,
     NonfiniteGuard,
     NonfiniteInjector,
+    SpikeGuard,
+    describe_spike,
     state_is_finite,
 )
-from swallow_titan.components.loss import Z_LOSS
+from swallow_titan.components.loss import LABELS_KEY, Z_LOSS
 from swallow_titan.runtime.preemption import PreemptionSignal
 from swallow_titan.components.profiling import profiling_context
 from swallow_titan.runtime.ranks import process_rank
 
 # Checkpoint entry of the guard's counters (skipped steps).
 GUARD = "guard"
+# Checkpoint entry of the spike guard (rolling windows, events, rollbacks).
+SPIKES = "spikes"
+# spike/action in the run log and TensorBoard.
+SPIKE_ACTION_CODES = {"log": 1, "skip": 2, "rollback": 3}
 
 def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
@@ -86,6 +92,9 @@ class SwallowTrainer(Trainer):
     @record
     def __init__(self, job_config: Any):
         self.guard = NonfiniteGuard.from_config(job_config)
+        self.spikes = SpikeGuard.from_config(job_config)
+        # A spike event whose rollback the loop carries out after the step.
+        self._rollback: dict[str, Any] | None = None
         super().__init__(job_config)
         self.preempted = False
         self.preemption = PreemptionSignal()
@@ -120,11 +129,12 @@ class SwallowTrainer(Trainer):
                 "train_state": self,
                 RNG: RngState(rank, device_type),
                 GUARD: self.guard,
+                SPIKES: self.spikes,
             },
             checkpoint_config=config.checkpoint,
             sd_adapter=adapter,
             base_folder=config.job.dump_folder,
-            optional_entries=(RNG, GUARD),
+            optional_entries=(RNG, GUARD, SPIKES),
             publish_delay_s=config.debug.checkpoint_publish_delay_s,
         )
 
@@ -167,16 +177,142 @@ class SwallowTrainer(Trainer):
         loss_bad, grad_bad, stop = self._agree(
             ~torch.isfinite(loss), ~torch.isfinite(grad_norm), self.preemption.requested
         )
-        if self.guard.judge(self.step, not loss_bad, not grad_bad):
+        apply = self.guard.judge(self.step, not loss_bad, not grad_bad)
+        spike = self._judge_spike(loss, grad_norm, microbatches) if apply else None
+        if spike is not None and spike["action"] != "log":
+            apply = False
+        if apply:
             self.checkpointer.maybe_wait_for_staging()
             self.optimizers.step()
         else:
             self.optimizers.zero_grad()  # drop the poisoned gradients
+        if spike is not None and spike["action"] == "rollback":
+            self._rollback = spike  # train() reloads; this step is not logged
+            return stop
+        if spike is not None:
+            self.spikes.record(spike)
+            self._log_spike(self.step, spike)
         self.lr_schedulers.step()
 
         if self.metrics_processor.should_log(self.step):
             self._log_step(loss, grad_norm, lr, local_tokens, global_tokens)
         return stop
+
+    # ------------------------------------------------------------ loss spikes
+
+    def _judge_spike(
+        self, loss: torch.Tensor, grad_norm: torch.Tensor, microbatches: list[Batch]
+    ) -> dict[str, Any] | None:
+        """The spike event of this (finite) step, or None; decided alike on every rank.
+
+        The global loss is this rank's share summed over the data-parallel
+        ranks (as logged), then the MAX over all ranks, so that pipeline stages
+        without the loss (-1) judge the same value.
+        """
+        if not self.spikes.enabled:
+            return None
+        dims = self.parallel_dims
+        mesh = dims.get_optional_mesh("loss") if dims.dp_cp_enabled else None
+        global_loss = dist_utils.dist_sum(loss, mesh)
+        values = torch.tensor([global_loss, float(grad_norm)], dtype=torch.float64)
+        if dist.is_initialized():
+            values = values.to(self.device)
+            dist.all_reduce(values, op=dist.ReduceOp.MAX)
+        loss_value, norm_value = values.tolist()
+        event = self.spikes.judge(self.step, {"loss": loss_value, "grad_norm": norm_value})
+        if event is None:
+            return None
+        event["data_batch"] = self.dataloader.batches_consumed()
+        event["domain_losses"] = self._domain_losses(microbatches)
+        if event["action"] == "rollback" and self.checkpointer.newest_step() is None:
+            logger.warning(
+                f"step {self.step}: no checkpoint to roll back to yet; skipping the "
+                "update instead"
+            )
+            event["action"] = "skip"
+            self.spikes.skipped_steps += 1
+        return event
+
+    def _domain_losses(self, microbatches: list[Batch]) -> dict[str, float]:
+        """Training loss per ``[[data.sources]]`` domain of this step's batch, with
+        the weights before the update: one extra forward per microbatch and
+        domain, without gradients (only when a spike is seen). Not under
+        pipeline parallelism (returns {})."""
+        if self.parallel_dims.pp_enabled or not hasattr(self.dataloader, "last_step_sources"):
+            return {}
+        domain_of = {s.name: s.domain for s in self.job_config.data.sources}
+        domains = sorted(set(domain_of.values()))
+        sums = torch.zeros(len(domains), 2, dtype=torch.float64, device=self.device)
+        model = self.model_parts[0]
+        with torch.no_grad():
+            for (inputs, labels), rows in zip(microbatches, self.dataloader.last_step_sources()):
+                for d, domain in enumerate(domains):
+                    keep = torch.tensor([domain_of[r] == domain for r in rows])
+                    masked = labels.masked_fill(~keep.unsqueeze(1), IGNORE_INDEX).to(self.device)
+                    input_dict = {k: v.to(self.device) for k, v in inputs.items()}
+                    if LABELS_KEY in input_dict:
+                        input_dict[LABELS_KEY] = masked  # the fused loss reads them here
+                    x, y, extra_inputs, extra_kwargs = self.post_dataloading_process(
+                        input_dict, masked
+                    )
+                    with self.train_context(), self.maybe_enable_amp:
+                        loss_sum = _full(self.loss_fn(model(x, **extra_inputs, **extra_kwargs), y))
+                    sums[d, 0] += loss_sum.double()
+                    sums[d, 1] += (y != IGNORE_INDEX).sum()
+        dims = self.parallel_dims
+        if dims.dp_cp_enabled:
+            # Token sums over the data- (and context-) parallel ranks, as for the loss.
+            dist.all_reduce(sums, group=dims.get_mesh("loss").get_group())
+        return {
+            domain: float(total / count)
+            for domain, (total, count) in zip(domains, sums.tolist())
+            if count > 0
+        }
+
+    def _log_spike(self, step: int, event: dict[str, Any]) -> None:
+        """A spike event to the run log and TensorBoard (scalars and a note) at ``step``."""
+        scalars: dict[str, float] = {
+            "spike/step": event["step"],
+            "spike/action": SPIKE_ACTION_CODES[event["action"]],
+            "spike/data_batch": event["data_batch"],
+            "spike/count": len(self.spikes.events),
+            "spike/rollbacks": self.spikes.rollbacks,
+        }
+        for metric, found in event["spikes"].items():
+            scalars[f"spike/{metric}"] = found["value"]
+            scalars[f"spike/{metric}_median"] = found["median"]
+            scalars[f"spike/{metric}_score"] = found["score"]
+        for domain, value in event["domain_losses"].items():
+            scalars[f"spike/domain/{domain}/loss"] = value
+        if event["action"] == "rollback":
+            scalars["spike/rolled_back_to"] = event["rolled_back_to"]
+            first, last = event["skipped_batches"]
+            scalars["spike/skipped_batches"] = last - first + 1
+        self.metrics_processor.log_event(step, scalars, ("guard/spikes", describe_spike(event)))
+
+    def _roll_back(self, event: dict[str, Any]) -> None:
+        """Reload the newest checkpoint but keep the data position (past the
+        spike's batch): the batches since the checkpoint are skipped. The
+        checkpoint is then written again with that position and the event, so
+        a kill from now on resumes past the skipped data."""
+        data_state = self.dataloader.state_dict()
+        back_to = self.checkpointer.newest_step()
+        assert back_to is not None  # checked when the spike was judged
+        self.checkpointer.load(step=back_to)
+        first_skipped = self.dataloader.batches_consumed() + 1
+        self.dataloader.load_state_dict(data_state)
+        event["rolled_back_to"] = back_to
+        event["skipped_batches"] = [first_skipped, self.dataloader.batches_consumed()]
+        self.spikes.record(event)
+        logger.warning(
+            f"step {event['step']}: rolled back to {step_folder_name(back_to)}; data batches "
+            f"{first_skipped}-{event['skipped_batches'][1]} are skipped; training goes on "
+            f"at step {self.step + 1}"
+        )
+        self.checkpointer.save_now(self.step)
+        # The curves and the run log restart at the reloaded step, as after a restart.
+        self.metrics_processor.start(self.step + 1)
+        self._log_spike(self.step, event)
 
     def _agree(self, *flags: torch.Tensor | bool) -> list[bool]:
         """Each flag, OR-ed over all ranks: one all-reduce, one host sync."""
@@ -207,7 +343,7 @@ class SwallowTrainer(Trainer):
         extra: dict[str, float] = {
             "train/lr": lr,
             "train/tokens_seen": tokens_seen,
-            "train/skipped_steps": self.guard.skipped_steps,
+            "train/skipped_steps": self.guard.skipped_steps + self.spikes.skipped_steps,
         }
         z_loss = _z_loss_per_token(mesh)
         if z_loss is not None:
@@ -246,6 +382,12 @@ class SwallowTrainer(Trainer):
                 except DataloaderExhaustedError:
                     logger.warning("Ran out of data; the last step was not taken.")
                     break
+                if self._rollback is not None:
+                    data_iterator.close()  # ends its worker processes, if any
+                    self._roll_back(self._rollback)
+                    self._rollback = None
+                    data_iterator = self.batch_generator(self.dataloader)
+                    continue
                 self._save_checkpoint(forced=stop)
                 if config.validation.enable and self.validator.should_validate(self.step):
                     self.validator.validate(self.model_parts, self.step)

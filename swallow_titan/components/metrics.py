@@ -280,6 +280,9 @@ class SwallowMetricsProcessor(MetricsProcessor):
             if self.run_log is not None:
                 self.run_log.close()
             self.run_log = RunLog(self.run_log_path(), first_step)
+        if self.writer is not None:
+            self.writer.close()  # a rollback restarts the curves in-process
+            self.writer = None
         if not (self.job_config.metrics.enable_tensorboard and self._logs_here()):
             return
         self.writer = _Writer(self.tensorboard_folder(), first_step)
@@ -397,6 +400,17 @@ class SwallowMetricsProcessor(MetricsProcessor):
         if scalars.get(SCALARS["skipped_steps"]):
             line += f"  {c.red}skipped: {int(scalars[SCALARS['skipped_steps']])}"
         return line + c.reset
+
+    # ---------------------------------------------------------- guard events
+
+    def log_event(self, step: int, scalars: dict[str, float], text: tuple[str, str]) -> None:
+        """An event of the ``[guard]`` (a loss spike): scalars to TensorBoard,
+        the run log and the other backends, plus a markdown ``(tag, text)``
+        note in TensorBoard."""
+        self._emit(scalars, step)
+        if self.writer is not None:
+            self.writer.text(*text, step)
+            self.writer.flush()
 
     # --------------------------------------------------------- validation logs
 

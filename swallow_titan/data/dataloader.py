@@ -28,6 +28,7 @@ batch.
 from __future__ import annotations
 
 import json
+from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
@@ -101,6 +102,9 @@ class SlotDataLoader(BaseDataLoader):
         self._consumed: dict[int, dict[str, Any]] = {
             j: fresh_slot_state(spec, j) for j in self.slots
         }
+        # Source names of the rows of the last microbatches handed out, one
+        # global batch's worth (read by the trainer's spike events).
+        self._recent_rows: deque[list[str]] = deque(maxlen=self.microsteps)
         self._epochs_logged: dict[str, int] = {}
         self._stops_logged: set[str] = set()
         self._stage_logged = -1
@@ -126,6 +130,7 @@ class SlotDataLoader(BaseDataLoader):
                 rows = [windows[j] for j in self.slots[a * b : (a + 1) * b]]
                 for window in rows:
                     self._consume(window)
+                self._recent_rows.append([self.spec.sources[w.source].name for w in rows])
                 yield rows
 
     def _global_batches(self) -> Iterator[dict[int, SlotWindow]]:
@@ -191,6 +196,16 @@ class SlotDataLoader(BaseDataLoader):
                 )
 
     # -- metrics ------------------------------------------------------------
+
+    def last_step_sources(self) -> list[list[str]]:
+        """The source name of every row of the last ``microsteps`` microbatches
+        handed out (the last optimizer step's, when read after the step has
+        drawn them), microbatch by microbatch."""
+        return [list(rows) for rows in self._recent_rows]
+
+    def batches_consumed(self) -> int:
+        """Global batches handed to training so far (the data position)."""
+        return self._consumed[self.slots[0]]["batch"]
 
     def consumed_states(self) -> list[dict[str, Any]]:
         """Each owned slot's state after the last window handed to training."""
