@@ -50,6 +50,7 @@ from swallow_titan.components.guard import (
     NonfiniteError,
     NonfiniteGuard,
     NonfiniteInjector,
+    SPIKES_ENTRY,
     SpikeGuard,
     describe_spike,
     state_is_finite,
@@ -61,8 +62,6 @@ from swallow_titan.runtime.ranks import process_rank
 
 # Checkpoint entry of the guard's counters (skipped steps).
 GUARD = "guard"
-# Checkpoint entry of the spike guard (rolling windows, events, rollbacks).
-SPIKES = "spikes"
 # spike/action in the run log and TensorBoard.
 SPIKE_ACTION_CODES = {"log": 1, "skip": 2, "rollback": 3}
 
@@ -129,12 +128,12 @@ class SwallowTrainer(Trainer):
                 "train_state": self,
                 RNG: RngState(rank, device_type),
                 GUARD: self.guard,
-                SPIKES: self.spikes,
+                SPIKES_ENTRY: self.spikes,
             },
             checkpoint_config=config.checkpoint,
             sd_adapter=adapter,
             base_folder=config.job.dump_folder,
-            optional_entries=(RNG, GUARD, SPIKES),
+            optional_entries=(RNG, GUARD, SPIKES_ENTRY),
             publish_delay_s=config.debug.checkpoint_publish_delay_s,
         )
 

@@ -23,6 +23,7 @@ from support.tensorboard import events
 from swallow_titan.checkpoint.dcp_reader import DCPCheckpoint
 from swallow_titan.checkpoint.integrity import write_manifest
 from swallow_titan.components.guard import (
+    SPIKES_ENTRY,
     SpikeDetector,
     SpikeError,
     SpikeGuard,
@@ -219,7 +220,7 @@ def test_the_poisoned_step_alone_is_a_spike_with_its_domain_losses(skip_run):
     assert "action: skip" in note.tensor_proto.string_val[0].decode()
     # The checkpoint holds the event (what the model card reads).
     ckpt = DCPCheckpoint(folder / "checkpoint" / f"step-{STEPS}")
-    (saved,) = spike_events(ckpt.read_entry("spikes"))
+    (saved,) = spike_events(ckpt.read_entry(SPIKES_ENTRY))
     assert saved["step"] == SPIKE and saved["domain_losses"]["junk"] == pytest.approx(junk)
 
 
@@ -290,10 +291,16 @@ def test_rollback_equals_a_run_that_never_saw_the_window_even_after_a_sigkill(
     assert (event["step"], event["spike/step"], event["spike/action"]) == (back_to, SPIKE, 3)
     assert event["spike/rolled_back_to"] == back_to and event["spike/skipped_batches"] == 2
     (saved,) = spike_events(
-        DCPCheckpoint(tmp_path / "run" / "checkpoint" / f"step-{STEPS}").read_entry("spikes")
+        DCPCheckpoint(tmp_path / "run" / "checkpoint" / f"step-{STEPS}").read_entry(SPIKES_ENTRY)
     )
     assert saved["skipped_batches"] == [13, 14] and saved["rolled_back_to"] == back_to
     assert "data batches 13-14 skipped" in describe_spike(saved)
+    # The export's model card reads the same events from the checkpoint.
+    from swallow_titan.hf.export import training_summary
+    from swallow_titan.hf.run_record import RunRecord
+
+    checkpoint = DCPCheckpoint(tmp_path / "run" / "checkpoint" / f"step-{STEPS}")
+    assert training_summary(checkpoint, RunRecord(hf_config={}), None).spike_events == [saved]
 
 
 @pytest.mark.slow

@@ -149,10 +149,8 @@ MAD_TO_STD = 1.4826
 # The spread is never taken below this fraction of the median: a window of
 # nearly equal values would otherwise flag any tiny rise.
 MIN_RELATIVE_SPREAD = 1e-3
-# The statistics the detector can watch, by their name in [guard] spike_metrics.
-SPIKE_METRICS = ("loss", "grad_norm")
-# Values of [guard] on_spike.
-SPIKE_ACTIONS = ("off", "log", "skip", "rollback")
+# The checkpoint entry of the spike guard's state (rolling windows, events).
+SPIKES_ENTRY = "spikes"
 
 
 class SpikeError(RuntimeError):
@@ -327,7 +325,7 @@ class SpikeGuard:
 
 
 def spike_events(state: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """The spike events in a checkpoint's ``spikes`` entry (``[]`` if it has none)."""
+    """The spike events in a checkpoint's ``SPIKES_ENTRY`` entry (``[]`` if it has none)."""
     if not state or "state" not in state:
         return []
     raw = state["state"]
