@@ -121,7 +121,7 @@ def hyperparameters(job_config: Any, world_size: int) -> dict[str, Any]:
         "parallelism.data_parallel_replicate_degree",
         "parallelism.data_parallel_shard_degree",
         "parallelism.tensor_parallel_degree", "parallelism.pipeline_parallel_degree",
-        "parallelism.context_parallel_degree", "guard.on_nonfinite",
+        "parallelism.context_parallel_degree", "guard.on_nonfinite", "guard.on_spike",
     )
     values: dict[str, Any] = {"world_size": world_size}
     for key in keys:
