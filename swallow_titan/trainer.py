@@ -13,13 +13,20 @@ building, parallelism, forward/backward, the dataloader loop — is inherited):
   token count at the start of the step), so the GPU only idles while the
   optimizer's first kernels are launched, well under a millisecond against
   steps of seconds.
+- Loss spikes (``[guard] on_spike``, :class:`SpikeGuard`): with the finite
+  verdict, the global loss (one more all-reduce) and gradient norm go to the
+  spike detector; a spike's event gets the per-domain losses of the step's
+  batch (an extra forward without gradients, only then). "skip" drops the
+  update like a non-finite step; "rollback" is carried out by ``train``:
+  reload the newest checkpoint, keep the data position (the batches since the
+  checkpoint are skipped), write that checkpoint again, restart the curves.
 - ``train``: the loop writes a full checkpoint and ends after the step in
   which a stop signal arrived, never writes a checkpoint whose parameters or
   optimizer state are not finite, opens TensorBoard at the first step of
   this attempt, and shortens process-group timeouts after the first step of
   every attempt (torchtitan: only after step 1, so never on resume).
 - Checkpoints are written by :class:`AtomicCheckpointManager` and include the
-  random generators and the guard's counters.
+  random generators, the guard's counters and the spike guard's state.
 - ``[eval]``: downstream evaluation (lm-eval) after validation, every
   ``eval.freq`` steps and after the last one (:mod:`swallow_titan.eval.in_loop`).
 """

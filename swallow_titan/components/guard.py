@@ -1,4 +1,4 @@
-"""The numerical guard: what a step with a NaN/Inf loss or gradient norm does.
+"""The guard: what a step with a NaN/Inf loss or gradient norm, or a loss spike, does.
 
 Every step, after the gradients are clipped and before the optimizer runs,
 the trainer asks every rank whether its loss and the (global) gradient norm
@@ -15,6 +15,15 @@ answer to :class:`NonfiniteGuard`, which applies the ``[guard]`` policy:
 Either way the model and optimizer never see the bad update, and the trainer
 checks the state is finite before it writes any checkpoint
 (:func:`state_is_finite`).
+
+Loss spikes (:class:`SpikeGuard`, ``[guard] on_spike``): a finite step whose
+global loss or gradient norm lies more than ``spike_threshold`` robust
+standard deviations above the median of its rolling window
+(:class:`SpikeDetector`) is logged, skipped like a non-finite step, or rolled
+back (the trainer reloads the newest checkpoint and keeps the data position,
+so the batches since it are skipped). The windows, the events and the
+rollback count are checkpointed (entry ``SPIKES_ENTRY``). docs/stability.md
+describes the policy and where the events go.
 """
 
 from __future__ import annotations
