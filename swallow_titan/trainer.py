@@ -235,8 +235,7 @@ class SwallowTrainer(Trainer):
                 f"step {self.step}: no checkpoint to roll back to yet; skipping the "
                 "update instead"
             )
-            event["action"] = "skip"
-            self.spikes.skipped_steps += 1
+            self.spikes.skip_instead(event)
         return event
 
     def _domain_losses(self, microbatches: list[Batch]) -> dict[str, float]:
@@ -244,7 +243,7 @@ class SwallowTrainer(Trainer):
         the weights before the update: one extra forward per microbatch and
         domain, without gradients (only when a spike is seen). Not under
         pipeline parallelism (returns {})."""
-        if self.parallel_dims.pp_enabled or not hasattr(self.dataloader, "last_step_sources"):
+        if self.parallel_dims.pp_enabled:
             return {}
         domain_of = {s.name: s.domain for s in self.job_config.data.sources}
         domains = sorted(set(domain_of.values()))

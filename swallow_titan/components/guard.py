@@ -303,6 +303,11 @@ class SpikeGuard:
         logger.warning(f"step {step}: loss spike: {what}; action: {self.action}")
         return event
 
+    def skip_instead(self, event: dict[str, Any]) -> None:
+        """Turn a rollback ``event`` into a skip (there is no checkpoint to go back to)."""
+        event["action"] = "skip"
+        self.skipped_steps += 1
+
     def record(self, event: dict[str, Any]) -> None:
         """Keep ``event`` (completed by the trainer) in the checkpointed history."""
         if event["action"] == "rollback":
