@@ -309,15 +309,15 @@ class SwallowTrainer(Trainer):
         event["rolled_back_to"] = back_to
         event["skipped_batches"] = [first_skipped, self.dataloader.batches_consumed()]
         self.spikes.record(event)
+        self.checkpointer.save_now(self.step)
+        # The curves and the run log restart at the reloaded step, as after a restart.
+        self.metrics_processor.start(self.step + 1)
+        self._log_spike(self.step, event)
         logger.warning(
             f"step {event['step']}: rolled back to {step_folder_name(back_to)}; data batches "
             f"{first_skipped}-{event['skipped_batches'][1]} are skipped; training goes on "
             f"at step {self.step + 1}"
         )
-        self.checkpointer.save_now(self.step)
-        # The curves and the run log restart at the reloaded step, as after a restart.
-        self.metrics_processor.start(self.step + 1)
-        self._log_spike(self.step, event)
 
     def _agree(self, *flags: torch.Tensor | bool) -> list[bool]:
         """Each flag, OR-ed over all ranks: one all-reduce, one host sync."""

@@ -273,15 +273,20 @@ def test_rollback_equals_a_run_that_never_saw_the_window_even_after_a_sigkill(
                 "--guard.on_spike", "rollback", "--checkpoint.enable", "true",
                 "--checkpoint.interval", "4")
     run = TrainingProcess(tmp_path / "run", *rollback, config=poisoned)
+    # The message comes after the checkpoint is written again and the run log
+    # restarted, so the step waited for is the first one after the rollback.
     run.wait_for(lambda: "rolled back to step-12" in run.output, "the rollback")
-    run.wait_for_step(back_to + 1)  # after the rollback and its re-saved checkpoint
+    run.wait_for_step(back_to + 1)
     run.kill()
     killed = run.wait()
     assert STEPS not in killed.losses, "the run finished before it was killed"
     assert "step 14: rolled back to step-12; data batches 13-14 are skipped" in killed.output
 
     resumed = run_training(tmp_path / "run", *rollback, config=poisoned).check()
+    # From the checkpoint written again at the rollback: past the skipped data,
+    # so the poisoned batch is not met again.
     assert f"Loading the checkpoint from {tmp_path / 'run'}/checkpoint/step-12" in resumed.output
+    assert "loss spike" not in resumed.output
     # Bit for bit: before the checkpoint the skip run's losses, after it the
     # losses of the model that never saw the window. series() refuses a step
     # logged twice, so the run log holds each step once.
