@@ -40,6 +40,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import record
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from torchtitan.components.dataloader import DataloaderExhaustedError
 from torchtitan.components.loss import IGNORE_INDEX
@@ -264,6 +265,13 @@ class SwallowTrainer(Trainer):
                         loss_sum = _full(self.loss_fn(model(x, **extra_inputs, **extra_kwargs), y))
                     sums[d, 0] += loss_sum.double()
                     sums[d, 1] += (y != IGNORE_INDEX).sum()
+        # FSDP keeps the root's parameters gathered after a forward (a backward
+        # normally follows); without one they would stay gathered, and the
+        # optimizer's parameters would no longer be the model's (a rollback's
+        # checkpoint load then fails to map them).
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
         dims = self.parallel_dims
         if dims.dp_cp_enabled:
             # Token sums over the data- (and context-) parallel ranks, as for the loss.

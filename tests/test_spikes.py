@@ -140,33 +140,24 @@ SPIKE = 14  # the poisoned step
 STEPS = 16
 WINDOW = "8"  # the default threshold (6), a window a short run fills
 
-POISON_TOML = """
+JUNK_SOURCE = """
 [[data.sources]]
 name = "junk"
 domain = "junk"
 weight = 0.2
 path = "{junk}"
-
-[[data.stages]]
-name = "clean"
-until_step = {before}
-weights = {{ ja_sample = 0.5, en_sample = 0.5 }}
-
-[[data.stages]]
-name = "poison"
-until_step = {spike}
-weights = {{ en_sample = 0.25, junk = 0.75 }}
-
-[[data.stages]]
-name = "clean_again"
-weights = {{ ja_sample = 0.5, en_sample = 0.5 }}
 """
+STAGE = """
+[[data.stages]]
+name = "{name}"
+{until}weights = {{ {weights} }}
+"""
+CLEAN = "ja_sample = 0.5, en_sample = 0.5"
+POISON = "en_sample = 0.25, junk = 0.75"  # 6 junk and 2 en windows of 8
 
 
-@pytest.fixture(scope="module")
-def poisoned(tmp_path_factory) -> Path:
-    """The tiny config with a junk source read only at step SPIKE."""
-    folder = tmp_path_factory.mktemp("poisoned")
+def poisoned_config(folder: Path, poisoned_batches: list[int]) -> Path:
+    """The tiny config with a junk source that only ``poisoned_batches`` read."""
     rng = random.Random(0)
     alphabet = [chr(c) for c in (*range(0x21, 0x7F), *range(0x3041, 0x3097), *range(0x4E00, 0x50F4))]
     junk = folder / "junk.jsonl"
@@ -174,11 +165,20 @@ def poisoned(tmp_path_factory) -> Path:
         json.dumps({"text": "".join(rng.choice(alphabet) for _ in range(400))}) + "\n"
         for _ in range(100)
     ))
+    stages = ""
+    for i, batch in enumerate(poisoned_batches):
+        stages += STAGE.format(name=f"clean{i}", until=f"until_step = {batch - 1}\n", weights=CLEAN)
+        stages += STAGE.format(name=f"poison{i}", until=f"until_step = {batch}\n", weights=POISON)
+    stages += STAGE.format(name="clean", until="", weights=CLEAN)
     config = folder / "job.toml"
-    config.write_text(
-        TINY_CONFIG.read_text() + POISON_TOML.format(junk=junk, before=SPIKE - 1, spike=SPIKE)
-    )
+    config.write_text(TINY_CONFIG.read_text() + JUNK_SOURCE.format(junk=junk) + stages)
     return config
+
+
+@pytest.fixture(scope="module")
+def poisoned(tmp_path_factory) -> Path:
+    """The tiny config with a junk source read only at step SPIKE."""
+    return poisoned_config(tmp_path_factory.mktemp("poisoned"), [SPIKE])
 
 
 def _train(folder: Path, config: Path, *overrides: str):
@@ -309,11 +309,24 @@ def test_rollback_equals_a_run_that_never_saw_the_window_even_after_a_sigkill(
 
 
 @pytest.mark.slow
-def test_a_spike_after_max_rollbacks_stops_with_status_6(poisoned, tmp_path):
-    result = _train(tmp_path / "run", poisoned, "--guard.on_spike", "rollback",
-                    "--guard.max_rollbacks", "0", "--checkpoint.enable", "true",
-                    "--checkpoint.interval", "100")
+@pytest.mark.distributed
+def test_under_fsdp_a_spike_after_max_rollbacks_stops_with_status_6(tmp_path):
+    """Two poisoned batches, FSDP over 2 processes, max_rollbacks = 1: the first
+    spike rolls back (an in-process checkpoint load after the domain losses'
+    extra forward), the second ends the run with status 6. Data batch 18 is
+    trained at step 16, two batches having been skipped."""
+    config = poisoned_config(tmp_path, [SPIKE, 18])
+    result = run_training(tmp_path / "run", "--training.steps", "20",
+                          "--guard.spike_window", WINDOW, "--guard.on_spike", "rollback",
+                          "--guard.max_rollbacks", "1", "--checkpoint.enable", "true",
+                          "--checkpoint.interval", "4", nproc=2, config=config)
     assert ExitCode.SPIKES == 6
     assert re.search(r"exitcode\s*:\s*6\b", result.output), result.output[-3000:]
-    assert "step 14: loss spike" in result.output and "max_rollbacks = 0" in result.output
-    assert sorted(result.losses) == list(range(1, SPIKE))
+    assert "step 14: rolled back to step-12; data batches 13-14 are skipped" in result.output
+    assert "step 16: loss spike" in result.output
+    assert "after 1 rollback(s) ([guard] max_rollbacks = 1); stopping" in result.output
+    assert sorted(series(result.history, "train/loss")) == list(range(1, 16))
+    (event,) = _events(result.history)
+    junk, en = event["spike/domain/junk/loss"], event["spike/domain/en/loss"]
+    # Per-domain sums over both ranks: they average to the step's global loss.
+    assert (6 * junk + 2 * en) / 8 == pytest.approx(event["spike/loss"], rel=1e-5)
