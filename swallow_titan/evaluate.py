@@ -120,7 +120,7 @@ def build_model(source: ModelSource, max_length: int, dtype: torch.dtype, device
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     from swallow_titan.hf.weights import load_hf_weights
-    from swallow_titan.components.start_rule import load_dcp_model_weights
+    from swallow_titan.checkpoint.model_weights import load_dcp_model_weights
     from swallow_titan.model.transformer import SwallowTransformer
 
     args = replace(source.args, max_seq_len=max_length)

@@ -32,6 +32,7 @@ from swallow_titan.components.guard import (
     spike_events,
 )
 from swallow_titan.config.errors import ExitCode
+from swallow_titan.data.dataloader import LabelsInInputs
 
 # ------------------------------------------------------------------ units
 
@@ -132,6 +133,9 @@ def test_the_loader_names_each_rows_source_and_its_position():
     # The schedule gives each of two equal sources half of every batch.
     assert sorted(sum(rows, [])) == ["en"] * 4 + ["ja"] * 4
     assert loader.batches_consumed() == 2
+    # The fused loss's wrapper (labels in the inputs) answers the same.
+    wrapped = LabelsInInputs(loader)
+    assert (wrapped.last_step_sources(), wrapped.batches_consumed()) == (rows, 2)
 
 
 # ------------------------------------------------------------------ end to end

@@ -290,14 +290,15 @@ class SpikeGuard:
                 "losses are in the log above), then resume or raise max_rollbacks."
             )
         if self.action == "skip":
-            self.consecutive_skips += 1
-            if self.consecutive_skips >= self.max_consecutive_skips:
+            streak = self.consecutive_skips + 1
+            if streak >= self.max_consecutive_skips:
                 raise SpikeError(
-                    f"step {step}: loss spike ({what}) for {self.consecutive_skips} steps "
+                    f"step {step}: loss spike ({what}) for {streak} steps "
                     f"in a row ([guard] max_consecutive_skips = {self.max_consecutive_skips}); "
                     "stopping: this is a change of level, not a spike. Resume from the last "
                     'checkpoint with on_spike = "log", or check the data.'
                 )
+            self.consecutive_skips = streak
             self.skipped_steps += 1
         event: dict[str, Any] = {"step": step, "action": self.action, "spikes": spikes}
         logger.warning(f"step {step}: loss spike: {what}; action: {self.action}")

@@ -13,7 +13,7 @@ plus two options from ``[kernels]``:
   tensor parallel's vocabulary-sharded weight is used where it lies.
 
 The labels reach the model as an extra key of the dataloader's input dict
-(``swallow_titan.components.loss.LabelsInInputs``); torchtitan passes every key but
+(``swallow_titan.data.dataloader.LabelsInInputs``); torchtitan passes every key but
 "input" to the model's forward; validation adds them the same way. Without
 ``labels`` the model returns logits as usual (generation, HF export checks).
 """
