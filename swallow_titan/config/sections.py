@@ -121,6 +121,13 @@ class Model:
     attn_mask_type: Literal["causal", "block_causal"] = "causal"
     """"block_causal" masks attention across documents (needs flex or varlen)."""
 
+    tokenizer_kind: Literal["auto", "llama3", "qwen"] = "auto"
+    """The tokenizer family in ``hf_assets_path`` and so the document framing:
+    "llama3" (tiktoken; BOS + doc + EOS), "qwen" (Qwen2/2.5/3 tokenizer.json;
+    doc + <|endoftext|>, no BOS). "auto" reads it from the file: a
+    tokenizer.model, or a tokenizer.json with <|begin_of_text|>, is llama3; a
+    tokenizer.json with <|endoftext|> and no <|begin_of_text|> is qwen."""
+
 
 @dataclass
 class Checkpoint:

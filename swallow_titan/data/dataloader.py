@@ -56,7 +56,7 @@ from swallow_titan.data.slots import (
     iter_slot_batches,
 )
 from swallow_titan.data.sources import source_files
-from swallow_titan.data.tokenizer import Llama3Tokenizer
+from swallow_titan.data.tokenizer import DocumentTokenizer
 
 Batch = tuple[dict[str, torch.Tensor], torch.Tensor]
 
@@ -347,7 +347,7 @@ def global_batch_size(job_config, dp_world_size: int) -> int:
 def build_dataloader(
     dp_world_size: int,
     dp_rank: int,
-    tokenizer: Llama3Tokenizer,
+    tokenizer: DocumentTokenizer,
     job_config,
     **kwargs,
 ) -> SlotDataLoader:
@@ -433,7 +433,7 @@ def build_training_dataloader(
 
 def held_out_batches(
     source: DataSource,
-    tokenizer: Llama3Tokenizer,
+    tokenizer: DocumentTokenizer,
     *,
     seq_len: int,
     sequences: int,
