@@ -28,7 +28,9 @@ building, parallelism, forward/backward, the dataloader loop — is inherited):
 - Checkpoints are written by :class:`AtomicCheckpointManager` and include the
   random generators, the guard's counters and the spike guard's state.
 - ``[eval]``: downstream evaluation (lm-eval) after validation, every
-  ``eval.freq`` steps and after the last one (:mod:`swallow_titan.eval.in_loop`).
+  ``eval.freq`` steps and after the last one (:mod:`swallow_titan.eval.in_loop`);
+  a restart first runs the evaluation of the step it resumes from if that
+  one has no result (the run stopped during it).
 """
 
 from __future__ import annotations
@@ -382,6 +384,10 @@ class SwallowTrainer(Trainer):
         first_step = self.step + 1
         self.metrics_processor.start(first_step)
         logger.info(f"Training starts at step {first_step} of {config.training.steps}")
+        if self.evaluator is not None and self._agree(self.evaluator.missing_evaluation(self.step))[0]:
+            # The run stopped during the evaluation of the step it resumes from.
+            logger.info(f"[eval] the evaluation of step {self.step} has no result: running it first")
+            self.evaluator.evaluate(self.step)
 
         with (
             profiling_context(

@@ -212,6 +212,18 @@ class Debug:
     """Sleep this long after a checkpoint is written and before it is published
     (lets tests kill a run in the middle of a save)."""
 
+    inject_eval_failure_at_steps: list[int] = field(default_factory=list)
+    """Make ``[eval]`` fail at these steps on rank ``inject_eval_failure_rank``
+    only, while it reads its first batch's logits (tests that every rank
+    leaves the evaluation together)."""
+
+    inject_eval_failure_rank: int = 0
+    """The rank ``inject_eval_failure_at_steps`` fails on."""
+
+    eval_delay_s: float = 0.0
+    """Sleep this long at the start of every ``[eval]`` evaluation (lets tests
+    kill a run during one)."""
+
 
 @dataclass
 class Kernels:

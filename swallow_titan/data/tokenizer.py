@@ -58,6 +58,11 @@ _NAMED_SPECIAL_TOKENS = (
     "<|python_tag|>",
 )
 
+# Where generation ends: Llama-3.1-Instruct's generation_config.json
+# ``eos_token_id`` list (end of text, end of message, end of turn), at which
+# transformers' ``generate`` (lm-eval's ``hf`` model) stops.
+END_OF_GENERATION_TOKENS = (EOS_TOKEN, "<|eom_id|>", "<|eot_id|>")
+
 # tiktoken needs a long run of identical characters cut into pieces, or its
 # regex engine panics (pyo3 PanicException, not an Exception) at about 1M spaces.
 _MAX_CHARS_PER_PIECE = 100_000
@@ -285,6 +290,11 @@ class Llama3Tokenizer(BaseTokenizer):
 
     def get_vocab_size(self) -> int:
         return self.n_words
+
+    @property
+    def end_of_generation_ids(self) -> list[int]:
+        """Ids at which generation stops (:data:`END_OF_GENERATION_TOKENS` this vocabulary has)."""
+        return [self.special_tokens[t] for t in END_OF_GENERATION_TOKENS if t in self.special_tokens]
 
 
 def _split_long_text(text: str) -> Iterable[str]:

@@ -479,6 +479,14 @@ SEAMS: tuple[Seam, ...] = (
         "parsing each file with lm-eval's own loader (its !function tags) names it.",
         params=("path",),
     ),
+    Seam(
+        "lm_eval.tasks._index.Entry",
+        "private",
+        "swallow_titan.eval.tasks._all_own",
+        "Which task index a task list needs: a local group's members are read from its "
+        "index entry's parsed YAML (cfg), before anything is built.",
+        params=("name", "kind", "yaml_path", "cfg"),
+    ),
 )
 
 
