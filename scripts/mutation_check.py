@@ -301,8 +301,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     # -------------------------------------------------- HF mapping and RoPE settings
     Mutation(
         "hf-permutation-ignores-gqa", "swallow_titan/hf/weights.py",
-        "return Llama3StateDictAdapter(args, None)",
-        "return Llama3StateDictAdapter(replace(args, n_kv_heads=args.n_heads), None)",
+        "return family_of_args(args).state_dict_adapter(args, None)",
+        "return family_of_args(args).state_dict_adapter(replace(args, n_kv_heads=args.n_heads), None)",
         HF, "the q/k RoPE permutation treats k as having every head",
     ),
     Mutation(

@@ -70,16 +70,16 @@ DEVICE_BOUND = [
 ]
 
 
-def recipe_with_local_data(tmp_path: Path) -> Path:
+def recipe_with_local_data(tmp_path: Path, recipe: Path = RECIPE) -> Path:
     """The recipe's text with its data sources and validation sets (placeholder
     paths and hub datasets) replaced by the shipped samples; nothing else changed."""
-    text = RECIPE.read_text()
+    text = recipe.read_text()
     sources = re.compile(r"^\[\[data\.sources\]\].*?(?=^\[parallelism\])", re.M | re.S)
     sets = re.compile(r"^\[\[validation\.sets\]\].*?(?=^\[guard\])", re.M | re.S)
     assert sources.search(text) and sets.search(text), "recipe layout changed"
     text = sources.sub(lambda _: SOURCES, text, count=1)
     text = sets.sub(lambda _: VALIDATION_SETS, text, count=1)
-    path = tmp_path / "swallow_8b_v05_cpu.toml"
+    path = tmp_path / f"{recipe.stem}_cpu.toml"
     path.write_text(text)
     return path
 

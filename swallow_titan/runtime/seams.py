@@ -26,6 +26,7 @@ itself and needs no patch). The CPU shims they install live in
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import inspect
@@ -84,6 +85,61 @@ SEAMS: tuple[Seam, ...] = (
         "get_device_properties, reset_peak_memory_stats, empty_cache, memory_stats, "
         "max_memory_allocated, current_device); torchtitan.distributed.utils and "
         "components.metrics copy it by name at import, after the patch.",
+    ),
+    Seam(
+        "torch.histc",
+        "patch",
+        "swallow_titan.runtime.seams.select_device",
+        "On CPU wrapped by device.integer_histc_on_cpu: torchtitan's MoE router and "
+        "reorderer (torchtitan.models.moe.moe) histogram int64 expert indices, which "
+        "only CUDA's histc takes.",
+    ),
+    Seam(
+        "torchtitan.models.moe.utils.generate_permute_indices",
+        "patch",
+        "swallow_titan.runtime.seams.use_cpu_expert_permutation",
+        "Expert parallelism on CPU: torchtitan's _permute calls it without use_cpu "
+        "(a Triton GPU kernel); it is replaced by itself with use_cpu=True.",
+        params=(
+            "tokens_per_expert_group",
+            "experts_per_rank",
+            "num_ranks",
+            "max_len",
+            "alignment",
+            "use_cpu",
+        ),
+    ),
+    # ------------------------------------------------------------ Qwen3 / MoE
+    Seam(
+        "torchtitan.models.qwen3.get_train_spec",
+        "private",
+        "swallow_titan.model.family.QWEN3",
+        "Upstream PR #3666: 0.2.2's qwen3 spec builds plain optimizers, so the MoE "
+        "expert-bias hook is never registered; our Qwen3 family uses "
+        "build_optimizers_with_moe_load_balancing. Pinned: when upstream's spec "
+        "changes, check whether the fix landed and drop ours.",
+        source_sha256="a15b16299b24cd61",
+    ),
+    Seam(
+        "torchtitan.distributed.NoParallel._prepare_output_fn",
+        "private",
+        "swallow_titan.model.parallelize.sum_router_gradients_over_tp",
+        "Upstream issue #2387 / PR #2416: the router gate's output is made local "
+        "without Partial grad placements, so its TP gradient is never summed; our "
+        "hook sums it. Pinned: when this changes, check (tests/moe_tp_checks.py "
+        "says so) whether the fix landed and drop ours.",
+        source_sha256="2a50c745a0baa6a3",
+    ),
+    Seam(
+        "torchtitan.models.moe.moe.MoE.forward",
+        "private",
+        "swallow_titan.components.moe_metrics.ExpertLoadMeter, "
+        "swallow_titan.model.qwen3.SwallowQwen3Model",
+        "We read MoE.tokens_per_expert / load_balance_coeff / expert_bias and hook "
+        "router.gate's output (the logits, for the auxiliary loss) as this forward "
+        "uses them. Pinned: re-check those names and that the gate's output is "
+        "still the raw logits when it changes.",
+        source_sha256="cd182b383f69db58",
     ),
     Seam(
         "torchtitan.tools.utils.device_type",
@@ -515,7 +571,7 @@ DEVICE_SEAMS: tuple[DeviceSeam, ...] = (
         "swallow_titan/runtime/seams.py: select_device",
         "replaces torch._utils._get_available_device_type (reports 'cpu') before "
         "torchtitan is imported, so torchtitan's device_type is 'cpu', and installs "
-        "CpuDeviceModule",
+        "CpuDeviceModule and integer_histc_on_cpu",
         "nothing replaced: torchtitan's device_type is 'cuda'",
         shim=True,
     ),
@@ -525,6 +581,25 @@ DEVICE_SEAMS: tuple[DeviceSeam, ...] = (
         "device-name calls (peak RSS as memory)",
         "torchtitan's device_module stays torch.cuda",
         shim=True,
+    ),
+    DeviceSeam(
+        "swallow_titan/runtime/device.py: integer_histc_on_cpu",
+        "torch.histc takes integer tensors (cast to float; MoE expert counts)",
+        "torch.histc unchanged (CUDA histograms take integers)",
+        shim=True,
+    ),
+    DeviceSeam(
+        "swallow_titan/model/parallelize.py: parallelize_swallow_qwen3",
+        "expert parallelism permutes tokens with torchtitan's CPU index fill "
+        "(seams.use_cpu_expert_permutation)",
+        "torchtitan's Triton index-fill kernel",
+        shim=True,
+    ),
+    DeviceSeam(
+        "swallow_titan/model/qwen3.py: SwallowQwen3ModelArgs",
+        "MoE experts run torchtitan's per-expert loop in the model dtype",
+        "torch._grouped_mm in bf16 unless [moe] grouped_mm = false",
+        shim=False,
     ),
     DeviceSeam(
         "swallow_titan/runtime/device.py: default_ngpu",
@@ -564,9 +639,10 @@ DEVICE_SEAMS: tuple[DeviceSeam, ...] = (
     ),
     DeviceSeam(
         "swallow_titan/components/preflight.py: _check_checkpoint_device, _check_float8, "
-        "_check_kernels_device",
+        "_check_kernels_device, _check_qwen3",
         "refuses pinned-memory async checkpoints, float8 without emulate (or emulated "
-        "with a compiled model), Triton kernels without TRITON_INTERPRET=1",
+        "with a compiled model), Triton kernels without TRITON_INTERPRET=1, Qwen3 "
+        "tensor parallelism (no DTensor rule for CPU SDPA)",
         "no device restriction",
         shim=False,
     ),
@@ -682,7 +758,11 @@ def select_device() -> str:
     Idempotent. Raises if torchtitan was imported earlier on a CPU-only machine,
     because its device choice can no longer be changed then.
     """
-    from swallow_titan.runtime.device import CpuDeviceModule, gpu_available
+    from swallow_titan.runtime.device import (
+        CpuDeviceModule,
+        gpu_available,
+        integer_histc_on_cpu,
+    )
 
     if gpu_available():
         return torch._utils._get_available_device_type()
@@ -700,7 +780,24 @@ def select_device() -> str:
     # Modules importing `device_module` by name do so later, and get this one.
     if not isinstance(titan_utils.device_module, CpuDeviceModule):
         titan_utils.device_module = CpuDeviceModule()
+    if not hasattr(torch.histc, "__wrapped_histc__"):
+        torch.histc = integer_histc_on_cpu(torch.histc)
     return "cpu"
+
+
+def use_cpu_expert_permutation() -> None:
+    """Make torchtitan's expert-parallel token permutation run on CPU.
+
+    ``torchtitan.models.moe.utils._permute`` calls ``generate_permute_indices``
+    without ``use_cpu``, which launches a Triton GPU kernel; torchtitan ships
+    the exact CPU implementation behind ``use_cpu=True``. Called by the Qwen3
+    parallelisation when expert parallelism runs without a GPU. Idempotent.
+    """
+    import torchtitan.models.moe.utils as moe_utils
+
+    current = moe_utils.generate_permute_indices
+    if not isinstance(current, functools.partial):
+        moe_utils.generate_permute_indices = functools.partial(current, use_cpu=True)
 
 
 def use_cpu_profiler_in_stock_trainer() -> None:
