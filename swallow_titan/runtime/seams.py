@@ -8,7 +8,9 @@ torchtitan's (``reimplemented``), or attributes torchtitan's ``__init__``
 sets that we read or change (``attributes``). ``SEAMS`` lists them all;
 ``seam_problems()`` checks each against the installed packages, and
 ``tests/test_seams.py`` fails with that list when a torchtitan or torch
-upgrade renames, removes or changes one. For a re-implemented method the
+upgrade renames, removes or changes one; ``call_site_problems()`` checks that
+every keyword our code passes to a seam is among the ``params`` checked (a
+renamed keyword would otherwise fail at run time only). For a re-implemented method the
 check pins a hash of torchtitan's source: when it changes, compare the new
 torchtitan method with ours (named in ``used_in``), port what matters, and
 update the hash.
@@ -26,9 +28,11 @@ itself and needs no patch). The CPU shims they install live in
 
 from __future__ import annotations
 
+import ast
 import functools
 import hashlib
 import importlib
+import importlib.util
 import inspect
 import re
 import sys
@@ -59,7 +63,9 @@ class Seam:
     """Our module (and function) that relies on it."""
     why: str
     params: tuple[str, ...] | None = None
-    """The parameter names we rely on (a callable), checked when given."""
+    """The parameter names we rely on (a callable), checked when given: the
+    signature starts with them, in this order. Every keyword our code passes
+    to ``target`` must be among them (see :func:`call_site_problems`)."""
     source_sha256: str | None = None
     """First 16 hex digits of sha256(inspect.getsource(target)), for "reimplemented"."""
     attributes: tuple[str, ...] = field(default=())
@@ -526,6 +532,24 @@ SEAMS: tuple[Seam, ...] = (
         "gloo lacks PREMUL_SUM; with a divide factor of 1 SUM is the same arithmetic.",
         params=("self", "enable"),
     ),
+    # ------------------------------------------------------ GPU smoke (benchmarks)
+    Seam(
+        "torchtitan.distributed.utils.set_determinism",
+        "private",
+        "benchmarks.gpu_e2e.recipe_path",
+        "With debug.deterministic, torchtitan recompiles FlexAttention without "
+        "max-autotune; the GPU smoke turns it on (warnings only) so that cold "
+        "compilation fits its time budget. The pinned source hash tells when that "
+        "behaviour may have changed.",
+        params=("parallel_dims", "device", "debug_config", "distinct_seed_mesh_dims"),
+        source_sha256="0d4253aca27f0ae4",
+    ),
+    Seam(
+        "torchtitan.models.attention.FlexAttentionWrapper._compiled_flex_attn",
+        "private",
+        "tests/test_gpu_run.py",
+        "The compiled flex_attention whose compiler options show max-autotune on or off.",
+    ),
     # ------------------------------------------------- lm-eval (the [eval] extra)
     Seam(
         "lm_eval.tasks._yaml_loader.load_yaml",
@@ -533,7 +557,7 @@ SEAMS: tuple[Seam, ...] = (
         "swallow_titan.eval.tasks.unreadable_yaml",
         "lm-eval's task index skips a YAML file it cannot parse without a word; "
         "parsing each file with lm-eval's own loader (its !function tags) names it.",
-        params=("path",),
+        params=("path", "resolve_func"),
     ),
     Seam(
         "lm_eval.tasks._index.Entry",
@@ -742,6 +766,75 @@ def seam_problems(
         missing = sorted(set(seam.attributes) - _assigned_attributes(obj)) if seam.attributes else []
         if missing:
             problems.append(f"{where}: no longer sets self.{', self.'.join(missing)}")
+    return problems
+
+
+def _used_in_modules(used_in: str) -> list[str]:
+    """Source files of the modules a ``used_in`` names (``a.b.func / c.d``)."""
+    files = []
+    for name in re.findall(r"[A-Za-z_][\w.]*", used_in):
+        parts = name.split(".")
+        for cut in range(len(parts), 0, -1):
+            try:
+                spec = importlib.util.find_spec(".".join(parts[:cut]))
+            except (ImportError, ValueError):
+                spec = None
+            if spec is not None and spec.origin and spec.origin.endswith(".py"):
+                files.append(spec.origin)
+                break
+    return files
+
+
+def passed_keywords(seam: Seam) -> dict[str, set[str]]:
+    """The keywords our code passes to ``seam.target``, by ``file:line``.
+
+    Calls are found by name in the modules ``seam.used_in`` names: a function
+    as ``f(...)`` or ``module.f(...)``, a method as ``self.f(...)``,
+    ``super().f(...)`` or ``Class.f(...)``; ``**kwargs`` cannot be seen.
+    """
+    owner, name = seam.target.rsplit(".", 1)
+    try:
+        # A method is called on self, super() or its class, never on another object.
+        receivers = {"self", "super", owner.rsplit(".", 1)[-1]} if inspect.isclass(
+            resolve(owner)) else None
+    except (ImportError, AttributeError):
+        receivers = None
+    found: dict[str, set[str]] = {}
+    for path in _used_in_modules(seam.used_in):
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read(), path)
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Call):
+                continue
+            func = node.func
+            called = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+            if called != name:
+                continue
+            if receivers is not None:
+                value = func.value if isinstance(func, ast.Attribute) else None
+                receiver = value.func if isinstance(value, ast.Call) else value
+                if getattr(receiver, "id", None) not in receivers:
+                    continue
+            keywords = {k.arg for k in node.keywords if k.arg is not None}
+            if keywords:
+                found[f"{path}:{node.lineno}"] = keywords
+    return found
+
+
+def call_site_problems(seams: tuple[Seam, ...] = SEAMS) -> list[str]:
+    """Keywords our code passes to a seam that its entry does not list (so
+    :func:`seam_problems` would not notice their rename), one line per call."""
+    problems = []
+    for seam in seams:
+        if seam.kind not in ("private", "override", "patch") or seam.params is None:
+            continue
+        for where, keywords in passed_keywords(seam).items():
+            unlisted = sorted(keywords - set(seam.params))
+            if unlisted:
+                problems.append(
+                    f"{seam.target} ({seam.kind}): {where} passes {', '.join(unlisted)}, "
+                    f"which its seam's params {seam.params} do not list"
+                )
     return problems
 
 
