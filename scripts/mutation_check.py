@@ -50,6 +50,7 @@ LOADER = ("tests/test_data_loader.py",)
 CHECKPOINTS = ("tests/test_checkpoint_safety.py",)
 START = ("tests/test_hf_start.py",)
 GUARD = ("tests/test_guard.py", "-m", "not slow")
+SPIKES = ("tests/test_spikes.py", "-m", "not slow")
 RMSNORM = ("tests/test_kernels_rmsnorm.py", "tests/test_kernels_strength.py", "-k", "not kernels_from")
 CROSS_ENTROPY = ("tests/test_kernels_cross_entropy.py",)
 HF = ("tests/test_hf_config.py", "tests/test_hf_interop.py")
@@ -213,6 +214,16 @@ MUTATIONS: tuple[Mutation, ...] = (
         "guard-optimizer-state-unchecked", "swallow_titan/components/guard.py",
         "            tensors += [\n", "            tensors += [] and [\n",
         GUARD, "optimizer state is not checked before a checkpoint",
+    ),
+    Mutation(
+        "spike-downward-counts", "swallow_titan/components/guard.py",
+        "if score > self.threshold:", "if abs(score) > self.threshold:",
+        SPIKES, "a sudden fall of the loss is taken for a spike",
+    ),
+    Mutation(
+        "spike-mad-unscaled", "swallow_titan/components/guard.py",
+        "spread = MAD_TO_STD * _median(", "spread = _median(",
+        SPIKES, "the spread is the bare MAD: jumps 1.48x smaller are flagged",
     ),
     Mutation(
         "trainer-checkpoints-nonfinite-state", "swallow_titan/trainer.py",

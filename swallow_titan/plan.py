@@ -337,11 +337,56 @@ def build_plan(config, ngpu: int, nnodes: int, source: str) -> dict:
         },
         "eval": _eval_plan(config, global_seqs * seq_len),
         "averaging": _averaging_plan(config),
+        "guard": _guard_plan(config, global_seqs * seq_len),
         "memory_gib": {**asdict(memory), "total": memory.total},
         "outputs": output_paths(config),
         "problems": file_problems(config, source)
         + [f"{source}: {s['problem']}" for s in sources if s["problem"]],
     }
+
+
+def _guard_plan(config, tokens_per_step: int) -> dict:
+    """The [guard] settings, and what one spike rollback costs at most."""
+    g = config.guard
+    plan = {
+        "on_nonfinite": g.on_nonfinite,
+        "max_consecutive_skips": g.max_consecutive_skips,
+        "on_spike": g.on_spike,
+        "spike_metrics": list(g.spike_metrics),
+        "spike_window": g.spike_window,
+        "spike_threshold": g.spike_threshold,
+        "max_rollbacks": g.max_rollbacks,
+    }
+    if g.on_spike == "rollback":
+        # Back to the newest checkpoint: at most one interval of steps is
+        # trained again and that many batches are skipped.
+        interval = config.checkpoint.interval
+        plan["rollback_at_most"] = {"steps_redone": interval,
+                                    "tokens_skipped": interval * tokens_per_step}
+    return plan
+
+
+def _guard_lines(plan: dict) -> list[str]:
+    nonfinite = (
+        f"NaN/Inf {plan['on_nonfinite']}"
+        + (f" (stop after {plan['max_consecutive_skips']} in a row)"
+           if plan["on_nonfinite"] == "skip" else "")
+    )
+    if plan["on_spike"] == "off":
+        return [f"  guard         {nonfinite}; spike detection off"]
+    lines = [
+        f"  guard         {nonfinite}; spikes: {plan['on_spike']} when "
+        f"{' or '.join(plan['spike_metrics'])} > {plan['spike_threshold']:g} robust std "
+        f"above the median of the last {plan['spike_window']} steps"
+    ]
+    cost = plan.get("rollback_at_most")
+    if cost:
+        lines.append(
+            f"                a rollback redoes up to {cost['steps_redone']:,} steps and skips "
+            f"up to {_tokens(cost['tokens_skipped'])} tokens (checkpoint.interval); "
+            f"after {plan['max_rollbacks']} the next spike stops the run (exit status 6)"
+        )
+    return lines
 
 
 def _eval_plan(config, tokens_per_step: int) -> dict:
@@ -446,6 +491,7 @@ def format_plan(plan: dict) -> str:
         _validation_line(plan["validation"]),
         *_eval_lines(plan["eval"]),
         _averaging_line(plan["averaging"]),
+        *_guard_lines(plan["guard"]),
         f"  memory/GPU    ~{m['total']:.1f} GiB: params {m['parameters']:.1f}, grads "
         f"{m['gradients']:.1f}, optimizer {m['optimizer']:.1f}, gathered params "
         f"{m['gathered_params']:.1f}, activations {m['activations']:.1f}, logits "

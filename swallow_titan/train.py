@@ -26,7 +26,7 @@ from swallow_titan.config.errors import ConfigError, ExitCode
 from swallow_titan.config.manager import SwallowConfigManager
 from swallow_titan.eval import eval_problems
 from swallow_titan.components.final_export import export_at_end
-from swallow_titan.components.guard import NonfiniteError
+from swallow_titan.components.guard import NonfiniteError, SpikeError
 from swallow_titan.hf.hub import HubPushError
 from swallow_titan.components.preflight import check_job_config
 from swallow_titan.runtime.ranks import job_world_size, process_rank
@@ -74,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     except NonfiniteError as e:
         logger.error(f"Stopped: {e}")
         return ExitCode.NONFINITE
+    except SpikeError as e:
+        logger.error(f"Stopped: {e}")
+        return ExitCode.SPIKES
     except CheckpointError as e:
         logger.error(f"Cannot resume: {e}")
         return ExitCode.NO_USABLE_CHECKPOINT

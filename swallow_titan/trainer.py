@@ -13,13 +13,20 @@ building, parallelism, forward/backward, the dataloader loop — is inherited):
   token count at the start of the step), so the GPU only idles while the
   optimizer's first kernels are launched, well under a millisecond against
   steps of seconds.
+- Loss spikes (``[guard] on_spike``, :class:`SpikeGuard`): with the finite
+  verdict, the global loss (one more all-reduce) and gradient norm go to the
+  spike detector; a spike's event gets the per-domain losses of the step's
+  batch (an extra forward without gradients, only then). "skip" drops the
+  update like a non-finite step; "rollback" is carried out by ``train``:
+  reload the newest checkpoint, keep the data position (the batches since the
+  checkpoint are skipped), write that checkpoint again, restart the curves.
 - ``train``: the loop writes a full checkpoint and ends after the step in
   which a stop signal arrived, never writes a checkpoint whose parameters or
   optimizer state are not finite, opens TensorBoard at the first step of
   this attempt, and shortens process-group timeouts after the first step of
   every attempt (torchtitan: only after step 1, so never on resume).
 - Checkpoints are written by :class:`AtomicCheckpointManager` and include the
-  random generators and the guard's counters.
+  random generators, the guard's counters and the spike guard's state.
 - MoE models: per-layer expert load and the auxiliary loss are logged
   (:mod:`swallow_titan.components.moe_metrics`).
 - ``[eval]``: downstream evaluation (lm-eval) after validation, every
@@ -40,6 +47,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import record
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from torchtitan.components.dataloader import DataloaderExhaustedError
 from torchtitan.components.loss import IGNORE_INDEX
@@ -52,11 +60,14 @@ from torchtitan.train import Trainer
 from swallow_titan.checkpoint.manager import AtomicCheckpointManager
 from swallow_titan.checkpoint.rng import RNG, RngState
 from swallow_titan.config.paths import step_folder_name
-from swallow_titan.data.dataloader import Batch
+from swallow_titan.data.dataloader import LABELS_KEY, Batch
 from swallow_titan.components.guard import (
     NonfiniteError,
     NonfiniteGuard,
     NonfiniteInjector,
+    SPIKES_ENTRY,
+    SpikeGuard,
+    describe_spike,
     state_is_finite,
 )
 from swallow_titan.components.averaging import AVERAGING, WeightAveraging
@@ -69,6 +80,8 @@ from swallow_titan.runtime.ranks import process_rank
 
 # Checkpoint entry of the guard's counters (skipped steps).
 GUARD = "guard"
+# spike/action in the run log and TensorBoard.
+SPIKE_ACTION_CODES = {"log": 1, "skip": 2, "rollback": 3}
 
 def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
@@ -99,6 +112,9 @@ class SwallowTrainer(Trainer):
     @record
     def __init__(self, job_config: Any):
         self.guard = NonfiniteGuard.from_config(job_config)
+        self.spikes = SpikeGuard.from_config(job_config)
+        # A spike event whose rollback the loop carries out after the step.
+        self._rollback: dict[str, Any] | None = None
         super().__init__(job_config)
         # The TrainSpec's loss, kept before any wrapping: it holds the z-loss meter.
         self.swallow_loss: SwallowLoss = self.loss_fn
@@ -133,6 +149,7 @@ class SwallowTrainer(Trainer):
             "train_state": self,
             RNG: RngState(rank, device_type),
             GUARD: self.guard,
+            SPIKES_ENTRY: self.spikes,
         }
         if self.averaging.enabled:
             states[AVERAGING] = self.averaging
@@ -145,7 +162,7 @@ class SwallowTrainer(Trainer):
             checkpoint_config=config.checkpoint,
             sd_adapter=adapter,
             base_folder=config.job.dump_folder,
-            optional_entries=(RNG, GUARD, AVERAGING),
+            optional_entries=(RNG, GUARD, SPIKES_ENTRY, AVERAGING),
             publish_delay_s=config.debug.checkpoint_publish_delay_s,
         )
 
@@ -189,16 +206,148 @@ class SwallowTrainer(Trainer):
             ~torch.isfinite(loss), ~torch.isfinite(grad_norm), self.preemption.requested
         )
         self.expert_load.record()
-        if self.guard.judge(self.step, not loss_bad, not grad_bad):
+        apply = self.guard.judge(self.step, not loss_bad, not grad_bad)
+        spike = self._judge_spike(loss, grad_norm, microbatches) if apply else None
+        if spike is not None and spike["action"] != "log":
+            apply = False
+        if apply:
             self.checkpointer.maybe_wait_for_staging()
             self.optimizers.step()
         else:
             self.optimizers.zero_grad()  # drop the poisoned gradients
+        if spike is not None and spike["action"] == "rollback":
+            self._rollback = spike  # train() reloads; this step is not logged
+            return stop
+        if spike is not None:
+            self.spikes.record(spike)
+            self._log_spike(self.step, spike)
         self.lr_schedulers.step()
 
         if self.metrics_processor.should_log(self.step):
             self._log_step(loss, grad_norm, lr, local_tokens, global_tokens)
         return stop
+
+    # ------------------------------------------------------------ loss spikes
+
+    def _judge_spike(
+        self, loss: torch.Tensor, grad_norm: torch.Tensor, microbatches: list[Batch]
+    ) -> dict[str, Any] | None:
+        """The spike event of this (finite) step, or None; decided alike on every rank.
+
+        The global loss is this rank's share summed over the data-parallel
+        ranks (as logged), then the MAX over all ranks, so that pipeline stages
+        without the loss (-1) judge the same value.
+        """
+        if not self.spikes.enabled:
+            return None
+        dims = self.parallel_dims
+        mesh = dims.get_optional_mesh("loss") if dims.dp_cp_enabled else None
+        global_loss = dist_utils.dist_sum(loss, mesh)
+        values = torch.tensor([global_loss, float(grad_norm)], dtype=torch.float64)
+        if dist.is_initialized():
+            values = values.to(self.device)
+            dist.all_reduce(values, op=dist.ReduceOp.MAX)
+        loss_value, norm_value = values.tolist()
+        event = self.spikes.judge(self.step, {"loss": loss_value, "grad_norm": norm_value})
+        if event is None:
+            return None
+        event["data_batch"] = self.dataloader.batches_consumed()
+        event["domain_losses"] = self._domain_losses(microbatches)
+        if event["action"] == "rollback" and self.checkpointer.newest_step() is None:
+            logger.warning(
+                f"step {self.step}: no checkpoint to roll back to yet; skipping the "
+                "update instead"
+            )
+            self.spikes.skip_instead(event)
+        return event
+
+    def _domain_losses(self, microbatches: list[Batch]) -> dict[str, float]:
+        """Training loss per ``[[data.sources]]`` domain of this step's batch, with
+        the weights before the update: one extra forward per microbatch and
+        domain, without gradients (only when a spike is seen). Not under
+        pipeline parallelism (returns {})."""
+        if self.parallel_dims.pp_enabled:
+            return {}
+        domain_of = {s.name: s.domain for s in self.job_config.data.sources}
+        domains = sorted(set(domain_of.values()))
+        sums = torch.zeros(len(domains), 2, dtype=torch.float64, device=self.device)
+        model = self.model_parts[0]
+        with torch.no_grad(), self.expert_load.unchanged_counts():
+            for (inputs, labels), rows in zip(microbatches, self.dataloader.last_step_sources()):
+                for d, domain in enumerate(domains):
+                    keep = torch.tensor([domain_of[r] == domain for r in rows])
+                    masked = labels.masked_fill(~keep.unsqueeze(1), IGNORE_INDEX).to(self.device)
+                    input_dict = {k: v.to(self.device) for k, v in inputs.items()}
+                    if LABELS_KEY in input_dict:
+                        input_dict[LABELS_KEY] = masked  # the fused loss reads them here
+                    x, y, extra_inputs, extra_kwargs = self.post_dataloading_process(
+                        input_dict, masked
+                    )
+                    with self.train_context(), self.maybe_enable_amp:
+                        loss_sum = _full(self.loss_fn(model(x, **extra_inputs, **extra_kwargs), y))
+                    sums[d, 0] += loss_sum.double()
+                    sums[d, 1] += (y != IGNORE_INDEX).sum()
+        # FSDP keeps the root's parameters gathered after a forward (a backward
+        # normally follows); without one they would stay gathered, and the
+        # optimizer's parameters would no longer be the model's (a rollback's
+        # checkpoint load then fails to map them).
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
+        dims = self.parallel_dims
+        if dims.dp_cp_enabled:
+            # Token sums over the data- (and context-) parallel ranks, as for the loss.
+            dist.all_reduce(sums, group=dims.get_mesh("loss").get_group())
+        return {
+            domain: float(total / count)
+            for domain, (total, count) in zip(domains, sums.tolist())
+            if count > 0
+        }
+
+    def _log_spike(self, step: int, event: dict[str, Any]) -> None:
+        """A spike event to the run log and TensorBoard (scalars and a note) at ``step``."""
+        scalars: dict[str, float] = {
+            "spike/step": event["step"],
+            "spike/action": SPIKE_ACTION_CODES[event["action"]],
+            "spike/data_batch": event["data_batch"],
+            "spike/count": len(self.spikes.events),
+            "spike/rollbacks": self.spikes.rollbacks,
+        }
+        for metric, found in event["spikes"].items():
+            scalars[f"spike/{metric}"] = found["value"]
+            scalars[f"spike/{metric}_median"] = found["median"]
+            scalars[f"spike/{metric}_score"] = found["score"]
+        for domain, value in event["domain_losses"].items():
+            scalars[f"spike/domain/{domain}/loss"] = value
+        if event["action"] == "rollback":
+            scalars["spike/rolled_back_to"] = event["rolled_back_to"]
+            first, last = event["skipped_batches"]
+            scalars["spike/skipped_batches"] = last - first + 1
+        self.metrics_processor.log_event(step, scalars, ("guard/spikes", describe_spike(event)))
+
+    def _roll_back(self, event: dict[str, Any]) -> None:
+        """Reload the newest checkpoint but keep the data position (past the
+        spike's batch): the batches since the checkpoint are skipped. The
+        checkpoint is then written again with that position and the event, so
+        a kill from now on resumes past the skipped data."""
+        data_state = self.dataloader.state_dict()
+        back_to = self.checkpointer.newest_step()
+        assert back_to is not None  # checked when the spike was judged
+        self.checkpointer.load(step=back_to)
+        first_skipped = self.dataloader.batches_consumed() + 1
+        self.dataloader.load_state_dict(data_state)
+        event["rolled_back_to"] = back_to
+        event["skipped_batches"] = [first_skipped, self.dataloader.batches_consumed()]
+        self.spikes.record(event)
+        self.checkpointer.save_now(self.step)
+        # The curves and the run log restart at the reloaded step, as after a restart.
+        self.metrics_processor.start(self.step + 1)
+        self._log_spike(self.step, event)
+        logger.warning(
+            f"step {event['step']}: rolled back to {step_folder_name(back_to)}; data batches "
+            f"{first_skipped}-{event['skipped_batches'][1]} are skipped; training goes on "
+            f"at step {self.step + 1}"
+        )
 
     def _agree(self, *flags: torch.Tensor | bool) -> list[bool]:
         """Each flag, OR-ed over all ranks: one all-reduce, one host sync."""
@@ -229,7 +378,7 @@ class SwallowTrainer(Trainer):
         extra: dict[str, float] = {
             "train/lr": lr,
             "train/tokens_seen": tokens_seen,
-            "train/skipped_steps": self.guard.skipped_steps,
+            "train/skipped_steps": self.guard.skipped_steps + self.spikes.skipped_steps,
         }
         z_loss = _z_loss_per_token(self.swallow_loss, mesh)
         if z_loss is not None:
@@ -271,6 +420,12 @@ class SwallowTrainer(Trainer):
                 except DataloaderExhaustedError:
                     logger.warning("Ran out of data; the last step was not taken.")
                     break
+                if self._rollback is not None:
+                    data_iterator.close()  # ends its worker processes, if any
+                    self._roll_back(self._rollback)
+                    self._rollback = None
+                    data_iterator = self.batch_generator(self.dataloader)
+                    continue
                 if self.averaging.enabled:
                     self.averaging.update(self.step)
                 self._save_checkpoint(forced=stop)

@@ -106,6 +106,8 @@ def test_model_card_reports_base_recipe_data_steps_and_losses(hf_run):
     card = (dump / "hf" / "step-2" / "README.md").read_text()
     assert f"base_model: {BASE_MODEL}" in card
     assert "Steps trained: `2`" in card
+    # The checkpoint's spike guard state is read: present, and empty.
+    assert "### Loss spikes\n\nNone detected" in card
     assert "Tokens trained: 1,024" in card  # 2 steps x 8 sequences x 64 tokens
     assert f"| learning rate | `{LR}` |" in card
     state = DCPCheckpoint(dump / "checkpoint" / "step-2").read_entry("dataloader")

@@ -83,3 +83,34 @@ def test_the_minimum_learning_rate_is_the_peak_times_its_factor():
     text = render_model_card(RunRecord(hf_config=HF_CONFIG, job_config=job), summary_of(None),
                              title="t", model_id="m", dtype="bfloat16")
     assert "| minimum learning rate | not recorded |" in text
+
+
+def spike_card(events) -> str:
+    summary = TrainingSummary(
+        step=100, tokens_trained=None, source_tokens=None, training_loss=None,
+        validation_loss=None, spike_events=events,
+    )
+    return render_model_card(
+        RunRecord(hf_config=HF_CONFIG, job_config={"data": {"sources": SOURCES}}), summary,
+        title="t", model_id="m", dtype="bfloat16",
+    )
+
+
+def test_the_card_lists_each_loss_spike_and_what_was_done():
+    rollback = {
+        "step": 14, "action": "rollback", "data_batch": 14,
+        "spikes": {"loss": {"value": 7.5, "median": 4.2, "score": 11.0}},
+        "domain_losses": {"en": 2.2, "junk": 9.3},
+        "rolled_back_to": 12, "skipped_batches": [13, 14],
+    }
+    text = spike_card([rollback])
+    assert "### Loss spikes" in text and "1 detected" in text
+    assert (
+        "| 14 | 14 | loss 7.5 (median 4.2) | rollback to step 12, data batches 13-14 "
+        "skipped | en 2.2, junk 9.3 |"
+    ) in text
+
+
+def test_the_card_says_whether_spikes_were_recorded():
+    assert "None detected" in spike_card([])
+    assert "Loss-spike events: not recorded in this checkpoint." in spike_card(None)

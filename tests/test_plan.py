@@ -99,6 +99,19 @@ def test_recipe_states_its_averaging_and_the_plan_shows_it(recipe_plan):
     assert f"averages {memory['averaging']:.1f}" in text
 
 
+def test_recipe_states_its_spike_policy_and_the_cost_of_a_rollback(recipe_plan):
+    guard = recipe_plan["guard"]
+    assert guard["on_spike"] == "rollback" and guard["spike_metrics"] == ["loss"]
+    assert (guard["spike_window"], guard["spike_threshold"], guard["max_rollbacks"]) == (128, 6.0, 3)
+    # Back to the newest checkpoint: at most checkpoint.interval steps, as many batches.
+    cost = guard["rollback_at_most"]
+    assert cost["steps_redone"] == 500
+    assert cost["tokens_skipped"] == 500 * recipe_plan["global_batch_tokens"]
+    text = run_plan(str(RECIPE), "--ngpu", "8", "--nnodes", "8").stdout
+    assert "spikes: rollback when loss > 6 robust std above the median of the last 128 steps" in text
+    assert "after 3 the next spike stops the run (exit status 6)" in text
+
+
 def test_recipe_placeholders_are_listed_as_problems(recipe_plan):
     problems = "\n".join(recipe_plan["problems"])
     assert "model.hf_assets_path" in problems

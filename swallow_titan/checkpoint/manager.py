@@ -22,7 +22,9 @@ What changes compared to torchtitan 0.2.2 (``components/checkpoint.py``):
   (:mod:`swallow_titan.checkpoint.rng`) and the numerical guard's counters
   are saved and restored when the checkpoint has them, so checkpoints
   written before they existed, or by a job of another size, still load.
-- ``save_now`` writes a full, synchronous checkpoint at any step (pre-emption).
+- ``save_now`` writes a full, synchronous checkpoint at any step (pre-emption,
+  and a spike rollback's re-save of the step it went back to); ``newest_step``
+  names the checkpoint a rollback reloads.
 """
 
 from __future__ import annotations
@@ -190,6 +192,18 @@ class AtomicCheckpointManager(CheckpointManager):
             enable_garbage_collection=True,
         )
         logger.info(f"Saved checkpoint {step_folder_name(step)} in {time.monotonic() - begin:.2f}s")
+
+    def newest_step(self) -> int | None:
+        """This run's newest complete checkpoint (a save in flight is waited for
+        and published first), or None if it has none. Collective."""
+        if not self.enable:
+            return None
+        self._async_wait()
+        _barrier()
+        if not os.path.isdir(self.folder):
+            return None
+        step = self._find_load_step()
+        return step if step > 0 else None
 
     def will_save(self, step: int, last_step: bool, forced: bool = False) -> bool:
         """Whether ``save`` (or ``save_now`` when ``forced``) writes at this step."""

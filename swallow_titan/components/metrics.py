@@ -122,7 +122,7 @@ def hyperparameters(job_config: Any, world_size: int) -> dict[str, Any]:
         "parallelism.data_parallel_replicate_degree",
         "parallelism.data_parallel_shard_degree",
         "parallelism.tensor_parallel_degree", "parallelism.pipeline_parallel_degree",
-        "parallelism.context_parallel_degree", "guard.on_nonfinite",
+        "parallelism.context_parallel_degree", "guard.on_nonfinite", "guard.on_spike",
     )
     values: dict[str, Any] = {"world_size": world_size}
     for key in keys:
@@ -341,6 +341,9 @@ class SwallowMetricsProcessor(MetricsProcessor):
             self.run_log = RunLog(self.run_log_path(), first_step)
             if self.job_config.metrics.enable_wandb and self.wandb is None:
                 self.wandb = WandBRun(self.job_config, first_step)
+        if self.writer is not None:
+            self.writer.close()  # a rollback restarts the curves in-process
+            self.writer = None
         if not (self.job_config.metrics.enable_tensorboard and self._logs_here()):
             return
         self.writer = _Writer(self.tensorboard_folder(), first_step)
@@ -459,6 +462,17 @@ class SwallowMetricsProcessor(MetricsProcessor):
         if scalars.get(SCALARS["skipped_steps"]):
             line += f"  {c.red}skipped: {int(scalars[SCALARS['skipped_steps']])}"
         return line + c.reset
+
+    # ---------------------------------------------------------- guard events
+
+    def log_event(self, step: int, scalars: dict[str, float], text: tuple[str, str]) -> None:
+        """An event of the ``[guard]`` (a loss spike): scalars to TensorBoard,
+        the run log and the other backends, plus a markdown ``(tag, text)``
+        note in TensorBoard."""
+        self._emit(scalars, step)
+        if self.writer is not None:
+            self.writer.text(*text, step)
+            self.writer.flush()
 
     # --------------------------------------------------------- validation logs
 

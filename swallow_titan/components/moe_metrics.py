@@ -20,6 +20,8 @@ every token twice) does not change them.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -48,6 +50,19 @@ class ExpertLoadMeter:
     @property
     def enabled(self) -> bool:
         return bool(self.layers)
+
+    @contextmanager
+    def unchanged_counts(self) -> Iterator[None]:
+        """Forwards inside leave ``tokens_per_expert`` as they found it (an extra
+        forward that is not training, e.g. a spike event's per-domain losses,
+        must not move the expert-bias update or the logged load)."""
+        saved = [moe.tokens_per_expert.detach().clone() for _, moe in self.layers]
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for (_, moe), counts in zip(self.layers, saved):
+                    moe.tokens_per_expert.copy_(counts)
 
     def record(self) -> None:
         """Take this step's counts; call after backward, before the optimizer step."""

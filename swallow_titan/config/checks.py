@@ -296,6 +296,37 @@ def _check_guard(config, source: str) -> None:
             "guard.max_consecutive_skips",
             f"must be >= 1, got {g.max_consecutive_skips}",
         )
+    if g.spike_window < 4:
+        raise config_error(
+            source,
+            "guard.spike_window",
+            f"must be >= 4 steps (a median and its deviation need a few values), "
+            f"got {g.spike_window}",
+        )
+    if not g.spike_threshold > 0:
+        raise config_error(
+            source, "guard.spike_threshold", f"must be > 0, got {g.spike_threshold}"
+        )
+    unknown = [m for m in g.spike_metrics if m not in ("loss", "grad_norm")]
+    if unknown or not g.spike_metrics:
+        raise config_error(
+            source,
+            "guard.spike_metrics",
+            f"must name one or both of 'loss', 'grad_norm', got {list(g.spike_metrics)}",
+        )
+    if g.max_rollbacks < 0:
+        raise config_error(
+            source, "guard.max_rollbacks", f"must be >= 0, got {g.max_rollbacks}"
+        )
+    if g.on_spike == "rollback" and (
+        not config.checkpoint.enable or config.checkpoint.load_only
+    ):
+        raise config_error(
+            source,
+            "guard.on_spike",
+            '"rollback" reloads the newest checkpoint: it needs checkpoint.enable = '
+            "true and checkpoint.load_only = false",
+        )
     if config.debug.checkpoint_publish_delay_s < 0:
         raise config_error(
             source,

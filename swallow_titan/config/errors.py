@@ -35,3 +35,7 @@ class ExitCode(IntEnum):
     """train: the ``[guard]`` policy stopped the run on NaN/Inf."""
     NO_USABLE_CHECKPOINT = 5
     """train: the checkpoint folder holds checkpoints but none is usable."""
+    SPIKES = 6
+    """train: the ``[guard]`` spike policy stopped the run: a spike after
+    ``max_rollbacks`` rollbacks, or ``max_consecutive_skips`` skipped spikes in a
+    row. The newest checkpoint is from before the spike."""

@@ -171,14 +171,40 @@ class Validation:
 
 @dataclass
 class Guard:
-    """``[guard]``: what to do when a step's loss or gradient norm is NaN/Inf."""
+    """``[guard]``: what to do when a step's loss or gradient norm is NaN/Inf or spikes."""
 
     on_nonfinite: Literal["skip", "stop"] = "skip"
     """"skip": drop the step's update (the data is consumed, the LR schedule
     advances); "stop": end the run with an error at once."""
 
     max_consecutive_skips: int = 5
-    """With "skip": stop with an error after this many non-finite steps in a row."""
+    """With "skip": stop with an error after this many non-finite steps in a row
+    (and, with on_spike = "skip", after this many skipped spikes in a row)."""
+
+    on_spike: Literal["off", "log", "skip", "rollback"] = "log"
+    """A loss spike: the step's training loss or gradient norm (those in
+    ``spike_metrics``) lies more than ``spike_threshold`` robust standard
+    deviations above the median of its last ``spike_window`` values. "log":
+    record the event (run log, TensorBoard, model card) with the per-domain
+    losses; "skip": also drop the step's update, like a non-finite step;
+    "rollback": reload the newest checkpoint, skip the data from it up to and
+    including the spike's batch, go on; "off": no detection. See docs/stability.md."""
+
+    spike_window: int = 128
+    """Steps in the rolling window (OLMo-core's stability monitor: 128). Nothing
+    is judged before the window is full."""
+
+    spike_threshold: float = 6.0
+    """Robust standard deviations (1.4826 x median absolute deviation) above the
+    window's median that make a spike (OLMo-core: 6 standard deviations)."""
+
+    spike_metrics: list[str] = field(default_factory=lambda: ["loss", "grad_norm"])
+    """What is watched: "loss" (the global training loss), "grad_norm" (the
+    global gradient norm before clipping)."""
+
+    max_rollbacks: int = 3
+    """With on_spike = "rollback": a spike after this many rollbacks ends the
+    run with exit status 6 (0: the first spike does)."""
 
 
 @dataclass

@@ -33,6 +33,7 @@ batch.
 from __future__ import annotations
 
 import json
+from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
@@ -106,6 +107,9 @@ class SlotDataLoader(BaseDataLoader):
         self._consumed: dict[int, dict[str, Any]] = {
             j: fresh_slot_state(spec, j) for j in self.slots
         }
+        # Source names of the rows of the last microbatches handed out, one
+        # global batch's worth (read by the trainer's spike events).
+        self._recent_rows: deque[list[str]] = deque(maxlen=self.microsteps)
         self._epochs_logged: dict[str, int] = {}
         self._stops_logged: set[str] = set()
         self._stage_logged = -1
@@ -131,6 +135,7 @@ class SlotDataLoader(BaseDataLoader):
                 rows = [windows[j] for j in self.slots[a * b : (a + 1) * b]]
                 for window in rows:
                     self._consume(window)
+                self._recent_rows.append([self.spec.sources[w.source].name for w in rows])
                 yield rows
 
     def _global_batches(self) -> Iterator[dict[int, SlotWindow]]:
@@ -196,6 +201,16 @@ class SlotDataLoader(BaseDataLoader):
                 )
 
     # -- metrics ------------------------------------------------------------
+
+    def last_step_sources(self) -> list[list[str]]:
+        """The source name of every row of the last ``microsteps`` microbatches
+        handed out (the last optimizer step's, when read after the step has
+        drawn them), microbatch by microbatch."""
+        return [list(rows) for rows in self._recent_rows]
+
+    def batches_consumed(self) -> int:
+        """Global batches handed to training so far (the data position)."""
+        return self._consumed[self.slots[0]]["batch"]
 
     def consumed_states(self) -> list[dict[str, Any]]:
         """Each owned slot's state after the last window handed to training."""
@@ -395,6 +410,14 @@ class LabelsInInputs(BaseDataLoader):
     def metrics(self) -> dict[str, float]:
         """The wrapped loader's per-source metrics."""
         return self.loader.metrics()
+
+    def last_step_sources(self) -> list[list[str]]:
+        """The wrapped loader's :meth:`SlotDataLoader.last_step_sources`."""
+        return self.loader.last_step_sources()
+
+    def batches_consumed(self) -> int:
+        """The wrapped loader's :meth:`SlotDataLoader.batches_consumed`."""
+        return self.loader.batches_consumed()
 
 
 def build_training_dataloader(

@@ -117,7 +117,10 @@ def training_summary(checkpoint: DCPCheckpoint | AveragedCheckpoint, record: Run
     """Steps, tokens, per-source tokens and final losses for the model card."""
     from swallow_titan.data.dataloader import source_token_counts
 
+    from swallow_titan.components.guard import SPIKES_ENTRY, spike_events
+
     train_state = checkpoint.read_entry("train_state") or {}
+    spikes = checkpoint.read_entry(SPIKES_ENTRY)
     trained_step = train_state.get("step", step)
     source_tokens = None
     dataloader_state = checkpoint.read_entry("dataloader")
@@ -148,6 +151,7 @@ def training_summary(checkpoint: DCPCheckpoint | AveragedCheckpoint, record: Run
             if name
         },
         evaluation=last_evaluation(tb, trained_step) if tb else None,
+        spike_events=spike_events(spikes) if spikes is not None else None,
     )
 
 

@@ -30,6 +30,9 @@ class TrainingSummary:
     validation_loss_by_set: dict[str, LoggedValue | None] = field(default_factory=dict)
     # The last [eval] at or before the step: (step, {"<task>/<metric>": value}).
     evaluation: tuple[int, dict[str, float]] | None = None
+    # The [guard]'s loss-spike events of the checkpoint's trajectory (None: the
+    # checkpoint records none, e.g. written before spike detection existed).
+    spike_events: list[dict[str, Any]] | None = None
 
 
 def _get(tree: dict[str, Any] | None, path: str) -> Any:
@@ -227,6 +230,34 @@ def _average(averaged_from: list[dict[str, Any]] | None) -> list[str]:
     return [*lines, ""]
 
 
+def _spikes(events: list[dict[str, Any]] | None) -> list[str]:
+    """The loss spikes of the run ([guard] on_spike) as a table."""
+    lines = ["### Loss spikes", ""]
+    if events is None:
+        return [*lines, f"Loss-spike events: {NOT_RECORDED} in this checkpoint.", ""]
+    if not events:
+        return [*lines, "None detected (`[guard]` spike detection, settings in the recipe).", ""]
+    lines += [
+        f"{len(events)} detected by the `[guard]` (training loss or gradient norm far above "
+        "the median of its rolling window; `spike/*` in TensorBoard and metrics.jsonl):",
+        "",
+        "| step | data batch | what spiked | action | loss by domain |",
+        "|---|---|---|---|---|",
+    ]
+    for e in events:
+        what = ", ".join(
+            f"{metric} {found['value']:.4g} (median {found['median']:.4g})"
+            for metric, found in e["spikes"].items()
+        )
+        action = e["action"]
+        if action == "rollback":
+            first, last = e["skipped_batches"]
+            action += f" to step {e['rolled_back_to']}, data batches {first}-{last} skipped"
+        domains = ", ".join(f"{d} {v:.4g}" for d, v in (e.get("domain_losses") or {}).items())
+        lines.append(f"| {e['step']} | {e['data_batch']} | {what} | {action} | {domains} |")
+    return [*lines, ""]
+
+
 def render_model_card(
     record: RunRecord, summary: TrainingSummary, *, title: str, model_id: str, dtype: str
 ) -> str:
@@ -275,6 +306,7 @@ def render_model_card(
     ]
     lines += _average(record.averaged_from)
     lines += _evaluation(summary.evaluation)
+    lines += _spikes(summary.spike_events)
     lines += [
         "### Recipe",
         "",

@@ -199,6 +199,8 @@ SEAMS: tuple[Seam, ...] = (
             "metrics_processor",
             "validator",
             "step",
+            "train_context",
+            "maybe_enable_amp",
         ),
     ),
     Seam(
@@ -232,6 +234,14 @@ SEAMS: tuple[Seam, ...] = (
         "swallow_titan.trainer.SwallowTrainer.train_step",
         "Called per micro-batch with torchtitan's keyword arguments.",
         params=("self", "input_dict", "labels", "global_valid_tokens"),
+    ),
+    Seam(
+        f"{_TRAINER}.post_dataloading_process",
+        "private",
+        "swallow_titan.trainer.SwallowTrainer._domain_losses",
+        "A spike event's per-domain losses run the model's forward the way "
+        "forward_backward_step does (inputs, extra inputs, attention masks).",
+        params=("self", "input_dict", "labels"),
     ),
     Seam(
         f"{_TRAINER}.batch_generator",
@@ -349,7 +359,7 @@ SEAMS: tuple[Seam, ...] = (
         f"{_CHECKPOINTER}._async_wait",
         "private",
         "swallow_titan.checkpoint.manager.AtomicCheckpointManager",
-        "save_now / close wait for an async save in flight.",
+        "save_now / newest_step / close wait for an async save in flight.",
         params=("self",),
     ),
     Seam(

@@ -170,11 +170,13 @@ def from_seed(seed_checkpoint: Path) -> list[str]:
 class TrainingProcess:
     """torchrun + its workers in their own process group, output collected as it comes."""
 
-    def __init__(self, dump_folder: Path, *overrides: str, nproc: int = 1):
+    def __init__(
+        self, dump_folder: Path, *overrides: str, nproc: int = 1, config: Path = TINY_CONFIG
+    ):
         self.dump_folder = dump_folder
         self.started = time.time()
         self.proc = subprocess.Popen(
-            training_command(dump_folder, *overrides, nproc=nproc),
+            training_command(dump_folder, *overrides, nproc=nproc, config=config),
             cwd=REPO,
             env=training_env(),
             stdout=subprocess.PIPE,
