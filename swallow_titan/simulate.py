@@ -1,0 +1,715 @@
+"""Simulate a config at its real world size in one CPU process, before a GPU is spent.
+
+    python -m swallow_titan.simulate CONFIG [--ngpu N] [--nnodes M] [--rank R] [--json]
+        [--steps S] [--gpu h100|h200] [--mfu F] [--nvlink-gbps B] [--internode-tbps B]
+        [--section.key value ...]
+
+Builds swallow-titan's own trainer (:class:`~swallow_titan.trainer.SwallowTrainer`:
+the ``swallow`` TrainSpec's model, flavor, converters, parallelize, loss,
+optimizer and LR schedule) on a fake process group of ``ngpu x nnodes`` ranks
+(torch's ``fake`` backend: collectives return at once and move no data) under
+``FakeTensorMode`` (tensors carry shape, dtype and device but no storage), and
+runs ``SwallowTrainer.train_step`` -- every microbatch of gradient accumulation,
+clipping, the guard's all-reduce, the optimizer and the LR step -- for
+``--steps`` steps as simulated rank ``--rank``. Memory is tracked with torch's
+``FSDPMemTracker`` (every storage allocated and freed, by kind); collectives
+are recorded as they are issued, per mesh dimension.
+
+What is not the GPU's (listed in the output as stand-ins):
+
+- The device type is the CPU's: torch built without CUDA cannot run backward on
+  fake CUDA tensors (its autograd engine asks for a CUDA device guard).
+  Attention runs as scaled-dot-product attention on the CPU's flash kernel,
+  which keeps the same tensors for backward as FlexAttention (q, k, v, output,
+  log-sum-exp); the fused AdamW is the CPU's fused kernel (same state).
+- ``torch.compile`` is off (eager), as in torchtitan's own estimator.
+- float8 is torchao's emulated float8 (``emulate = true``): the same float8
+  casts, scales and FSDP float8 all-gather; the matmul upcasts instead of
+  calling ``_scaled_mm``.
+- Data are random token ids (no files are read); the tokenizer is a stand-in
+  that only knows the end-of-text id. Checkpoints, validation, [eval], logging
+  and TensorBoard are off: they do not run inside a training step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import swallow_titan  # noqa: F401  (device selection before torchtitan loads)
+import torch
+import torch.distributed as dist
+from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
+from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+from torch.distributed._tools.mem_tracker import MemTracker
+from torch.distributed.fsdp import FSDPModule
+from torch.fx.experimental.symbolic_shapes import ShapeEnv
+from torch.testing._internal.distributed.fake_pg import FakeStore
+from torch.utils._python_dispatch import TorchDispatchMode
+from torchtitan.components.dataloader import BaseDataLoader
+from torchtitan.protocols.train_spec import get_train_spec, register_train_spec
+from torchtitan.tools.logging import init_logger, logger
+
+import swallow_titan.train_spec  # noqa: F401  (registers the "swallow" TrainSpec)
+from swallow_titan.components.loss import LabelsInInputs
+from swallow_titan.components.preflight import check_structure
+from swallow_titan.config.checks import Layout
+from swallow_titan.config.errors import ConfigError, ExitCode
+from swallow_titan.config.manager import load_job_config
+from swallow_titan.config.sections import FUSED_LOSS, MODEL_NAME
+from swallow_titan.runtime.device import add_process_arguments
+from swallow_titan.runtime.seams import dtensor_propagation_in_own_fake_mode
+from swallow_titan.model.parallelize import parallelize_swallow
+from swallow_titan.model.transformer import SwallowTransformer
+from swallow_titan.trainer import SwallowTrainer
+
+GIB = 1024**3
+
+# The TrainSpec the simulation registers: the "swallow" spec with the data and
+# tokenizer replaced by stand-ins (nothing else differs).
+SIMULATED_MODEL_NAME = "swallow_simulated"
+
+FLOAT8_CONVERTER = "quantize.linear.float8"
+
+
+@dataclass(frozen=True)
+class GpuSpec:
+    """What the report compares against: memory, dense bf16 peak, links."""
+
+    name: str
+    memory_bytes: int
+    bf16_tflops: float
+    nvlink_gbps: float
+    """Per GPU, one direction, in GB/s."""
+
+
+GPUS: dict[str, GpuSpec] = {
+    # NVIDIA H100 SXM5 80 GB / H200 SXM 141 GB: 989 dense bf16 TFLOP/s, NVLink 4
+    # at 900 GB/s both directions together (450 GB/s each way).
+    "h100": GpuSpec("H100 80GB", 80 * 10**9, 989.0, 450.0),
+    "h200": GpuSpec("H200 141GB", 141 * 10**9, 989.0, 450.0),
+}
+
+
+@dataclass(frozen=True)
+class SimulationOptions:
+    """The simulated machine and how the report judges it."""
+
+    ngpu: int = 8
+    nnodes: int = 1
+    rank: int = 0
+    steps: int = 2
+    gpu: str = "h200"
+    mfu: float = 0.4
+    """Model FLOPs utilisation assumed for compute time."""
+    nvlink_gbps: float | None = None
+    """Per GPU, one direction (default: the GPU's)."""
+    internode_tbps: float = 3.2
+    """Per node, one direction, in Tb/s (8 x 400 Gb/s NICs on an H200 node)."""
+
+    @property
+    def world_size(self) -> int:
+        return self.ngpu * self.nnodes
+
+
+# ---------------------------------------------------------------- stand-ins
+
+
+class StandInTokenizer:
+    """What the trainer asks of a tokenizer in a step: the end-of-text id
+    (FlexAttention's block-causal mask splits documents at it)."""
+
+    def __init__(self, vocab_size: int) -> None:
+        self.eos_id = vocab_size - 1
+        self.bos_id = vocab_size - 2
+        self.vocab_size = vocab_size
+
+    def get_vocab_size(self) -> int:
+        return self.vocab_size
+
+
+class RandomTokens(BaseDataLoader):
+    """Microbatches of random token ids shaped as the data pipeline's.
+
+    ``{"input": [b, s], ("positions": [b, s])}, labels [b, s]`` as
+    :mod:`swallow_titan.data.dataloader` yields them (positions when
+    ``data.reset_position_ids``). Created inside the fake mode, so they are fake.
+    """
+
+    def __init__(self, batch: int, seq_len: int, vocab: int, positions: bool) -> None:
+        self.batch, self.seq_len, self.vocab, self.positions = batch, seq_len, vocab, positions
+
+    def __iter__(self) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+        while True:
+            tokens = torch.randint(0, self.vocab, (self.batch, self.seq_len + 1))
+            inputs = {"input": tokens[:, :-1]}
+            if self.positions:
+                inputs["positions"] = torch.arange(self.seq_len).repeat(self.batch, 1)
+            yield inputs, tokens[:, 1:]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        del state_dict
+
+
+def _build_random_tokens(dp_world_size: int, dp_rank: int, tokenizer, job_config, **kwargs):
+    del dp_world_size, dp_rank, kwargs
+    t = job_config.training
+    loader = RandomTokens(
+        t.local_batch_size, t.seq_len, tokenizer.vocab_size, job_config.data.reset_position_ids
+    )
+    return LabelsInInputs(loader) if job_config.kernels.loss == FUSED_LOSS else loader
+
+
+class SimulatedTransformer(SwallowTransformer):
+    """SwallowTransformer whose ``init_weights`` sets only the RoPE buffer.
+
+    Fake tensors hold no values, so initialising weights has no effect on the
+    simulation, and torch's ``trunc_normal_`` (rejection sampling: a loop on
+    the values) cannot run on them.
+    """
+
+    def init_weights(self, buffer_device: torch.device | None = None) -> None:
+        with torch.device(buffer_device or self.freqs_cis.device):
+            self.freqs_cis = self._precompute_freqs_cis()
+
+
+def _parallelize_outside_fake_mode(model: torch.nn.Module, parallel_dims, job_config):
+    """The spec's parallelize_fn, run outside the fake mode: the model is still on
+    the meta device there, and the sub-meshes FSDP and TP slice compute their rank
+    coordinates from real tensors."""
+    with unset_fake_temporarily():
+        return parallelize_swallow(model, parallel_dims, job_config)
+
+
+def _register_simulated_spec(vocab_size: int) -> None:
+    spec = dataclasses.replace(
+        get_train_spec(MODEL_NAME),
+        model_cls=SimulatedTransformer,
+        parallelize_fn=_parallelize_outside_fake_mode,
+        build_dataloader_fn=_build_random_tokens,
+        build_tokenizer_fn=lambda job_config: StandInTokenizer(vocab_size),
+        build_validator_fn=None,
+    )
+    from torchtitan.protocols.train_spec import _extra_train_specs
+
+    _extra_train_specs.pop(SIMULATED_MODEL_NAME, None)
+    register_train_spec(SIMULATED_MODEL_NAME, spec)
+
+
+def apply_stand_ins(config) -> list[str]:
+    """Change ``config`` in place to what one CPU process can simulate; return
+    one line per change (the output's list of stand-ins)."""
+    notes = []
+    m = config.model
+    if m.attn_type != "sdpa":
+        notes.append(
+            f"attention: {m.attn_type} ({m.attn_mask_type}) -> SDPA causal on the CPU "
+            "flash kernel (same saved tensors: q, k, v, output, log-sum-exp)"
+        )
+        m.attn_type, m.attn_mask_type = "sdpa", "causal"
+    if FLOAT8_CONVERTER in m.converters and not config.quantize.linear.float8.emulate:
+        config.quantize.linear.float8.emulate = True
+        notes.append("float8: torchao emulated (same casts, scales and float8 all-gather)")
+    if config.compile.enable:
+        config.compile.enable = False
+        notes.append("torch.compile: off (eager)")
+    notes.append("device type: cpu (fake tensors; CUDA backward needs a CUDA build)")
+    notes.append("data: random token ids; tokenizer: end-of-text id only")
+    if config.debug.seed is None:
+        # Rank 0 would broadcast a seed read from its generator: a value.
+        config.debug.seed = 0
+    config.checkpoint.enable = False
+    config.validation.enable = False
+    config.eval.enable = False
+    config.metrics.enable_tensorboard = False
+    config.metrics.log_freq = 10**9  # no logging step: it reads values on the host
+    config.hf.load_path = None
+    config.hf.export_at_end = False
+    config.profiling.enable_profiling = False
+    config.profiling.enable_memory_snapshot = False
+    config.training.steps = max(config.training.steps, 1)
+    return notes
+
+
+class SimulatedTrainer(SwallowTrainer):
+    """SwallowTrainer whose cross-rank agreement reads no value.
+
+    ``_agree`` issues the same all-reduce, but fake tensors hold no data, so
+    the simulated step is taken as finite and not stopped (the optimizer steps).
+    """
+
+    def __init__(self, job_config: Any):
+        super().__init__(job_config)
+        # torchtitan's device is "cpu:<local rank>"; fake tensors tell "cpu:0"
+        # from "cpu" (the parameters'), real CPU tensors do not.
+        self.device = torch.device(self.device.type)
+        # torchtitan logs step 1 whatever log_freq says; logging reads values.
+        self.metrics_processor.should_log = lambda step: False
+
+    def init_distributed(self):
+        """torchtitan's, with every mesh built outside the fake mode (a mesh's rank
+        coordinates are computed from real tensors)."""
+        with unset_fake_temporarily():
+            parallel_dims = super().init_distributed()
+            parallel_dims.build_mesh()
+        return parallel_dims
+
+    def _agree(self, *flags: torch.Tensor | bool) -> list[bool]:
+        values = torch.stack(
+            [torch.as_tensor(f, device=self.device).reshape(()) for f in flags]
+        ).to(torch.int32)
+        if dist.is_initialized():
+            dist.all_reduce(values, op=dist.ReduceOp.MAX)
+        return [False] * len(flags)
+
+
+# ---------------------------------------------------------------- collectives
+
+
+@dataclass
+class Collective:
+    """One kind of collective on one mesh dimension, summed over a step."""
+
+    op: str
+    dim: str
+    group_size: int
+    nodes: int
+    count: int = 0
+    bytes: int = 0
+    """Full (unsharded) buffer bytes, summed."""
+
+
+_COLLECTIVE_OPS = {
+    "allgather_": "all_gather",
+    "_allgather_base_": "all_gather",
+    "allgather_into_tensor_coalesced_": "all_gather",
+    "all_gather_into_tensor": "all_gather",
+    "all_gather_into_tensor_coalesced": "all_gather",
+    "reduce_scatter_": "reduce_scatter",
+    "_reduce_scatter_base_": "reduce_scatter",
+    "reduce_scatter_tensor_coalesced_": "reduce_scatter",
+    "reduce_scatter_tensor": "reduce_scatter",
+    "reduce_scatter_tensor_coalesced": "reduce_scatter",
+    "allreduce_": "all_reduce",
+    "allreduce_coalesced_": "all_reduce",
+    "all_reduce": "all_reduce",
+    "all_reduce_coalesced": "all_reduce",
+    "broadcast_": "broadcast",
+    "broadcast": "broadcast",
+    "alltoall_base_": "all_to_all",
+    "all_to_all_single": "all_to_all",
+}
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
+class CollectiveRecorder(TorchDispatchMode):
+    """Records every collective this rank issues: kind, mesh dimension, bytes.
+
+    Both c10d ops (FSDP2's all-gather and reduce-scatter, ``dist.all_reduce``)
+    and functional collectives (DTensor redistribution, torchtitan's
+    ``dist_sum``) are dispatched as torch ops, so a dispatch mode sees them.
+    The bytes are the full buffer's: the all-gather's output, the
+    reduce-scatter's input, the all-reduce's tensor.
+    """
+
+    def __init__(self, group_dims: dict[str, str], ngpu: int) -> None:
+        super().__init__()
+        self.group_dims = group_dims
+        self.ngpu = ngpu
+        self.records: dict[tuple[str, str], Collective] = {}
+        self.enabled = True
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if self.enabled and func.namespace in ("c10d", "_c10d_functional"):
+            kind = _COLLECTIVE_OPS.get(func._opname)
+            if kind is not None:
+                self._record(kind, func, args, kwargs, out)
+        return out
+
+    def _record(self, kind: str, func, args, kwargs, out) -> None:
+        group = None
+        for a in list(args) + list(kwargs.values()):
+            if isinstance(a, str) and func.namespace == "_c10d_functional":
+                group = a
+            elif isinstance(a, torch.ScriptObject) or hasattr(a, "group_name"):
+                # A ReduceOp is a script object too: keep the one that is a group.
+                group = _script_group_name(a) or group
+        ranks = _group_ranks(group)
+        size = len(ranks)
+        nodes = len({r // self.ngpu for r in ranks})
+        dim = self.group_dims.get(group, f"group of {size}")
+        if kind == "reduce_scatter":
+            buffer = args[1] if func.namespace == "c10d" else args[0]
+        elif kind == "all_gather":
+            buffer = args[0] if func.namespace == "c10d" else out
+        else:
+            buffer = args[0]
+        nbytes = sum(t.numel() * t.element_size() for t in _tensors(buffer))
+        rec = self.records.setdefault((kind, dim), Collective(kind, dim, size, nodes))
+        rec.count += 1
+        rec.bytes += nbytes
+
+
+def _script_group_name(obj: Any) -> str | None:
+    """The group name of a process group as c10d ops receive it."""
+    if isinstance(obj, dist.ProcessGroup):
+        return obj.group_name
+    try:
+        return dist.ProcessGroup.unbox(obj).group_name
+    except (AttributeError, RuntimeError, TypeError):
+        return None
+
+
+def _group_ranks(group_name: str | None) -> list[int]:
+    if group_name is None:
+        return list(range(dist.get_world_size()))
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    return dist.get_process_group_ranks(_resolve_process_group(group_name))
+
+
+def mesh_group_names(parallel_dims) -> dict[str, str]:
+    """Process-group name -> mesh dimension name(s), for every mesh the trainer uses."""
+    names: dict[str, str] = {}
+    candidates = ["dp_replicate", "fsdp", "dp_shard", "tp", "cp", "pp", "batch", "loss",
+                  "dp_cp", "dp", "dp_shard_cp"]
+    for dim in candidates:
+        try:
+            mesh = parallel_dims.get_optional_mesh(dim)
+        except (KeyError, ValueError, RuntimeError, AssertionError):
+            continue
+        if mesh is None:
+            continue
+        for d in range(mesh.ndim):
+            label = mesh.mesh_dim_names[d] if mesh.mesh_dim_names else dim
+            names.setdefault(mesh.get_group(d).group_name, label)
+    names.setdefault(dist.group.WORLD.group_name, "world")
+    return names
+
+
+def collective_seconds(c: Collective, opts: SimulationOptions) -> float:
+    """A lower bound on one kind of collective's time over a step.
+
+    Ring/tree algorithms move, per rank, ``(n-1)/n`` of the buffer for an
+    all-gather or reduce-scatter and twice that for an all-reduce. Within a node
+    that crosses NVLink at the GPU's rate. A group spanning nodes must also
+    bring ``(m-1)/m`` of the buffer into every node it spans (m nodes) through
+    the node's network (``internode_tbps``), shared by the ``ngpu / per-node``
+    groups of that dimension running at once. The bound is the slower of the two.
+    """
+    gpu = GPUS[opts.gpu]
+    nvlink = (opts.nvlink_gbps or gpu.nvlink_gbps) * 1e9
+    node_bw = opts.internode_tbps * 1e12 / 8
+    factor = 2.0 if c.op == "all_reduce" else 1.0
+    if c.op == "broadcast":
+        factor = 1.0
+    n = c.group_size
+    if n <= 1:
+        return 0.0
+    per_node = max(1, n // c.nodes)
+    intra = factor * c.bytes * (per_node - 1) / per_node / nvlink if per_node > 1 else 0.0
+    inter = 0.0
+    if c.nodes > 1:
+        concurrent = max(1, opts.ngpu // per_node)
+        inter = factor * c.bytes * (c.nodes - 1) / c.nodes * concurrent / node_bw
+    return max(intra, inter)
+
+
+# ---------------------------------------------------------------- the run
+
+
+@dataclass
+class SimulationResult:
+    """Per-rank figures of one simulated run (bytes unless named otherwise)."""
+
+    config_file: str
+    world_size: int
+    ngpu: int
+    nnodes: int
+    rank: int
+    layout: dict[str, int]
+    steps: int
+    grad_accum: int
+    local_batch: int
+    seq_len: int
+    n_params: int
+    flops_per_token: float
+    peak_bytes: int
+    peak_parts: dict[str, int]
+    modules: list[dict[str, Any]]
+    collectives: list[dict[str, Any]]
+    comm_seconds: float
+    compute_seconds: float
+    gpu: str
+    gpu_memory_bytes: int
+    stand_ins: list[str]
+    wall_seconds: float
+    state_bytes: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def fits(self) -> bool:
+        return self.peak_bytes <= self.gpu_memory_bytes
+
+    @property
+    def bound(self) -> str:
+        return "communication" if self.comm_seconds > self.compute_seconds else "compute"
+
+
+@contextlib.contextmanager
+def _rank_env(opts: SimulationOptions) -> Iterator[None]:
+    """torchrun's variables for the simulated rank, restored afterwards."""
+    values = {
+        "RANK": str(opts.rank),
+        "LOCAL_RANK": str(opts.rank % opts.ngpu),
+        "WORLD_SIZE": str(opts.world_size),
+        "LOCAL_WORLD_SIZE": str(opts.ngpu),
+    }
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _root_module(trainer: SwallowTrainer) -> torch.nn.Module:
+    if len(trainer.model_parts) != 1:
+        raise ConfigError("simulate: pipeline parallelism is not simulated (one model part)")
+    return trainer.model_parts[0]
+
+
+def _state_bytes(trainer: SwallowTrainer) -> dict[str, int]:
+    """This rank's parameter, gradient and optimizer-state bytes, from the tensors."""
+    from torch.distributed.tensor import DTensor
+
+    def local(t: torch.Tensor) -> torch.Tensor:
+        return t.to_local() if isinstance(t, DTensor) else t
+
+    params = [p for m in trainer.model_parts for p in m.parameters()]
+    out = {
+        "params": sum(local(p).numel() * local(p).element_size() for p in params),
+        "optimizer": 0,
+    }
+    for opt in trainer.optimizers.optimizers:
+        for state in opt.state.values():
+            for v in state.values():
+                if isinstance(v, torch.Tensor):
+                    out["optimizer"] += local(v).numel() * local(v).element_size()
+    return out
+
+
+def _largest_modules(tracker: MemTracker, root: torch.nn.Module, top: int) -> list[dict[str, Any]]:
+    rows = []
+    for mod_stats in tracker.memory_tracking.values():
+        peaks = list(mod_stats.local_peak.values())
+        if not peaks:
+            continue
+        rows.append({"module": mod_stats.mod_fqn, "peak_bytes": int(max(peaks))})
+    rows.sort(key=lambda r: -r["peak_bytes"])
+    # Parents contain their children: list the deepest modules with a large peak.
+    return rows[:top]
+
+
+def simulate(config, opts: SimulationOptions, source: str = "<config>") -> SimulationResult:
+    """Run ``opts.steps`` training steps of ``config`` as rank ``opts.rank`` of a fake
+    ``opts.world_size``-rank job and measure them."""
+    start = time.monotonic()
+    # Stand-ins first: validation and [eval] are off, so their sizes are not checked.
+    stand_ins = apply_stand_ins(config)
+    layout: Layout = check_structure(config, opts.world_size, source)
+    from swallow_titan.components.preflight import model_args
+
+    vocab = model_args(config, source).vocab_size
+    _register_simulated_spec(vocab)
+    config.model.name = SIMULATED_MODEL_NAME
+    config.comm.mode = "default"  # the fake process group is initialised here
+    _set_rank_env(opts)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    dist.init_process_group("fake", rank=opts.rank, world_size=opts.world_size, store=FakeStore())
+    trainer = None
+    try:
+        # The device mesh is built before fake mode (its ranks are real tensors).
+        fake_mode = FakeTensorMode(
+            allow_non_fake_inputs=True, shape_env=ShapeEnv(allow_scalar_outputs=True)
+        )
+        with fake_mode, dtensor_propagation_in_own_fake_mode():
+            trainer = SimulatedTrainer(config)
+            model = _root_module(trainer)
+            optimizer = trainer.optimizers.optimizers[0]
+            tracker = (
+                FSDPMemTracker(mod=model, optm=optimizer)
+                if isinstance(model, FSDPModule)
+                else MemTracker()
+            )
+            if not isinstance(model, FSDPModule):
+                tracker.track_external(model, optimizer)
+            recorder = CollectiveRecorder(mesh_group_names(trainer.parallel_dims), opts.ngpu)
+            data = trainer.batch_generator(trainer.dataloader)
+            with tracker:
+                for step in range(1, opts.steps + 1):
+                    trainer.step += 1
+                    # Collectives of the last step only (the first builds the optimizer state).
+                    recorder.records.clear()
+                    with recorder:
+                        trainer.train_step(data)
+            state = _state_bytes(trainer)
+            peak_snap = tracker.get_tracker_snapshot("peak")
+            dev = next(iter(peak_snap)) if peak_snap else None
+            parts = {getattr(k, "value", str(k)): int(v) for k, v in (peak_snap.get(dev, {}) or {}).items()}
+            peak = parts.pop("Total", 0)
+            modules = _largest_modules(tracker, model, 12)
+        collectives = sorted(recorder.records.values(), key=lambda c: (c.dim, c.op))
+        comm = sum(collective_seconds(c, opts) for c in collectives)
+        gpu = GPUS[opts.gpu]
+        tokens = trainer.gradient_accumulation_steps * config.training.local_batch_size * config.training.seq_len
+        flops = trainer.metrics_processor.num_flops_per_token * tokens
+        compute = flops / (gpu.bf16_tflops * 1e12 * opts.mfu)
+        n_params = sum(
+            p.numel() for p in trainer.model_parts[0].parameters()
+        )
+        return SimulationResult(
+            config_file=source,
+            world_size=opts.world_size,
+            ngpu=opts.ngpu,
+            nnodes=opts.nnodes,
+            rank=opts.rank,
+            layout={"dp_replicate": layout.dp_replicate, "dp_shard": layout.dp_shard,
+                    "tp": layout.tp, "cp": layout.cp, "pp": layout.pp},
+            steps=opts.steps,
+            grad_accum=trainer.gradient_accumulation_steps,
+            local_batch=config.training.local_batch_size,
+            seq_len=config.training.seq_len,
+            n_params=n_params,
+            flops_per_token=float(trainer.metrics_processor.num_flops_per_token),
+            peak_bytes=int(peak),
+            peak_parts=parts,
+            modules=modules,
+            collectives=[
+                {**dataclasses.asdict(c), "seconds": collective_seconds(c, opts)}
+                for c in collectives
+            ],
+            comm_seconds=comm,
+            compute_seconds=compute,
+            gpu=gpu.name,
+            gpu_memory_bytes=gpu.memory_bytes,
+            stand_ins=stand_ins,
+            wall_seconds=time.monotonic() - start,
+            state_bytes=state,
+        )
+    finally:
+        if trainer is not None:
+            trainer.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------- report
+
+
+def format_report(r: SimulationResult) -> str:
+    """The human-readable report."""
+    g = lambda b: f"{b / GIB:.2f} GiB"  # noqa: E731
+    lay = ", ".join(f"{k} {v}" for k, v in r.layout.items() if v != 1) or "1 rank"
+    lines = [
+        f"Simulated {r.config_file}: {r.nnodes} node(s) x {r.ngpu} GPUs = {r.world_size} ranks "
+        f"({lay}); rank {r.rank}; {r.steps} steps of {r.grad_accum} microbatch(es) x "
+        f"{r.local_batch} x {r.seq_len} tokens; {r.n_params:,} parameters",
+        "Stand-ins: " + "; ".join(r.stand_ins),
+        "",
+        f"Peak memory (rank {r.rank}): {g(r.peak_bytes)} of {r.gpu} "
+        f"({r.gpu_memory_bytes / GIB:.1f} GiB): {'fits' if r.fits else 'DOES NOT FIT'}",
+    ]
+    for k, v in sorted(r.peak_parts.items(), key=lambda kv: -kv[1]):
+        if v:
+            lines.append(f"  {k:<16} {g(v)}")
+    lines.append("Largest modules (peak while active):")
+    for m in r.modules[:8]:
+        lines.append(f"  {m['module']:<40} {g(m['peak_bytes'])}")
+    lines.append("Collectives of one step (full-buffer bytes):")
+    for c in r.collectives:
+        lines.append(
+            f"  {c['op']:<15} {c['dim']:<14} group {c['group_size']:>3} over {c['nodes']} node(s): "
+            f"{c['count']:>5} calls, {c['bytes'] / GIB:8.2f} GiB, >= {c['seconds'] * 1e3:8.1f} ms"
+        )
+    lines.append(
+        f"Per step: communication >= {r.comm_seconds:.2f} s (no overlap assumed), compute "
+        f"{r.compute_seconds:.2f} s -> {r.bound}-bound"
+    )
+    lines.append(f"(simulated in {r.wall_seconds:.0f} s)")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m swallow_titan.simulate",
+        description="Simulate a config at its real world size on one CPU (fake process "
+        "group, fake tensors): peak memory per rank, collectives, communication vs compute.",
+    )
+    p.add_argument("config", help="training TOML")
+    add_process_arguments(p)
+    p.add_argument("--rank", type=int, default=0, help="simulated rank (default 0)")
+    p.add_argument("--steps", type=int, default=2, help="training steps (default 2, at least 2)")
+    p.add_argument("--gpu", choices=sorted(GPUS), default="h200", help="GPU to compare against")
+    p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation (default 0.4)")
+    p.add_argument("--nvlink-gbps", type=float, default=None,
+                   help="NVLink GB/s per GPU and direction (default: the GPU's, 450)")
+    p.add_argument("--internode-tbps", type=float, default=3.2,
+                   help="network Tb/s per node and direction (default 3.2)")
+    p.add_argument("--json", action="store_true", help="print the figures as JSON")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    init_logger()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args, overrides = parser.parse_known_args(argv)
+    opts = SimulationOptions(
+        ngpu=args.ngpu, nnodes=args.nnodes, rank=args.rank, steps=args.steps, gpu=args.gpu,
+        mfu=args.mfu, nvlink_gbps=args.nvlink_gbps, internode_tbps=args.internode_tbps,
+    )
+    if not 0 <= opts.rank < opts.world_size:
+        parser.error(f"--rank must be in [0, {opts.world_size}), got {opts.rank}")
+    if opts.steps < 2:
+        parser.error("--steps must be at least 2 (the first step creates the optimizer state)")
+    try:
+        config = load_job_config(args.config, overrides)
+        result = simulate(config, opts, args.config)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return ExitCode.BAD_INPUT
+    if args.json:
+        print(json.dumps({**dataclasses.asdict(result), "fits": result.fits, "bound": result.bound}, indent=2))
+    else:
+        print(format_report(result))
+    return ExitCode.OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
