@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from dataclasses import asdict, dataclass
 
@@ -24,7 +25,12 @@ from torchtitan.models.llama3.model.model import Transformer
 
 from kernels.cross_entropy import default_chunk_tokens
 
-from swallow_titan.config.checks import Layout, global_batch_sequences, grad_accum_steps
+from swallow_titan.config.checks import (
+    Layout,
+    global_batch_sequences,
+    grad_accum_steps,
+    resolve_layout,
+)
 from swallow_titan.config.errors import ExitCode
 from swallow_titan.config.manager import ConfigError, load_job_config
 from swallow_titan.config.paths import RunPaths
@@ -105,6 +111,82 @@ def estimate_memory(
         gathered_params=gathered / GIB,
         activations=activations / GIB,
         logits=logits / GIB,
+    )
+
+
+@dataclass(frozen=True)
+class StateBytes:
+    """One rank's parameter, gradient and optimizer-state storage, in bytes."""
+
+    params: int
+    grads: int
+    optimizer: int
+
+
+# Which dimension of each weight torchtitan's llama3 tensor-parallel plan
+# shards (column-wise: the output rows, dim 0; row-wise: the input columns,
+# dim 1; the embedding's vocabulary rows); norms are replicated.
+_TP_SHARD_DIM = {
+    "tok_embeddings.weight": 0,
+    "output.weight": 0,
+    "attention.wq.weight": 0,
+    "attention.wk.weight": 0,
+    "attention.wv.weight": 0,
+    "attention.wo.weight": 1,
+    "feed_forward.w1.weight": 0,
+    "feed_forward.w3.weight": 0,
+    "feed_forward.w2.weight": 1,
+}
+
+
+def _chunk(size: int, parts: int, index: int) -> int:
+    """Length of ``torch.chunk(size, parts)[index]`` (0 past the last chunk):
+    how DTensor's Shard and FSDP2 split a dimension."""
+    full = -(-size // parts)
+    return max(0, min(size, full * (index + 1)) - full * index)
+
+
+def sharded_state_bytes(config, world_size: int, rank: int, source: str = "<config>") -> StateBytes:
+    """What ``rank`` holds of the parameters, gradients and AdamW state, by arithmetic.
+
+    Each weight is first split by tensor parallel (:data:`_TP_SHARD_DIM`, DTensor's
+    ``torch.chunk`` split), then FSDP2 splits the TP-local tensor's dim 0 over
+    ``dp_shard x cp`` ranks and stores every shard padded to ``ceil(rows /
+    shards)`` rows, so parameters and their gradients (reduce-scattered into the
+    same padded layout) cost the padded size. AdamW's two moments are created
+    like the unpadded local shard, plus one 4-byte step count per tensor.
+    HSDP's replicas hold the same as their shard group. Pipeline parallel is not
+    modelled (the whole model is one stage).
+    """
+    from swallow_titan.model.transformer import SwallowTransformer
+
+    layout = resolve_layout(config, world_size, source)
+    args = model_args(config, source)
+    with torch.device("meta"):
+        model = SwallowTransformer(args)
+    tp_rank = rank % layout.tp
+    fsdp = layout.fsdp_shards
+    fsdp_rank = (rank // layout.tp) % fsdp
+    p_bytes = 4 if config.training.dtype == "float32" else 2
+    padded = unpadded = tensors = 0
+    for name, param in model.named_parameters():
+        shape = list(param.shape)
+        if layout.tp > 1:
+            dim = next((d for suffix, d in _TP_SHARD_DIM.items() if name.endswith(suffix)), None)
+            if dim is not None:
+                shape[dim] = _chunk(shape[dim], layout.tp, tp_rank)
+        rest = math.prod(shape[1:])
+        if fsdp > 1:
+            padded += -(-shape[0] // fsdp) * rest
+            unpadded += _chunk(shape[0], fsdp, fsdp_rank) * rest
+        else:
+            padded += shape[0] * rest
+            unpadded += shape[0] * rest
+        tensors += 1
+    return StateBytes(
+        params=padded * p_bytes,
+        grads=padded * p_bytes,
+        optimizer=2 * unpadded * p_bytes + 4 * tensors,
     )
 
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import dataclasses
 import json
 import math
@@ -68,6 +69,7 @@ from swallow_titan.config.manager import load_job_config
 from swallow_titan.config.sections import FUSED_LOSS, MODEL_NAME
 from swallow_titan.runtime.device import add_process_arguments
 from swallow_titan.runtime.seams import dtensor_propagation_in_own_fake_mode
+from swallow_titan.model.args import FLAVORS
 from swallow_titan.model.parallelize import parallelize_swallow
 from swallow_titan.model.transformer import SwallowTransformer
 from swallow_titan.trainer import SwallowTrainer
@@ -115,6 +117,11 @@ class SimulationOptions:
     """Per GPU, one direction (default: the GPU's)."""
     internode_tbps: float = 3.2
     """Per node, one direction, in Tb/s (8 x 400 Gb/s NICs on an H200 node)."""
+    layers: tuple[int, int] | None = None
+    """Simulate these two block counts and extrapolate to the flavor's."""
+    real: bool = False
+    """Run with real tensors instead (to check the simulation): on torchrun's
+    process group when there is one, else on a fake one in this process."""
 
     @property
     def world_size(self) -> int:
@@ -193,10 +200,20 @@ def _parallelize_outside_fake_mode(model: torch.nn.Module, parallel_dims, job_co
         return parallelize_swallow(model, parallel_dims, job_config)
 
 
-def _register_simulated_spec(vocab_size: int) -> None:
+def _register_simulated_spec(config, source: str, layers: int | None, real: bool) -> None:
+    from swallow_titan.components.preflight import model_args
+
+    args = model_args(config, source)
+    vocab_size = args.vocab_size
+    flavors = dict(FLAVORS)
+    if layers is not None:
+        flavors[config.model.flavor] = dataclasses.replace(
+            FLAVORS[config.model.flavor], n_layers=layers
+        )
     spec = dataclasses.replace(
         get_train_spec(MODEL_NAME),
-        model_cls=SimulatedTransformer,
+        model_args=flavors,
+        model_cls=SwallowTransformer if real else SimulatedTransformer,
         parallelize_fn=_parallelize_outside_fake_mode,
         build_dataloader_fn=_build_random_tokens,
         build_tokenizer_fn=lambda job_config: StandInTokenizer(vocab_size),
@@ -408,7 +425,9 @@ def mesh_group_names(parallel_dims) -> dict[str, str]:
     return names
 
 
-def collective_seconds(c: Collective, opts: SimulationOptions) -> float:
+def collective_seconds(
+    c: Collective, ngpu: int, nvlink_gbps: float, internode_tbps: float
+) -> float:
     """A lower bound on one kind of collective's time over a step.
 
     Ring/tree algorithms move, per rank, ``(n-1)/n`` of the buffer for an
@@ -418,9 +437,8 @@ def collective_seconds(c: Collective, opts: SimulationOptions) -> float:
     the node's network (``internode_tbps``), shared by the ``ngpu / per-node``
     groups of that dimension running at once. The bound is the slower of the two.
     """
-    gpu = GPUS[opts.gpu]
-    nvlink = (opts.nvlink_gbps or gpu.nvlink_gbps) * 1e9
-    node_bw = opts.internode_tbps * 1e12 / 8
+    nvlink = nvlink_gbps * 1e9
+    node_bw = internode_tbps * 1e12 / 8
     factor = 2.0 if c.op == "all_reduce" else 1.0
     if c.op == "broadcast":
         factor = 1.0
@@ -431,7 +449,7 @@ def collective_seconds(c: Collective, opts: SimulationOptions) -> float:
     intra = factor * c.bytes * (per_node - 1) / per_node / nvlink if per_node > 1 else 0.0
     inter = 0.0
     if c.nodes > 1:
-        concurrent = max(1, opts.ngpu // per_node)
+        concurrent = max(1, ngpu // per_node)
         inter = factor * c.bytes * (c.nodes - 1) / c.nodes * concurrent / node_bw
     return max(intra, inter)
 
@@ -459,21 +477,57 @@ class SimulationResult:
     peak_parts: dict[str, int]
     modules: list[dict[str, Any]]
     collectives: list[dict[str, Any]]
-    comm_seconds: float
-    compute_seconds: float
+    """Per (op, mesh dimension): count and full-buffer bytes of the last step."""
     gpu: str
     gpu_memory_bytes: int
+    mfu: float
+    bf16_tflops: float
+    link_gbps: float
+    internode_tbps: float
     stand_ins: list[str]
     wall_seconds: float
     state_bytes: dict[str, int] = field(default_factory=dict)
+    """This rank's storages: params, grads, optimizer (FSDP padding included)."""
+    simulated_layers: tuple[int, int] | None = None
+    """Block counts simulated when the figures are extrapolated."""
 
     @property
     def fits(self) -> bool:
         return self.peak_bytes <= self.gpu_memory_bytes
 
+    def collective_seconds(self, c: dict[str, Any]) -> float:
+        return collective_seconds(
+            Collective(**c), self.ngpu, self.link_gbps, self.internode_tbps
+        )
+
+    @property
+    def comm_seconds(self) -> float:
+        """Lower bound on one step's communication time, nothing overlapped."""
+        return sum(self.collective_seconds(c) for c in self.collectives)
+
+    @property
+    def compute_seconds(self) -> float:
+        """One step's model FLOPs at the assumed MFU of the dense bf16 peak."""
+        tokens = self.grad_accum * self.local_batch * self.seq_len
+        return self.flops_per_token * tokens / (self.bf16_tflops * 1e12 * self.mfu)
+
     @property
     def bound(self) -> str:
         return "communication" if self.comm_seconds > self.compute_seconds else "compute"
+
+    def to_json(self) -> dict[str, Any]:
+        """Every field plus the derived figures."""
+        out = dataclasses.asdict(self)
+        out["collectives"] = [
+            {**c, "seconds": self.collective_seconds(c)} for c in self.collectives
+        ]
+        out.update(
+            fits=self.fits,
+            comm_seconds=self.comm_seconds,
+            compute_seconds=self.compute_seconds,
+            bound=self.bound,
+        )
+        return out
 
 
 @contextlib.contextmanager
@@ -503,27 +557,40 @@ def _root_module(trainer: SwallowTrainer) -> torch.nn.Module:
     return trainer.model_parts[0]
 
 
-def _state_bytes(trainer: SwallowTrainer) -> dict[str, int]:
-    """This rank's parameter, gradient and optimizer-state bytes, from the tensors."""
+def state_bytes(trainer: SwallowTrainer) -> dict[str, int]:
+    """This rank's parameter, gradient and optimizer-state storage bytes.
+
+    Storages, not tensor sizes: FSDP2 pads each shard to ``ceil(dim0 / shards)``
+    rows, and a rank's padded storage is what it holds.
+    """
     from torch.distributed.tensor import DTensor
 
-    def local(t: torch.Tensor) -> torch.Tensor:
-        return t.to_local() if isinstance(t, DTensor) else t
+    def nbytes(tensors) -> int:
+        seen: dict[int, int] = {}
+        for t in tensors:
+            if t is None:
+                continue
+            local = t.to_local() if isinstance(t, DTensor) else t
+            st = local.untyped_storage()
+            seen[id(st)] = st.nbytes()
+        return sum(seen.values())
 
     params = [p for m in trainer.model_parts for p in m.parameters()]
-    out = {
-        "params": sum(local(p).numel() * local(p).element_size() for p in params),
-        "optimizer": 0,
+    moments = [
+        v
+        for opt in trainer.optimizers.optimizers
+        for state in opt.state.values()
+        for v in state.values()
+        if isinstance(v, torch.Tensor)
+    ]
+    return {
+        "params": nbytes(params),
+        "grads": nbytes(p.grad for p in params),
+        "optimizer": nbytes(moments),
     }
-    for opt in trainer.optimizers.optimizers:
-        for state in opt.state.values():
-            for v in state.values():
-                if isinstance(v, torch.Tensor):
-                    out["optimizer"] += local(v).numel() * local(v).element_size()
-    return out
 
 
-def _largest_modules(tracker: MemTracker, root: torch.nn.Module, top: int) -> list[dict[str, Any]]:
+def _largest_modules(tracker: MemTracker, top: int) -> list[dict[str, Any]]:
     rows = []
     for mod_stats in tracker.memory_tracking.values():
         peaks = list(mod_stats.local_peak.values())
@@ -531,102 +598,181 @@ def _largest_modules(tracker: MemTracker, root: torch.nn.Module, top: int) -> li
             continue
         rows.append({"module": mod_stats.mod_fqn, "peak_bytes": int(max(peaks))})
     rows.sort(key=lambda r: -r["peak_bytes"])
-    # Parents contain their children: list the deepest modules with a large peak.
     return rows[:top]
 
 
 def simulate(config, opts: SimulationOptions, source: str = "<config>") -> SimulationResult:
     """Run ``opts.steps`` training steps of ``config`` as rank ``opts.rank`` of a fake
-    ``opts.world_size``-rank job and measure them."""
-    start = time.monotonic()
-    # Stand-ins first: validation and [eval] are off, so their sizes are not checked.
-    stand_ins = apply_stand_ins(config)
-    layout: Layout = check_structure(config, opts.world_size, source)
+    ``opts.world_size``-rank job and measure them.
+
+    With ``opts.layers`` = (a, b) the model is simulated with a and with b
+    transformer blocks and every figure (memory by kind, state, collectives'
+    counts and bytes) is extrapolated linearly to the flavor's block count:
+    each block adds the same parameters, saved activations and collectives, and
+    the peak falls at the same point of the step (``tests/test_simulate.py``
+    checks that a third block count lands exactly on the line).
+    """
+    if opts.layers is None:
+        return measure(config, opts, source, None)
+    a, b = opts.layers
+    if not 1 <= a < b:
+        raise ConfigError(f"simulate: --layers needs 1 <= a < b, got {a} {b}")
+    full = _flavor_layers(config, source)
+    ra = measure(config, opts, source, a)
+    rb = measure(config, opts, source, b)
+    return extrapolate(ra, rb, a, b, full)
+
+
+def _flavor_layers(config, source: str) -> int:
     from swallow_titan.components.preflight import model_args
 
-    vocab = model_args(config, source).vocab_size
-    _register_simulated_spec(vocab)
+    return model_args(config, source).n_layers
+
+
+def extrapolate(ra: SimulationResult, rb: SimulationResult, a: int, b: int, n: int) -> SimulationResult:
+    """The figures at ``n`` blocks on the line through the ``a``- and ``b``-block runs."""
+
+    def line(x: float, y: float) -> int:
+        return int(round(x + (y - x) * (n - a) / (b - a)))
+
+    def lines(da: dict, db: dict) -> dict:
+        return {k: line(da.get(k, 0), db.get(k, 0)) for k in sorted(set(da) | set(db))}
+
+    colls = []
+    by_key = {(c["op"], c["dim"]): c for c in ra.collectives}
+    for c in rb.collectives:
+        ca = by_key.get((c["op"], c["dim"]), {**c, "count": 0, "bytes": 0})
+        colls.append({**c, "count": line(ca["count"], c["count"]), "bytes": line(ca["bytes"], c["bytes"])})
+    return dataclasses.replace(
+        rb,
+        peak_bytes=line(ra.peak_bytes, rb.peak_bytes),
+        peak_parts=lines(ra.peak_parts, rb.peak_parts),
+        state_bytes=lines(ra.state_bytes, rb.state_bytes),
+        collectives=colls,
+        n_params=line(ra.n_params, rb.n_params),
+        flops_per_token=float(line(ra.flops_per_token, rb.flops_per_token)),
+        modules=[],
+        simulated_layers=(a, b),
+        wall_seconds=ra.wall_seconds + rb.wall_seconds,
+    )
+
+
+@contextlib.contextmanager
+def _fake_process_group(opts: SimulationOptions) -> Iterator[None]:
+    if opts.real and "TORCHELASTIC_RUN_ID" in os.environ:
+        # A real run under torchrun: the trainer initialises gloo as in training.
+        yield
+        return
+    if dist.is_initialized():
+        raise RuntimeError(
+            "swallow_titan.simulate needs a process without a process group "
+            "(it creates a fake one of the simulated size)"
+        )
+    with _rank_env(opts):
+        dist.init_process_group(
+            "fake", rank=opts.rank, world_size=opts.world_size, store=FakeStore()
+        )
+        try:
+            yield
+        finally:
+            dist.destroy_process_group()
+
+
+def measure(config, opts: SimulationOptions, source: str, layers: int | None) -> SimulationResult:
+    """One simulation of ``config`` (with ``layers`` blocks when given); ``config``
+    itself is left as it was."""
+    start = time.monotonic()
+    config = copy.deepcopy(config)
+    # Stand-ins first: validation and [eval] are off, so their sizes are not checked.
+    stand_ins = apply_stand_ins(config)
+    if opts.real:
+        stand_ins = [n for n in stand_ins if not n.startswith("device")]
+        stand_ins.append("real tensors on CPU (a check of the simulation)")
+    layout: Layout = check_structure(config, opts.world_size, source)
+    _register_simulated_spec(config, source, layers, opts.real)
     config.model.name = SIMULATED_MODEL_NAME
     config.comm.mode = "default"  # the fake process group is initialised here
-    _set_rank_env(opts)
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    dist.init_process_group("fake", rank=opts.rank, world_size=opts.world_size, store=FakeStore())
     trainer = None
-    try:
-        # The device mesh is built before fake mode (its ranks are real tensors).
-        fake_mode = FakeTensorMode(
-            allow_non_fake_inputs=True, shape_env=ShapeEnv(allow_scalar_outputs=True)
-        )
-        with fake_mode, dtensor_propagation_in_own_fake_mode():
-            trainer = SimulatedTrainer(config)
-            model = _root_module(trainer)
-            optimizer = trainer.optimizers.optimizers[0]
-            tracker = (
-                FSDPMemTracker(mod=model, optm=optimizer)
-                if isinstance(model, FSDPModule)
-                else MemTracker()
-            )
-            if not isinstance(model, FSDPModule):
-                tracker.track_external(model, optimizer)
-            recorder = CollectiveRecorder(mesh_group_names(trainer.parallel_dims), opts.ngpu)
-            data = trainer.batch_generator(trainer.dataloader)
-            with tracker:
-                for step in range(1, opts.steps + 1):
-                    trainer.step += 1
-                    # Collectives of the last step only (the first builds the optimizer state).
-                    recorder.records.clear()
-                    with recorder:
-                        trainer.train_step(data)
-            state = _state_bytes(trainer)
-            peak_snap = tracker.get_tracker_snapshot("peak")
-            dev = next(iter(peak_snap)) if peak_snap else None
-            parts = {getattr(k, "value", str(k)): int(v) for k, v in (peak_snap.get(dev, {}) or {}).items()}
-            peak = parts.pop("Total", 0)
-            modules = _largest_modules(tracker, model, 12)
-        collectives = sorted(recorder.records.values(), key=lambda c: (c.dim, c.op))
-        comm = sum(collective_seconds(c, opts) for c in collectives)
-        gpu = GPUS[opts.gpu]
-        tokens = trainer.gradient_accumulation_steps * config.training.local_batch_size * config.training.seq_len
-        flops = trainer.metrics_processor.num_flops_per_token * tokens
-        compute = flops / (gpu.bf16_tflops * 1e12 * opts.mfu)
-        n_params = sum(
-            p.numel() for p in trainer.model_parts[0].parameters()
-        )
-        return SimulationResult(
-            config_file=source,
-            world_size=opts.world_size,
-            ngpu=opts.ngpu,
-            nnodes=opts.nnodes,
-            rank=opts.rank,
-            layout={"dp_replicate": layout.dp_replicate, "dp_shard": layout.dp_shard,
-                    "tp": layout.tp, "cp": layout.cp, "pp": layout.pp},
-            steps=opts.steps,
-            grad_accum=trainer.gradient_accumulation_steps,
-            local_batch=config.training.local_batch_size,
-            seq_len=config.training.seq_len,
-            n_params=n_params,
-            flops_per_token=float(trainer.metrics_processor.num_flops_per_token),
-            peak_bytes=int(peak),
-            peak_parts=parts,
-            modules=modules,
-            collectives=[
-                {**dataclasses.asdict(c), "seconds": collective_seconds(c, opts)}
-                for c in collectives
-            ],
-            comm_seconds=comm,
-            compute_seconds=compute,
-            gpu=gpu.name,
-            gpu_memory_bytes=gpu.memory_bytes,
-            stand_ins=stand_ins,
-            wall_seconds=time.monotonic() - start,
-            state_bytes=state,
-        )
-    finally:
-        if trainer is not None:
-            trainer.close()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    with _fake_process_group(opts):
+        try:
+            if opts.real:
+                tensors = contextlib.nullcontext()
+            else:
+                tensors = contextlib.ExitStack()
+                tensors.enter_context(
+                    FakeTensorMode(
+                        allow_non_fake_inputs=True,
+                        shape_env=ShapeEnv(allow_scalar_outputs=True),
+                    )
+                )
+                tensors.enter_context(dtensor_propagation_in_own_fake_mode())
+            with tensors:
+                trainer = SimulatedTrainer(config)
+                model = _root_module(trainer)
+                optimizer = trainer.optimizers.optimizers[0]
+                if isinstance(model, FSDPModule):
+                    tracker = FSDPMemTracker(mod=model, optm=optimizer)
+                else:
+                    tracker = MemTracker()
+                    tracker.track_external(model, optimizer)
+                recorder = CollectiveRecorder(mesh_group_names(trainer.parallel_dims), opts.ngpu)
+                data = trainer.batch_generator(trainer.dataloader)
+                with tracker:
+                    for _ in range(opts.steps):
+                        trainer.step += 1
+                        # Collectives of the last step only (the first also builds
+                        # the optimizer state).
+                        recorder.records.clear()
+                        with recorder:
+                            trainer.train_step(data)
+                state = state_bytes(trainer)
+                peak_snap = tracker.get_tracker_snapshot("peak")
+                parts: dict[str, int] = {}
+                for dev_snap in peak_snap.values():
+                    for k, v in dev_snap.items():
+                        key = getattr(k, "value", str(k))
+                        parts[key] = parts.get(key, 0) + int(v)
+                peak = parts.pop("Total", 0)
+                modules = _largest_modules(tracker, 12)
+                n_params = sum(p.numel() for m in trainer.model_parts for p in m.parameters())
+        finally:
+            if trainer is not None:
+                trainer.close()
+    collectives = sorted(recorder.records.values(), key=lambda c: (c.dim, c.op))
+    gpu = GPUS[opts.gpu]
+    return SimulationResult(
+        config_file=source,
+        world_size=opts.world_size,
+        ngpu=opts.ngpu,
+        nnodes=opts.nnodes,
+        rank=opts.rank,
+        layout={
+            "dp_replicate": layout.dp_replicate,
+            "dp_shard": layout.dp_shard,
+            "tp": layout.tp,
+            "cp": layout.cp,
+            "pp": layout.pp,
+        },
+        steps=opts.steps,
+        grad_accum=trainer.gradient_accumulation_steps,
+        local_batch=config.training.local_batch_size,
+        seq_len=config.training.seq_len,
+        n_params=n_params,
+        flops_per_token=float(trainer.metrics_processor.num_flops_per_token),
+        peak_bytes=int(peak),
+        peak_parts=parts,
+        modules=modules,
+        collectives=[dataclasses.asdict(c) for c in collectives],
+        gpu=gpu.name,
+        gpu_memory_bytes=gpu.memory_bytes,
+        mfu=opts.mfu,
+        bf16_tflops=gpu.bf16_tflops,
+        link_gbps=opts.nvlink_gbps or gpu.nvlink_gbps,
+        internode_tbps=opts.internode_tbps,
+        stand_ins=stand_ins,
+        wall_seconds=time.monotonic() - start,
+        state_bytes=state,
+    )
 
 
 # ---------------------------------------------------------------- report
@@ -634,13 +780,24 @@ def simulate(config, opts: SimulationOptions, source: str = "<config>") -> Simul
 
 def format_report(r: SimulationResult) -> str:
     """The human-readable report."""
-    g = lambda b: f"{b / GIB:.2f} GiB"  # noqa: E731
+
+    def g(b: float) -> str:
+        return f"{b / GIB:.2f} GiB"
+
     lay = ", ".join(f"{k} {v}" for k, v in r.layout.items() if v != 1) or "1 rank"
     lines = [
-        f"Simulated {r.config_file}: {r.nnodes} node(s) x {r.ngpu} GPUs = {r.world_size} ranks "
-        f"({lay}); rank {r.rank}; {r.steps} steps of {r.grad_accum} microbatch(es) x "
-        f"{r.local_batch} x {r.seq_len} tokens; {r.n_params:,} parameters",
+        f"Simulated {r.config_file}: {r.nnodes} node(s) x {r.ngpu} GPUs = {r.world_size} "
+        f"ranks ({lay}); rank {r.rank}; {r.steps} steps of {r.grad_accum} microbatch(es) "
+        f"x {r.local_batch} x {r.seq_len} tokens; {r.n_params:,} parameters",
         "Stand-ins: " + "; ".join(r.stand_ins),
+    ]
+    if r.simulated_layers:
+        a, b = r.simulated_layers
+        lines.append(
+            f"Extrapolated: simulated with {a} and {b} transformer blocks, every figure "
+            "taken on the line through them (each block adds the same)"
+        )
+    lines += [
         "",
         f"Peak memory (rank {r.rank}): {g(r.peak_bytes)} of {r.gpu} "
         f"({r.gpu_memory_bytes / GIB:.1f} GiB): {'fits' if r.fits else 'DOES NOT FIT'}",
@@ -648,18 +805,26 @@ def format_report(r: SimulationResult) -> str:
     for k, v in sorted(r.peak_parts.items(), key=lambda kv: -kv[1]):
         if v:
             lines.append(f"  {k:<16} {g(v)}")
-    lines.append("Largest modules (peak while active):")
-    for m in r.modules[:8]:
-        lines.append(f"  {m['module']:<40} {g(m['peak_bytes'])}")
-    lines.append("Collectives of one step (full-buffer bytes):")
+    lines.append(
+        "Held by this rank after the last step: "
+        + ", ".join(f"{k} {g(v)}" for k, v in r.state_bytes.items())
+    )
+    if r.modules:
+        lines.append("Largest modules (peak while each was running):")
+        for m in r.modules[:8]:
+            lines.append(f"  {m['module']:<44} {g(m['peak_bytes'])}")
+    lines.append("Collectives of one step (bytes of the full buffer):")
     for c in r.collectives:
         lines.append(
-            f"  {c['op']:<15} {c['dim']:<14} group {c['group_size']:>3} over {c['nodes']} node(s): "
-            f"{c['count']:>5} calls, {c['bytes'] / GIB:8.2f} GiB, >= {c['seconds'] * 1e3:8.1f} ms"
+            f"  {c['op']:<15} {c['dim']:<13} {c['group_size']:>3} ranks on {c['nodes']} "
+            f"node(s): {c['count']:>5} calls {c['bytes'] / GIB:9.2f} GiB  "
+            f">= {r.collective_seconds(c) * 1e3:8.1f} ms"
         )
     lines.append(
-        f"Per step: communication >= {r.comm_seconds:.2f} s (no overlap assumed), compute "
-        f"{r.compute_seconds:.2f} s -> {r.bound}-bound"
+        f"Per step: communication >= {r.comm_seconds:.2f} s (NVLink {r.link_gbps:g} GB/s "
+        f"per GPU, network {r.internode_tbps:g} Tb/s per node, nothing overlapped); "
+        f"compute {r.compute_seconds:.2f} s ({r.flops_per_token:.3g} FLOPs/token at "
+        f"{r.mfu:.0%} MFU of {r.bf16_tflops:g} TFLOP/s) -> {r.bound}-bound"
     )
     lines.append(f"(simulated in {r.wall_seconds:.0f} s)")
     return "\n".join(lines)
@@ -681,7 +846,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="NVLink GB/s per GPU and direction (default: the GPU's, 450)")
     p.add_argument("--internode-tbps", type=float, default=3.2,
                    help="network Tb/s per node and direction (default 3.2)")
+    p.add_argument(
+        "--layers",
+        type=int,
+        nargs=2,
+        metavar=("A", "B"),
+        default=None,
+        help="simulate A and B transformer blocks and extrapolate to the flavor's "
+        "(faster; exact because each block adds the same)",
+    )
+    p.add_argument(
+        "--real",
+        action="store_true",
+        help="run with real tensors, tracked the same way (to check the simulation; "
+        "under torchrun on its gloo process group)",
+    )
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
+    p.add_argument("--output", default=None, help="also write the JSON figures to this file")
     return p
 
 
@@ -693,7 +874,17 @@ def main(argv: list[str] | None = None) -> int:
     opts = SimulationOptions(
         ngpu=args.ngpu, nnodes=args.nnodes, rank=args.rank, steps=args.steps, gpu=args.gpu,
         mfu=args.mfu, nvlink_gbps=args.nvlink_gbps, internode_tbps=args.internode_tbps,
+        layers=tuple(args.layers) if args.layers else None,
+        real=args.real,
     )
+    if opts.real and "TORCHELASTIC_RUN_ID" in os.environ:
+        # Under torchrun the processes are real: rank and sizes are torchrun's.
+        opts = dataclasses.replace(
+            opts,
+            rank=int(os.environ["RANK"]),
+            ngpu=int(os.environ["LOCAL_WORLD_SIZE"]),
+            nnodes=int(os.environ["WORLD_SIZE"]) // int(os.environ["LOCAL_WORLD_SIZE"]),
+        )
     if not 0 <= opts.rank < opts.world_size:
         parser.error(f"--rank must be in [0, {opts.world_size}), got {opts.rank}")
     if opts.steps < 2:
@@ -704,8 +895,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return ExitCode.BAD_INPUT
+    if os.environ.get("RANK", "0") != "0" and "TORCHELASTIC_RUN_ID" in os.environ:
+        return ExitCode.OK  # under torchrun rank 0 reports
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(result.to_json(), f, indent=2)
     if args.json:
-        print(json.dumps({**dataclasses.asdict(result), "fits": result.fits, "bound": result.bound}, indent=2))
+        print(json.dumps(result.to_json(), indent=2))
     else:
         print(format_report(result))
     return ExitCode.OK
