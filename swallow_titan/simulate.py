@@ -63,7 +63,7 @@ from torchtitan.tools.logging import init_logger, logger
 import swallow_titan.train_spec  # noqa: F401  (registers the "swallow" TrainSpec)
 from swallow_titan.components.loss import LabelsInInputs
 from swallow_titan.components.preflight import check_structure
-from swallow_titan.config.checks import Layout
+from swallow_titan.config.checks import Layout, grad_accum_steps
 from swallow_titan.config.errors import ConfigError, ExitCode
 from swallow_titan.config.manager import load_job_config
 from swallow_titan.config.sections import FUSED_LOSS, MODEL_NAME
@@ -119,6 +119,8 @@ class SimulationOptions:
     """Per node, one direction, in Tb/s (8 x 400 Gb/s NICs on an H200 node)."""
     layers: tuple[int, int] | None = None
     """Simulate these two block counts and extrapolate to the flavor's."""
+    microbatches: int | None = 2
+    """Simulate at most this many microbatches per step (None: all of them)."""
     real: bool = False
     """Run with real tensors instead (to check the simulation): on torchrun's
     process group when there is one, else on a fake one in this process."""
@@ -155,12 +157,19 @@ class RandomTokens(BaseDataLoader):
     def __init__(self, batch: int, seq_len: int, vocab: int, positions: bool) -> None:
         self.batch, self.seq_len, self.vocab, self.positions = batch, seq_len, vocab, positions
 
+    @property
+    def microbatch_bytes(self) -> int:
+        """Storage of one microbatch: int64 tokens (inputs and labels are views of
+        them) and positions, ``[b, s + 1]`` each, as the data pipeline collates."""
+        return (2 if self.positions else 1) * self.batch * (self.seq_len + 1) * 8
+
     def __iter__(self) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
         while True:
             tokens = torch.randint(0, self.vocab, (self.batch, self.seq_len + 1))
             inputs = {"input": tokens[:, :-1]}
             if self.positions:
-                inputs["positions"] = torch.arange(self.seq_len).repeat(self.batch, 1)
+                positions = torch.arange(self.seq_len + 1).repeat(self.batch, 1)
+                inputs["positions"] = positions[:, :-1]
             yield inputs, tokens[:, 1:]
 
     def state_dict(self) -> dict[str, Any]:
@@ -283,6 +292,17 @@ class SimulatedTrainer(SwallowTrainer):
             parallel_dims.build_mesh()
         return parallel_dims
 
+    def forward_backward_step(self, **kwargs: Any) -> torch.Tensor:
+        """torchtitan's, with the microbatch's collectives recorded apart."""
+        recorder = getattr(self, "recorder", None)
+        if recorder is not None:
+            recorder.start_microbatch()
+        try:
+            return super().forward_backward_step(**kwargs)
+        finally:
+            if recorder is not None:
+                recorder.end_microbatch()
+
     def _agree(self, *flags: torch.Tensor | bool) -> list[bool]:
         values = torch.stack(
             [torch.as_tensor(f, device=self.device).reshape(()) for f in flags]
@@ -353,7 +373,33 @@ class CollectiveRecorder(TorchDispatchMode):
         self.group_dims = group_dims
         self.ngpu = ngpu
         self.records: dict[tuple[str, str], Collective] = {}
+        """The step's collectives outside the microbatches (clipping, guard, ...)."""
+        self.microbatch: dict[tuple[str, str], Collective] | None = None
+        """While a microbatch runs (see SimulatedTrainer): that microbatch's."""
+        self.last_microbatch: dict[tuple[str, str], Collective] = {}
         self.enabled = True
+
+    def start_microbatch(self) -> None:
+        self.microbatch = {}
+
+    def end_microbatch(self) -> None:
+        self.last_microbatch, self.microbatch = self.microbatch or {}, None
+
+    def clear(self) -> None:
+        self.records.clear()
+        self.last_microbatch = {}
+
+    def step_collectives(self, microbatches: int) -> list[Collective]:
+        """One step's: outside the microbatches, plus ``microbatches`` times the
+        last microbatch's (every microbatch after the first of a run issues the same)."""
+        total: dict[tuple[str, str], Collective] = {
+            k: dataclasses.replace(c) for k, c in self.records.items()
+        }
+        for k, c in self.last_microbatch.items():
+            t = total.setdefault(k, dataclasses.replace(c, count=0, bytes=0))
+            t.count += c.count * microbatches
+            t.bytes += c.bytes * microbatches
+        return sorted(total.values(), key=lambda c: (c.dim, c.op))
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -383,7 +429,8 @@ class CollectiveRecorder(TorchDispatchMode):
         else:
             buffer = args[0]
         nbytes = sum(t.numel() * t.element_size() for t in _tensors(buffer))
-        rec = self.records.setdefault((kind, dim), Collective(kind, dim, size, nodes))
+        into = self.records if self.microbatch is None else self.microbatch
+        rec = into.setdefault((kind, dim), Collective(kind, dim, size, nodes))
         rec.count += 1
         rec.bytes += nbytes
 
@@ -490,6 +537,13 @@ class SimulationResult:
     """This rank's storages: params, grads, optimizer (FSDP padding included)."""
     simulated_layers: tuple[int, int] | None = None
     """Block counts simulated when the figures are extrapolated."""
+    simulated_microbatches: int = 0
+    """Microbatches per step actually run (the rest counted by arithmetic)."""
+    microbatch_bytes: int = 0
+    """Host storage of one microbatch's token ids and positions. The trainer
+    loads a step's microbatches before the first runs; on a GPU they stay in
+    host memory, on this CPU the tracker counts them (2 at most when
+    microbatches are capped: a few MB at most)."""
 
     @property
     def fits(self) -> bool:
@@ -689,6 +743,14 @@ def measure(config, opts: SimulationOptions, source: str, layers: int | None) ->
         stand_ins = [n for n in stand_ins if not n.startswith("device")]
         stand_ins.append("real tensors on CPU (a check of the simulation)")
     layout: Layout = check_structure(config, opts.world_size, source)
+    real_accum = grad_accum_steps(config, layout, source)
+    if opts.microbatches is not None and real_accum > opts.microbatches:
+        # From the second microbatch on each one starts from the same memory and
+        # issues the same collectives (tests/test_simulate.py): simulate
+        # opts.microbatches of them, count the collectives of real_accum.
+        config.training.global_batch_size = (
+            config.training.local_batch_size * layout.dp * opts.microbatches
+        )
     _register_simulated_spec(config, source, layers, opts.real)
     config.model.name = SIMULATED_MODEL_NAME
     config.comm.mode = "default"  # the fake process group is initialised here
@@ -716,16 +778,20 @@ def measure(config, opts: SimulationOptions, source: str, layers: int | None) ->
                     tracker = MemTracker()
                     tracker.track_external(model, optimizer)
                 recorder = CollectiveRecorder(mesh_group_names(trainer.parallel_dims), opts.ngpu)
+                trainer.recorder = recorder
                 data = trainer.batch_generator(trainer.dataloader)
                 with tracker:
                     for _ in range(opts.steps):
                         trainer.step += 1
                         # Collectives of the last step only (the first also builds
                         # the optimizer state).
-                        recorder.records.clear()
+                        recorder.clear()
                         with recorder:
                             trainer.train_step(data)
                 state = state_bytes(trainer)
+                simulated_accum = trainer.gradient_accumulation_steps
+                loader = trainer.dataloader
+                batch_bytes = getattr(getattr(loader, "loader", loader), "microbatch_bytes", 0)
                 peak_snap = tracker.get_tracker_snapshot("peak")
                 parts: dict[str, int] = {}
                 for dev_snap in peak_snap.values():
@@ -738,7 +804,7 @@ def measure(config, opts: SimulationOptions, source: str, layers: int | None) ->
         finally:
             if trainer is not None:
                 trainer.close()
-    collectives = sorted(recorder.records.values(), key=lambda c: (c.dim, c.op))
+    collectives = recorder.step_collectives(real_accum)
     gpu = GPUS[opts.gpu]
     return SimulationResult(
         config_file=source,
@@ -754,7 +820,9 @@ def measure(config, opts: SimulationOptions, source: str, layers: int | None) ->
             "pp": layout.pp,
         },
         steps=opts.steps,
-        grad_accum=trainer.gradient_accumulation_steps,
+        grad_accum=real_accum,
+        simulated_microbatches=simulated_accum,
+        microbatch_bytes=batch_bytes,
         local_batch=config.training.local_batch_size,
         seq_len=config.training.seq_len,
         n_params=n_params,
@@ -791,6 +859,12 @@ def format_report(r: SimulationResult) -> str:
         f"x {r.local_batch} x {r.seq_len} tokens; {r.n_params:,} parameters",
         "Stand-ins: " + "; ".join(r.stand_ins),
     ]
+    if r.simulated_microbatches < r.grad_accum:
+        lines.append(
+            f"Microbatches: {r.simulated_microbatches} of {r.grad_accum} run per step; from "
+            "the second on each starts from the same memory and issues the same "
+            f"collectives, which are counted {r.grad_accum} times"
+        )
     if r.simulated_layers:
         a, b = r.simulated_layers
         lines.append(
@@ -861,6 +935,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="run with real tensors, tracked the same way (to check the simulation; "
         "under torchrun on its gloo process group)",
     )
+    p.add_argument(
+        "--microbatches",
+        type=int,
+        default=2,
+        help="microbatches run per step (default 2; 0: all); the others are counted",
+    )
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     p.add_argument("--output", default=None, help="also write the JSON figures to this file")
     return p
@@ -876,6 +956,7 @@ def main(argv: list[str] | None = None) -> int:
         mfu=args.mfu, nvlink_gbps=args.nvlink_gbps, internode_tbps=args.internode_tbps,
         layers=tuple(args.layers) if args.layers else None,
         real=args.real,
+        microbatches=args.microbatches or None,
     )
     if opts.real and "TORCHELASTIC_RUN_ID" in os.environ:
         # Under torchrun the processes are real: rank and sizes are torchrun's.

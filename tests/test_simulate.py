@@ -116,34 +116,52 @@ def test_two_rank_simulation_equals_rank0_of_a_real_gloo_run(tmp_path):
     ]
 
 
-def test_gradient_accumulation_peak_is_reached_by_the_second_microbatch():
-    """Why simulations may use 2 microbatches for 8: from the second on, every
-    microbatch starts from the same memory (all gradients exist)."""
-    two, _ = _simulate(4, 1, 0, "--training.global_batch_size", "16")
-    three, _ = _simulate(4, 1, 0, "--training.global_batch_size", "24")
-    assert (two.grad_accum, three.grad_accum) == (2, 3)
-    assert two.peak_bytes == three.peak_bytes
-    assert two.peak_parts == three.peak_parts
+def test_two_microbatches_stand_for_all():
+    """Why a simulation runs 2 microbatches of a step's N: from the second on,
+    each starts from the same memory (all gradients exist) and issues the same
+    collectives. Running all 3 and running 2 (counting the collectives 3 times)
+    give the same figures, except for what the trainer keeps per microbatch
+    for the whole step: the loaded batch (host memory on a GPU) and the 4-byte
+    fp32 loss."""
+    overrides = ["--training.global_batch_size", "12"]
+    every, _ = _simulate(2, 1, 0, *overrides, microbatches=None)
+    capped, _ = _simulate(2, 1, 0, *overrides, microbatches=2)
+    assert (every.simulated_microbatches, capped.simulated_microbatches) == (3, 2)
+    assert every.grad_accum == capped.grad_accum == 3
+    per_microbatch = capped.microbatch_bytes + 4
+    assert every.peak_bytes - capped.peak_bytes == per_microbatch
+    assert capped.state_bytes == every.state_bytes
+    assert [(c["op"], c["dim"], c["count"], c["bytes"]) for c in capped.collectives] == [
+        (c["op"], c["dim"], c["count"], c["bytes"]) for c in every.collectives
+    ]
+    # FSDP gathers every block in forward and backward of each microbatch.
+    gathers = {c["op"]: c["count"] for c in every.collectives if c["dim"] == "fsdp"}
+    assert gathers["all_gather"] % 3 == 0 and gathers["all_gather"] > 0
 
 
 def test_block_count_extrapolation_is_exact():
-    overrides = ["--parallelism.tensor_parallel_degree", "2", "--training.global_batch_size", "8"]
+    """Each block adds the same parameters, state, saved activations and
+    collectives: on an FSDP layout a third block count lands on the line through
+    two others, to the byte. (The peak is the largest of several such lines, one
+    per point of the step; see docs/simulate.md for when they cross.)"""
+    overrides = ["--training.global_batch_size", "4"]
     runs = {
         layers: measure(
             load_job_config(TINY_CONFIG, [*TINY, *overrides]),
-            SimulationOptions(ngpu=4),
+            SimulationOptions(ngpu=2),
             str(TINY_CONFIG),
             layers,
         )
-        for layers in (2, 3, 4)
+        for layers in (1, 2, 3)
     }
-    line = extrapolate(runs[2], runs[3], 2, 3, 4)
-    assert line.peak_bytes == runs[4].peak_bytes
-    assert line.peak_parts == runs[4].peak_parts
-    assert line.state_bytes == runs[4].state_bytes
-    assert line.n_params == runs[4].n_params
+    line = extrapolate(runs[1], runs[2], 1, 2, 3)
+    assert runs[3].peak_bytes > runs[2].peak_bytes > runs[1].peak_bytes
+    assert line.peak_bytes == runs[3].peak_bytes
+    assert line.peak_parts == runs[3].peak_parts
+    assert line.state_bytes == runs[3].state_bytes
+    assert line.n_params == runs[3].n_params
     assert [(c["op"], c["dim"], c["count"], c["bytes"]) for c in line.collectives] == [
-        (c["op"], c["dim"], c["count"], c["bytes"]) for c in runs[4].collectives
+        (c["op"], c["dim"], c["count"], c["bytes"]) for c in runs[3].collectives
     ]
 
 
