@@ -226,8 +226,19 @@ def output_paths(config) -> dict[str, str]:
     }
 
 
-def build_plan(config, ngpu: int, nnodes: int, source: str) -> dict:
-    """The plan as one JSON-able dict (raises ConfigError on structural errors)."""
+def build_plan(
+    config,
+    ngpu: int,
+    nnodes: int,
+    source: str,
+    gpu: str = "h200",
+    simulated: dict | None = None,
+) -> dict:
+    """The plan as one JSON-able dict (raises ConfigError on structural errors).
+
+    ``simulated`` is a :func:`swallow_titan.simulate.simulate` result as JSON;
+    when given, the memory figure is the simulation's peak, else the formula's.
+    """
     world_size = ngpu * nnodes
     layout = check_structure(config, world_size, source)
     args = model_args(config, source)
@@ -306,10 +317,33 @@ def build_plan(config, ngpu: int, nnodes: int, source: str) -> dict:
             ],
         },
         "eval": _eval_plan(config, global_seqs * seq_len),
-        "memory_gib": {**asdict(memory), "total": memory.total},
+        "memory_gib": _memory_entry(memory, simulated),
+        "gpu": _gpu_entry(gpu, simulated, memory),
         "outputs": output_paths(config),
         "problems": file_problems(config, source)
         + [f"{source}: {s['problem']}" for s in sources if s["problem"]],
+    }
+
+
+def _memory_entry(memory: MemoryEstimate, simulated: dict | None) -> dict:
+    entry = {**asdict(memory), "total": memory.total, "source": "formula"}
+    if simulated is not None:
+        entry["source"] = "simulated"
+        entry["formula_total"] = memory.total
+        entry["total"] = simulated["peak_bytes"] / GIB
+        entry["simulated_parts"] = {k: v / GIB for k, v in simulated["peak_parts"].items() if v}
+    return entry
+
+
+def _gpu_entry(gpu: str, simulated: dict | None, memory: MemoryEstimate) -> dict:
+    from swallow_titan.simulate import GPUS
+
+    spec = GPUS[gpu]
+    total = simulated["peak_bytes"] / GIB if simulated else memory.total
+    return {
+        "name": spec.name,
+        "memory_gib": spec.memory_bytes / GIB,
+        "fits": total <= spec.memory_bytes / GIB,
     }
 
 
@@ -406,16 +440,42 @@ def format_plan(plan: dict) -> str:
         *_stage_lines(plan["stages"]),
         _validation_line(plan["validation"]),
         *_eval_lines(plan["eval"]),
-        f"  memory/GPU    ~{m['total']:.1f} GiB: params {m['parameters']:.1f}, grads "
-        f"{m['gradients']:.1f}, optimizer {m['optimizer']:.1f}, gathered params "
-        f"{m['gathered_params']:.1f}, activations {m['activations']:.1f}, logits "
-        f"{m['logits']:.1f} (estimate)",
+        _memory_line(m),
+        *_gpu_lines(plan["gpu"]),
         *output_lines(plan["outputs"]),
     ]
     if plan["problems"]:
         lines.append("problems (the run will not start until they are fixed):")
         lines.extend(f"  - {p}" for p in plan["problems"])
     return "\n".join(lines)
+
+
+def _memory_line(m: dict) -> str:
+    if m["source"] == "simulated":
+        parts = ", ".join(
+            f"{k} {v:.1f}" for k, v in sorted(m["simulated_parts"].items(), key=lambda kv: -kv[1])
+        )
+        return (
+            f"  memory/GPU    {m['total']:.1f} GiB peak (simulated, rank 0, "
+            f"python -m swallow_titan.simulate): {parts}; the formula says "
+            f"~{m['formula_total']:.1f}"
+        )
+    return (
+        f"  memory/GPU    ~{m['total']:.1f} GiB (formula; --simulate measures it): params "
+        f"{m['parameters']:.1f}, grads {m['gradients']:.1f}, optimizer {m['optimizer']:.1f}, "
+        f"gathered params {m['gathered_params']:.1f}, activations {m['activations']:.1f}, "
+        f"logits {m['logits']:.1f}"
+    )
+
+
+def _gpu_lines(gpu: dict) -> list[str]:
+    if gpu["fits"]:
+        return [f"  gpu           fits {gpu['name']} ({gpu['memory_gib']:.1f} GiB)"]
+    return [
+        f"  gpu           WARNING: exceeds {gpu['name']} ({gpu['memory_gib']:.1f} GiB): "
+        "lower training.local_batch_size (more gradient accumulation), use "
+        "activation_checkpoint.mode = \"full\", or more GPUs"
+    ]
 
 
 def _tokens(n: int) -> str:
@@ -443,6 +503,16 @@ def main(argv: list[str] | None = None) -> int:
     add_process_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument(
+        "--gpu", choices=("h100", "h200"), default="h200",
+        help="GPU whose memory the plan checks against (default h200)",
+    )
+    parser.add_argument(
+        "--simulate",
+        action="store_true",
+        help="measure memory with python -m swallow_titan.simulate (1 and 2 blocks, "
+        "extrapolated; a few CPU minutes) instead of the formula",
+    )
+    parser.add_argument(
         "--outputs",
         action="store_true",
         help="print only where logs and checkpoints go (used by run_train.sh)",
@@ -450,7 +520,13 @@ def main(argv: list[str] | None = None) -> int:
     args, overrides = parser.parse_known_args(argv)
     try:
         config = load_job_config(args.config, overrides)
-        plan = build_plan(config, args.ngpu, args.nnodes, args.config)
+        simulated = None
+        if args.simulate:
+            from swallow_titan.simulate import SimulationOptions, simulate
+
+            opts = SimulationOptions(ngpu=args.ngpu, nnodes=args.nnodes, gpu=args.gpu, layers=(1, 2))
+            simulated = simulate(config, opts, args.config).to_json()
+        plan = build_plan(config, args.ngpu, args.nnodes, args.config, args.gpu, simulated)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return ExitCode.BAD_INPUT
