@@ -70,16 +70,16 @@ DEVICE_BOUND = [
 ]
 
 
-def recipe_with_local_data(tmp_path: Path) -> Path:
+def recipe_with_local_data(tmp_path: Path, recipe: Path = RECIPE) -> Path:
     """The recipe's text with its data sources and validation sets (placeholder
     paths and hub datasets) replaced by the shipped samples; nothing else changed."""
-    text = RECIPE.read_text()
+    text = recipe.read_text()
     sources = re.compile(r"^\[\[data\.sources\]\].*?(?=^\[parallelism\])", re.M | re.S)
     sets = re.compile(r"^\[\[validation\.sets\]\].*?(?=^\[guard\])", re.M | re.S)
     assert sources.search(text) and sets.search(text), "recipe layout changed"
     text = sources.sub(lambda _: SOURCES, text, count=1)
     text = sets.sub(lambda _: VALIDATION_SETS, text, count=1)
-    path = tmp_path / "swallow_8b_v05_cpu.toml"
+    path = tmp_path / f"{recipe.stem}_cpu.toml"
     path.write_text(text)
     return path
 
@@ -104,3 +104,21 @@ def test_recipe_trains_with_only_sizes_paths_and_device_options_changed(tmp_path
         assert "enable_fsdp_float8_all_gather=True" in run.output
     assert (tmp_path / "run" / "checkpoint" / "step-3").is_dir()
     assert (tmp_path / "run" / "hf" / "step-3" / "config.json").is_file()
+
+
+def test_70b_recipe_trains_with_only_sizes_paths_and_device_options_changed(tmp_path):
+    """train_configs/swallow_70b.toml's options (FSDP x TP, float8, both kernels,
+    selective AC, ...) with the tiny flavor on 2 processes: TP 8 x FSDP 16 becomes
+    TP 2 (and so no FSDP) over the 2 processes (sizes); everything else is the
+    recipe's. FSDP with float8 is covered by the 8B recipe's 2-process run."""
+    config = recipe_with_local_data(tmp_path, RECIPE.parent / "swallow_70b.toml")
+    run = run_training(
+        tmp_path / "run", *SIZES_AND_PATHS, *DEVICE_BOUND,
+        "--parallelism.tensor_parallel_degree", "2",
+        nproc=2, config=config, fast=False, env={"TRITON_INTERPRET": "1"},
+    ).check()
+    assert sorted(run.losses) == [1, 2, 3]
+    assert all(math.isfinite(v) for v in run.losses.values())
+    assert "Float8 tensorwise scaled training active" in run.output
+    assert "Tensor Parallelism to the model" in run.output
+    assert (tmp_path / "run" / "checkpoint" / "step-3").is_dir()
