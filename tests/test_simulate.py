@@ -173,3 +173,22 @@ def test_train_refuses_fake_backend_and_names_simulate(capsys):
     assert code == ExitCode.BAD_INPUT
     err = capsys.readouterr().err
     assert "comm.mode" in err and "python -m swallow_titan.simulate" in err
+
+
+def test_plan_says_formula_or_simulated_and_warns_past_the_gpu():
+    from swallow_titan.plan import build_plan, format_plan
+
+    recipe = REPO / "train_configs" / "swallow_8b_v05.toml"
+    config = load_job_config(recipe, ["--training.local_batch_size", "8"])
+    plan = build_plan(config, 8, 1, str(recipe), gpu="h100")
+    assert plan["memory_gib"]["source"] == "formula"
+    assert plan["memory_gib"]["total"] > plan["gpu"]["memory_gib"]
+    text = format_plan(plan)
+    assert "(formula; --simulate measures it)" in text
+    assert "WARNING: exceeds H100 80GB" in text
+    # A simulated peak replaces the formula's figure and is what is checked.
+    simulated = {"peak_bytes": 60 * 1024**3, "peak_parts": {"Activation": 50 * 1024**3}}
+    plan = build_plan(config, 8, 1, str(recipe), gpu="h100", simulated=simulated)
+    assert plan["memory_gib"]["source"] == "simulated" and plan["gpu"]["fits"]
+    text = format_plan(plan)
+    assert "60.0 GiB peak (simulated" in text and "fits H100 80GB" in text
