@@ -251,7 +251,12 @@ def apply_stand_ins(config) -> list[str]:
     if config.compile.enable:
         config.compile.enable = False
         notes.append("torch.compile: off (eager)")
-    notes.append("device type: cpu (fake tensors; CUDA backward needs a CUDA build)")
+    from torchtitan.tools.utils import device_type
+
+    if device_type == "cpu":
+        notes.append("device type: cpu (fake tensors; CUDA backward needs a CUDA build)")
+    else:
+        notes.append(f"device type: {device_type} (fake tensors)")
     notes.append("data: random token ids; tokenizer: end-of-text id only")
     if config.debug.seed is None:
         # Rank 0 would broadcast a seed read from its generator: a value.
