@@ -47,9 +47,12 @@ GIB = 1024**3
 # Bytes of activations kept per token per layer in bf16 for a Llama block,
 # as multiples of the model width, by activation-checkpointing mode. Without
 # AC a block keeps about 16 x dim for attention (norm, q/k/v, output, the
-# residual) and 10 x ffn_dim for the SwiGLU MLP; selective op-level AC keeps
-# about half (every other matmul output); full AC keeps only the block input.
-_ACT_FACTORS = {"none": 1.0, "selective": 0.5, "memory_budget": 0.5, "full": 0.0}
+# residual) and 10 x ffn_dim for the SwiGLU MLP; full AC keeps only the block
+# input. Selective op-level AC is calibrated against `python -m
+# swallow_titan.simulate` (docs/simulate.md): the 8B recipe at 8 x 8 keeps
+# 905,969,678 bytes per block for 2 x 8,192 tokens (55,296 bytes = 13.5 x dim
+# per token: 2 x dim bf16 for the block input plus 0.186 of the full block).
+_ACT_FACTORS = {"none": 1.0, "selective": 0.186, "memory_budget": 0.186, "full": 0.0}
 
 
 @dataclass
@@ -100,8 +103,9 @@ def estimate_memory(
         gemm_dtype = torch.bfloat16 if bytes_compute == 2 else torch.float32
         chunk = min(tokens, default_chunk_tokens(int(vocab_local), gemm_dtype))
         logits = chunk * vocab_local * (4 + bytes_compute)
-        # Plus the fp32 weight-gradient accumulator of the output layer.
-        logits += vocab_local * args.dim * 4
+        # Plus what its forward keeps for backward: the fp32 weight-gradient
+        # accumulator of the output layer and the fp32 gradient of its input.
+        logits += vocab_local * args.dim * 4 + tokens * args.dim * 4
     else:
         logits = tokens * vocab_local * (bytes_compute + 4 + 4)
     return MemoryEstimate(

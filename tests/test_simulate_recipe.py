@@ -7,7 +7,8 @@ process group. For speed it is simulated with 1 and 2 transformer blocks and
 2 of its 8 microbatches, and extrapolated (each block adds the same; from the
 second microbatch on each starts from the same memory: see test_simulate.py
 and docs/simulate.md). Checked: the state rank 0 holds equals the per-rank
-arithmetic for the full 32-block model, and the peak fits an H200.
+arithmetic for the full 32-block model, the peak fits an H200, and plan's
+formula is within 10% of it.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import pytest
 
 from support import REPO
 from swallow_titan.config.manager import load_job_config
-from swallow_titan.plan import sharded_state_bytes
+from swallow_titan.plan import build_plan, sharded_state_bytes
 from swallow_titan.simulate import GPUS, SimulationOptions, simulate
 
 RECIPE = REPO / "train_configs" / "swallow_8b_v05.toml"
@@ -41,6 +42,10 @@ def test_recipe_at_8x8_holds_its_arithmetic_and_fits_an_h200():
     assert result.peak_bytes > sum(result.state_bytes.values())
     assert result.peak_bytes < GPUS["h200"].memory_bytes
     assert result.fits
+    # plan's formula, recalibrated against the simulation, is within 10% of it.
+    formula = build_plan(config, 8, 8, str(RECIPE))["memory_gib"]["total"]
+    simulated = result.peak_bytes / 1024**3
+    assert abs(formula - simulated) <= 0.10 * simulated
     # The step's collectives: FSDP gathers and reduce-scatters over all 64 ranks.
     fsdp = {c["op"]: c for c in result.collectives if c["dim"] == "fsdp"}
     assert fsdp["all_gather"]["group_size"] == 64 and fsdp["all_gather"]["nodes"] == 8
