@@ -25,16 +25,14 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-if __name__ == "__main__":
-    # benchmarks/kernels.py would shadow the `kernels` package.
-    sys.path[:] = [str(REPO)] + [
-        p for p in sys.path if Path(p or ".").resolve() != REPO / "benchmarks"
-    ]
+if not __package__:  # run as a script: benchmarks/kernels.py would shadow `kernels`
+    import _bootstrap  # noqa: F401
 from benchmarks.proctree import run_with_timeout  # noqa: E402
+from benchmarks.throughput import KERNELS_ON  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
 
 BASE_CONFIG = REPO / "benchmarks" / "proxy_8b.toml"
-KERNELS_ON = ["--kernels.rmsnorm", "triton", "--kernels.loss", "fused_linear_ce"]
 KERNELS_OFF = ["--kernels.rmsnorm", "torch", "--kernels.loss", "torch"]
 
 

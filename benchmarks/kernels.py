@@ -39,13 +39,10 @@ from pathlib import Path
 import torch  # does not import triton; kernels are imported after the set-up
 import torch.nn.functional as F
 
+if not __package__:  # run as a script: this file would shadow the `kernels` package
+    import _bootstrap  # noqa: F401
+
 REPO = Path(__file__).resolve().parent.parent
-if __name__ == "__main__":
-    # Run as a script, this file's folder leads sys.path and this file would
-    # shadow the `kernels` package it benchmarks.
-    sys.path[:] = [str(REPO)] + [
-        p for p in sys.path if Path(p or ".").resolve() != REPO / "benchmarks"
-    ]
 
 IGNORE = -100
 EPS = 1e-5

@@ -8,6 +8,7 @@ of shared memory per block. See ``kernels/aot.py``.
     python benchmarks/kernels_aot.py                         # this environment's Triton
     python benchmarks/kernels_aot.py --triton-path /tmp/t36  # e.g. pip install --target /tmp/t36 triton==3.6.0
     python benchmarks/kernels_aot.py --hidden 8192           # another model width
+    python benchmarks/kernels_aot.py --head-dim 0            # without the q/k-norm rows
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--triton-path", type=Path,
                         help="a folder holding another Triton (pip install --target DIR triton==X)")
     parser.add_argument("--hidden", type=int, default=4096, help="model width (default: 4096)")
+    parser.add_argument("--head-dim", type=int, default=128,
+                        help="q/k norm row width (default: Qwen3's 128; 0: none)")
     parser.add_argument("--vocab", type=int, nargs="+", default=[128_256, 128_256 // 8],
                         help="vocabulary sizes per rank (default: Llama 3's, and its TP 8 shard)")
     args = parser.parse_args(argv)
@@ -43,12 +46,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from kernels import aot
 
-    jobs = aot.recipe_jobs(hidden=args.hidden, vocabs=tuple(args.vocab))
+    jobs = aot.recipe_jobs(hidden=args.hidden, vocabs=tuple(args.vocab), head_dim=args.head_dim)
     start = time.perf_counter()
     results = list(aot.compile_all(jobs))
     elapsed = time.perf_counter() - start
     print(f"Triton {triton.__version__} ({Path(triton.__file__).parent}), target sm_90a, "
-          f"hidden {args.hidden}, vocab {args.vocab}, bf16 (FSDP) and AMP dtypes; "
+          f"hidden {args.hidden}, head_dim {args.head_dim}, vocab {args.vocab}, "
+          f"bf16 (FSDP) and AMP dtypes; "
           f"{len(results)} compiles in {elapsed:.0f} s")
     print(aot.format_table(results))
     bad = [r for r in results if r.problems()]

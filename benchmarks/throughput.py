@@ -32,14 +32,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-if __name__ == "__main__":
-    # Run as a script, this file's folder leads sys.path, and benchmarks/kernels.py
-    # would shadow the `kernels` package that swallow_titan imports.
-    sys.path[:] = [str(REPO)] + [
-        p for p in sys.path if Path(p or ".").resolve() != REPO / "benchmarks"
-    ]
+if not __package__:  # run as a script: benchmarks/kernels.py would shadow `kernels`
+    import _bootstrap  # noqa: F401
 from benchmarks.proctree import run_with_timeout  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
 
 BASE_CONFIG = REPO / "benchmarks" / "proxy_8b.toml"
 

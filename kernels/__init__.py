@@ -1,7 +1,8 @@
 """Triton kernels for swallow-titan: fused RMSNorm and fused linear + cross-entropy.
 
 - :func:`rms_norm` (``kernels/rmsnorm.py``): RMSNorm, optionally fused with the
-  residual add before it.
+  residual add before it; :func:`rms_norm_heads` applies it per attention head
+  (Qwen3's q/k norms).
 - :func:`fused_linear_cross_entropy` (``kernels/cross_entropy.py``): output
   projection + cross-entropy (+ z-loss) without the [tokens, vocab] logits.
 
@@ -21,11 +22,12 @@ from kernels.cross_entropy import (
     fused_linear_cross_entropy,
     fused_linear_cross_entropy_reference,
 )
-from kernels.rmsnorm import rms_norm, rms_norm_reference
+from kernels.rmsnorm import rms_norm, rms_norm_heads, rms_norm_reference
 
 __all__ = [
     "fused_linear_cross_entropy",
     "fused_linear_cross_entropy_reference",
     "rms_norm",
+    "rms_norm_heads",
     "rms_norm_reference",
 ]

@@ -31,9 +31,11 @@ REGISTERS_PER_SM = 65536
 SMEM_PER_BLOCK = 227 * 1024
 
 # The recipe's shapes: Llama-3.1-8B's hidden size and vocabulary, and the
-# vocabulary shard of tensor parallel 8.
+# vocabulary shard of tensor parallel 8; Qwen3's head_dim (every size from
+# 0.6B to 32B and 30B-A3B), the row width of its q/k norms.
 RECIPE_HIDDEN = 4096
 RECIPE_VOCABS = (128_256, 128_256 // 8)
+RECIPE_HEAD_DIM = 128
 
 
 @dataclass(frozen=True)
@@ -90,51 +92,16 @@ def _divisible_by_16(fn, signature: dict[str, str], values: dict[str, int]) -> d
     return {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in names}
 
 
-def recipe_jobs(hidden: int = RECIPE_HIDDEN, vocabs=RECIPE_VOCABS) -> list[CompileJob]:
-    """Every kernel x constexpr variant x pointer dtypes x GPU autotune config."""
-    from kernels import cross_entropy, rmsnorm
+def recipe_jobs(
+    hidden: int = RECIPE_HIDDEN, vocabs=RECIPE_VOCABS, head_dim: int = RECIPE_HEAD_DIM
+) -> list[CompileJob]:
+    """Every kernel x constexpr variant x pointer dtypes x GPU autotune config,
+    at the hidden width and, for the q/k norms, the head_dim width."""
+    from kernels import cross_entropy
 
-    jobs: list[CompileJob] = []
-    block_n = triton.next_power_of_2(hidden)
-    # The configs the autotuner keeps at this width (rmsnorm.configs_for_width).
-    norm_configs = rmsnorm.configs_for_width(rmsnorm.GPU_CONFIGS, block_n)
-    # Pointer dtypes: "fsdp" is FSDP2's bf16 compute (everything bf16); "amp" is
-    # bf16 autocast without FSDP (one GPU, DDP): fp32 weights and residual
-    # stream, bf16 attention output entering the fused add.
-    fwd = rmsnorm._rms_norm_fwd_kernel.fn
-    for mode, has_residual, config in itertools.product(
-        ("fsdp", "amp"), (True, False), norm_configs
-    ):
-        act = "*bf16" if mode == "fsdp" else "*fp32"
-        x = "*bf16" if mode == "fsdp" or has_residual else "*fp32"
-        sig = {
-            "X": x, "R": act, "W": act, "Y": act, "H": act,
-            "RSTD": "*fp32", "stride_x": "i32", "stride_r": "i32", "stride_y": "i32",
-            "stride_h": "i32", "M": "i32", "N": "i32", "eps": "fp32",
-            "HAS_RESIDUAL": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
-        }
-        ints = {n: hidden for n in ("stride_x", "stride_r", "stride_y", "stride_h", "N")}
-        jobs.append(CompileJob(
-            f"rms_norm_fwd[N={hidden}]", f"{mode},residual={has_residual}", config, fwd,
-            sig, {"HAS_RESIDUAL": has_residual, **config.kwargs, "BLOCK_N": block_n},
-            _divisible_by_16(fwd, sig, {**ints, "M": 8192}),
-        ))
-    bwd = rmsnorm._rms_norm_bwd_kernel.fn
-    for mode, has_dh, config in itertools.product(("fsdp", "amp"), (True, False), norm_configs):
-        act = "*bf16" if mode == "fsdp" else "*fp32"
-        sig = {
-            "DY": act, "X": act, "W": act, "RSTD": "*fp32", "DH": act,
-            "DX": act, "DW_PARTIAL": "*fp32", "stride_dy": "i32", "stride_x": "i32",
-            "stride_dh": "i32", "stride_dx": "i32", "M": "i32", "N": "i32",
-            "rows_per_program": "i32",
-            "HAS_DH": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
-        }
-        ints = {n: hidden for n in ("stride_dy", "stride_x", "stride_dh", "stride_dx", "N")}
-        jobs.append(CompileJob(
-            f"rms_norm_bwd[N={hidden}]", f"{mode},dh={has_dh}", config, bwd, sig,
-            {"HAS_DH": has_dh, **config.kwargs, "BLOCK_N": block_n},
-            _divisible_by_16(bwd, sig, {**ints, "M": 8192, "rows_per_program": 16}),
-        ))
+    jobs = _norm_jobs(hidden)
+    if head_dim:
+        jobs += _qk_norm_jobs(head_dim)
     ce = cross_entropy._ce_rows_kernel.fn
     # Without TP one launch does both passes; vocabulary parallel does them apart.
     variants = ((True, True), (True, False), (False, True))
@@ -154,6 +121,89 @@ def recipe_jobs(hidden: int = RECIPE_HIDDEN, vocabs=RECIPE_VOCABS) -> list[Compi
             {"DO_LSE": do_lse, "DO_GRAD": do_grad, **config.kwargs},
             _divisible_by_16(ce, sig, ints),
         ))
+    return jobs
+
+
+def _norm_fwd_job(n: int, variant: str, config: triton.Config, x: str, act: str, w: str,
+                  has_residual: bool, rows: int) -> CompileJob:
+    """The norm forward at width ``n``: input ``x``, residual and outputs ``act``,
+    weight ``w`` (Triton pointer types such as "*bf16")."""
+    from kernels import rmsnorm
+
+    fwd = rmsnorm._rms_norm_fwd_kernel.fn
+    block_n = triton.next_power_of_2(n)
+    sig = {
+        "X": x, "R": act, "W": w, "Y": act, "H": act,
+        "RSTD": "*fp32", "stride_x": "i32", "stride_r": "i32", "stride_y": "i32",
+        "stride_h": "i32", "M": "i32", "N": "i32", "eps": "fp32",
+        "HAS_RESIDUAL": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
+    }
+    ints = {k: n for k in ("stride_x", "stride_r", "stride_y", "stride_h", "N")}
+    return CompileJob(
+        f"rms_norm_fwd[N={n}]", variant, config, fwd, sig,
+        {"HAS_RESIDUAL": has_residual, **config.kwargs, "BLOCK_N": block_n},
+        _divisible_by_16(fwd, sig, {**ints, "M": rows}),
+    )
+
+
+def _norm_bwd_job(n: int, variant: str, config: triton.Config, act: str, w: str,
+                  has_dh: bool, rows: int, rows_per_program: int) -> CompileJob:
+    """The norm backward at width ``n``: activations and gradients ``act``, weight ``w``."""
+    from kernels import rmsnorm
+
+    bwd = rmsnorm._rms_norm_bwd_kernel.fn
+    block_n = triton.next_power_of_2(n)
+    sig = {
+        "DY": act, "X": act, "W": w, "RSTD": "*fp32", "DH": act,
+        "DX": act, "DW_PARTIAL": "*fp32", "stride_dy": "i32", "stride_x": "i32",
+        "stride_dh": "i32", "stride_dx": "i32", "M": "i32", "N": "i32",
+        "rows_per_program": "i32",
+        "HAS_DH": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
+    }
+    ints = {k: n for k in ("stride_dy", "stride_x", "stride_dh", "stride_dx", "N")}
+    return CompileJob(
+        f"rms_norm_bwd[N={n}]", variant, config, bwd, sig,
+        {"HAS_DH": has_dh, **config.kwargs, "BLOCK_N": block_n},
+        _divisible_by_16(bwd, sig, {**ints, "M": rows, "rows_per_program": rows_per_program}),
+    )
+
+
+def _norm_jobs(hidden: int) -> list[CompileJob]:
+    """The block norms (with and without the fused residual add) at ``hidden``."""
+    from kernels import rmsnorm
+
+    # The configs the autotuner keeps at this width (rmsnorm.configs_for_width).
+    configs = rmsnorm.configs_for_width(rmsnorm.GPU_CONFIGS, triton.next_power_of_2(hidden))
+    # Pointer dtypes: "fsdp" is FSDP2's bf16 compute (everything bf16); "amp" is
+    # bf16 autocast without FSDP (one GPU, DDP): fp32 weights and residual
+    # stream, bf16 attention output entering the fused add.
+    jobs: list[CompileJob] = []
+    for mode, fused, config in itertools.product(("fsdp", "amp"), (True, False), configs):
+        act = "*bf16" if mode == "fsdp" else "*fp32"
+        x = "*bf16" if mode == "fsdp" or fused else "*fp32"
+        jobs.append(_norm_fwd_job(hidden, f"{mode},residual={fused}", config, x, act, act,
+                                  fused, rows=8192))
+    for mode, fused, config in itertools.product(("fsdp", "amp"), (True, False), configs):
+        act = "*bf16" if mode == "fsdp" else "*fp32"
+        jobs.append(_norm_bwd_job(hidden, f"{mode},dh={fused}", config, act, act, fused,
+                                  rows=8192, rows_per_program=16))
+    return jobs
+
+
+def _qk_norm_jobs(head_dim: int) -> list[CompileJob]:
+    """Qwen3's q/k norms: rows of ``head_dim``, no residual. The query/key heads
+    come out of a bf16 GEMM in both modes; under AMP the weight stays fp32."""
+    from kernels import rmsnorm
+
+    configs = rmsnorm.configs_for_width(rmsnorm.GPU_CONFIGS, triton.next_power_of_2(head_dim))
+    rows = 8192 * 32  # batch x seq x heads, e.g. 1 x 8192 x 32
+    jobs: list[CompileJob] = []
+    for mode, config in itertools.product(("fsdp", "amp"), configs):
+        w = "*bf16" if mode == "fsdp" else "*fp32"
+        variant = f"{mode},qk_norm"
+        jobs.append(_norm_fwd_job(head_dim, variant, config, "*bf16", "*bf16", w, False, rows))
+        jobs.append(_norm_bwd_job(head_dim, variant, config, "*bf16", w, False, rows,
+                                  rows_per_program=512))
     return jobs
 
 

@@ -70,6 +70,31 @@ def rms_norm(
     return y, h
 
 
+def rms_norm_heads(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Per-head RMSNorm of ``x`` ``[batch, seq, heads, head_dim]`` with a
+    ``[head_dim]`` weight: Qwen3's q/k norm (``nn.RMSNorm(head_dim)`` applied to
+    the query and key heads before RoPE).
+
+    Each (token, head) row of ``head_dim`` elements is one kernel row, so this is
+    :func:`rms_norm` with the shape checked; the autotuner has configs for such
+    narrow rows (``HEAD_DIM_CONFIGS``). A DTensor ``x`` sharded on the heads
+    (tensor parallel: ``SequenceParallel(sequence_dim=2)`` in torchtitan's
+    qwen3 plan) is normalised shard by shard, the weight gradient summed over
+    the shards as for sequence parallel.
+    """
+    if x.dim() != 4:
+        raise ValueError(
+            f"rms_norm_heads: x must be [batch, seq, heads, head_dim], got shape "
+            f"{tuple(x.shape)}"
+        )
+    if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
+        raise ValueError(
+            f"rms_norm_heads: weight has shape {tuple(weight.shape)}, expected "
+            f"({x.shape[-1]},) (head_dim of x {tuple(x.shape)})"
+        )
+    return rms_norm(x, weight, eps)
+
+
 # ---------------------------------------------------------------------------
 # Triton kernels
 
@@ -79,10 +104,19 @@ def rms_norm(
 # No BLOCK_M=4: at hidden 4096 its backward needs 250+ registers per thread
 # with 8 warps (one block per SM; spills under Triton 3.6) and spills with 16
 # (benchmarks/kernels_aot.py, tests/test_kernels_aot.py).
-GPU_CONFIGS = [
+HIDDEN_CONFIGS = [
     triton.Config({"BLOCK_M": m}, num_warps=w)
     for m, w in ((1, 4), (1, 8), (1, 16), (2, 8), (2, 16))
 ]
+# Qwen3's q/k norms normalise rows of head_dim = 128: one such row per program
+# would leave most threads of even 4 warps idle, so these take 8 to 64 rows per
+# program at 32 elements per thread. configs_for_width prunes them at hidden
+# widths (the autotune key holds N, so each width is tuned apart).
+HEAD_DIM_CONFIGS = [
+    triton.Config({"BLOCK_M": m}, num_warps=w)
+    for m, w in ((8, 1), (16, 2), (32, 4), (64, 8))
+]
+GPU_CONFIGS = HIDDEN_CONFIGS + HEAD_DIM_CONFIGS
 INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 32}, num_warps=4)
 _CONFIGS = autotune_configs(gpu=GPU_CONFIGS, interpreter=INTERPRETER_CONFIG)
 
@@ -94,9 +128,10 @@ def configs_for_width(configs: list[triton.Config], block_n: int) -> list[triton
     the backward keeps several such tiles live. Compiled for sm_90, at most 32
     per thread fit without spilling while a thread may use 255 registers (up to
     256 threads), 16 at 512 threads (128 registers each): at hidden 4096 every
-    config fits, at 8192 the 4-warp and BLOCK_M=2 ones spill
-    (benchmarks/kernels_aot.py --hidden 8192). If none fits, the config with the
-    fewest elements per thread is kept.
+    HIDDEN_CONFIGS entry fits (no HEAD_DIM_CONFIGS one), at 8192 the 4-warp and
+    BLOCK_M=2 ones spill (benchmarks/kernels_aot.py --hidden 8192); at head_dim
+    128 all fit. If none fits, the config with the fewest elements per thread is
+    kept.
     """
 
     def per_thread(c: triton.Config) -> float:

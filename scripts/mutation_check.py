@@ -321,6 +321,128 @@ MUTATIONS: tuple[Mutation, ...] = (
 )
 
 
+# ------------------------------------------------ evaluation (issue 18, item 11)
+# The lm-eval adapter, its cost estimate and task handling, caught by the fast
+# in-process tests (a model with known answers; lm-eval's own task index).
+EVAL_ADAPTER = ("tests/test_eval_adapter.py",)
+EVAL_TASK_FILES = ("tests/test_eval_tasks.py", "-k", "not built_in")
+
+EVAL_MUTATIONS: tuple[Mutation, ...] = (
+    Mutation(
+        "eval-empty-continuation-scored", "swallow_titan/eval/adapter.py",
+        "scored = [i for i, (_, n) in enumerate(windows) if n > 0]",
+        "scored = list(range(len(windows)))",
+        EVAL_ADAPTER, "a request with no continuation token is sent to scoring",
+    ),
+    Mutation(
+        "eval-long-input-keeps-first-tokens", "swallow_titan/eval/adapter.py",
+        "whole = (context + continuation)[-(self._max_length + 1) :]",
+        "whole = (context + continuation)[: self._max_length + 1]",
+        EVAL_ADAPTER, "an input longer than the model keeps its first tokens, not its last",
+    ),
+    Mutation(
+        "eval-long-continuation-not-capped", "swallow_titan/eval/adapter.py",
+        "windows.append((whole, min(len(continuation), len(whole) - 1)))",
+        "windows.append((whole, len(continuation)))",
+        EVAL_ADAPTER, "a continuation longer than the model is scored past its window",
+    ),
+    Mutation(
+        "eval-scored-positions-one-late", "swallow_titan/eval/adapter.py",
+        "_rows(logits, row, len(windows[i][0]) - 1 - windows[i][1], len(windows[i][0]) - 1)",
+        "_rows(logits, row, len(windows[i][0]) - windows[i][1], len(windows[i][0]))",
+        EVAL_ADAPTER, "each continuation token is scored with the logits of the position after it",
+    ),
+    Mutation(
+        "eval-share-shortest-first", "swallow_titan/eval/adapter.py",
+        "order = sorted(range(len(lengths)), key=lambda i: -lengths[i])",
+        "order = sorted(range(len(lengths)), key=lambda i: lengths[i])",
+        EVAL_ADAPTER, "requests are dealt shortest first (batches mix lengths, padding grows)",
+    ),
+    Mutation(
+        "eval-share-overlaps", "swallow_titan/eval/adapter.py",
+        "return order[self.runner.dp_rank :: self.runner.dp_size]",
+        "return order[self.runner.dp_rank :: max(self.runner.dp_size - 1, 1)]",
+        EVAL_ADAPTER, "ranks' shares overlap and miss requests when counts are uneven",
+    ),
+    Mutation(
+        "eval-stops-only-at-end-of-text", "swallow_titan/eval/adapter.py",
+        "if generated[-1] in self._end_of_generation or len(generated) >= max_new:",
+        "if generated[-1] == self.eot_token_id or len(generated) >= max_new:",
+        EVAL_ADAPTER, "generation runs past <|eot_id|> (Llama 3.1 Instruct's end of turn)",
+    ),
+    Mutation(
+        "eval-no-refill", "swallow_titan/eval/adapter.py",
+        "while pending and len(active) < self.batch_size:",
+        "while pending and not active and len(active) < self.batch_size:",
+        EVAL_ADAPTER, "a batch decodes until its longest row ends before the next requests start",
+    ),
+    Mutation(
+        "eval-held-failure-dropped", "swallow_titan/eval/lockstep.py",
+        "return sync(value, device, error)", "return sync(value, device, None)",
+        EVAL_ADAPTER, "a rank's failure is not reported at the next sync point",
+    ),
+    Mutation(
+        "eval-cost-fraction-floored", "swallow_titan/eval/cost.py",
+        "math.ceil(per_subtask * limit)", "int(per_subtask * limit)",
+        EVAL_ADAPTER, "a fractional limit rounds down (lm-eval rounds up)",
+    ),
+    Mutation(
+        "eval-cost-limit-not-capped", "swallow_titan/eval/cost.py",
+        "min(per_subtask, int(limit))", "int(limit)",
+        EVAL_ADAPTER, "a limit above a set's size counts examples the set does not have",
+    ),
+    Mutation(
+        "eval-cost-no-final-evaluation", "swallow_titan/eval/cost.py",
+        "return steps // freq + (1 if steps % freq else 0)", "return steps // freq",
+        EVAL_ADAPTER, "the evaluation after the last step is not counted",
+    ),
+    Mutation(
+        "eval-cost-generation-square", "swallow_titan/eval/cost.py",
+        "return generated * prompt + generated * (generated - 1) // 2",
+        "return generated * prompt + generated * generated // 2",
+        EVAL_ADAPTER, "generation's forward tokens miscounted (pass k runs k earlier tokens)",
+    ),
+    Mutation(
+        "eval-cost-efficiencies-swapped", "swallow_titan/eval/cost.py",
+        "scoring / LOGLIKELIHOOD_EFFICIENCY + generating / GENERATION_EFFICIENCY",
+        "scoring / GENERATION_EFFICIENCY + generating / LOGLIKELIHOOD_EFFICIENCY",
+        EVAL_ADAPTER, "scoring and generation take each other's efficiency",
+    ),
+    Mutation(
+        "eval-cost-choices-ignored", "swallow_titan/eval/cost.py",
+        "n = examples_evaluated(cost, limit) * cost.requests", "n = examples_evaluated(cost, limit)",
+        EVAL_ADAPTER, "a multiple-choice example costs one request, not one per choice",
+    ),
+    Mutation(
+        "eval-tasks-group-members-unchecked", "swallow_titan/eval/tasks.py",
+        "        if name in own.all_groups:\n", "        if False:\n",
+        EVAL_TASK_FILES, "a local group naming a built-in task gets the local index only",
+    ),
+    Mutation(
+        "eval-tasks-inline-group-members-skipped", "swallow_titan/eval/tasks.py",
+        'names += group_members(item["task"]) if "task" in item else [item["group"]]',
+        'names.append(item["group"])',
+        EVAL_TASK_FILES, "the members of an inline group are not looked at",
+    ),
+    Mutation(
+        "eval-tasks-rebuilt-every-evaluation", "swallow_titan/eval/in_loop.py",
+        "tasks=built_tasks(tasks, eval_config.include_path),", "tasks=tasks,",
+        EVAL_TASK_FILES, "every evaluation rebuilds its tasks and reloads their datasets",
+    ),
+    Mutation(
+        "eval-tasks-stderr-logged", "swallow_titan/eval/tasks.py",
+        'if "," not in key or "_stderr" in key:', 'if "," not in key:',
+        EVAL_TASK_FILES, "standard errors are logged as metrics",
+    ),
+    Mutation(
+        "eval-tasks-filter-dropped", "swallow_titan/eval/tasks.py",
+        'name = metric if filter_name == "none" else f"{metric}_{filter_name}"',
+        "name = metric",
+        EVAL_TASK_FILES, "metrics of different filters overwrite each other",
+    ),
+)
+MUTATIONS = MUTATIONS + EVAL_MUTATIONS
+
 def scratch_copy() -> Path:
     """The working tree's files (tracked and untracked, not ignored) in a new folder."""
     listed = subprocess.run(

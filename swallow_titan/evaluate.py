@@ -13,7 +13,13 @@ model), and goes through the same lm-eval adapter as in-loop evaluation
 ``--json`` rank 0 prints one JSON object whose ``results`` member is
 ``lm_eval.simple_evaluate``'s ``results`` dictionary, unchanged.
 
-Exit status: 0 done, 2 bad input (source, task, option) or lm-eval missing.
+Precision is training's: FSDP over several processes computes in ``--dtype``
+(its mixed-precision policy), and one process keeps fp32 weights and runs the
+forward pass under autocast to ``--dtype``, as a one-GPU training run (and its
+in-loop evaluation) does.
+
+Exit status: 0 done, 1 the evaluation failed (rank 0 prints every rank's
+error; every rank stops), 2 bad input (source, task, option) or lm-eval missing.
 """
 
 from __future__ import annotations
@@ -22,7 +28,6 @@ import argparse
 import json
 import os
 import sys
-import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -116,11 +121,15 @@ def _init_distributed() -> tuple[int, int, torch.device]:
 
 
 def build_model(source: ModelSource, max_length: int, dtype: torch.dtype, device: torch.device):
-    """swallow-titan's Transformer with SOURCE's weights, FSDP2-sharded over all processes."""
+    """swallow-titan's Transformer with SOURCE's weights, FSDP2-sharded over all processes.
+
+    The weights stay fp32; with several processes FSDP computes in ``dtype``
+    (:func:`forward_in` gives one process autocast instead).
+    """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     from swallow_titan.hf.weights import load_hf_weights
-    from swallow_titan.components.start_rule import load_dcp_model_weights
+    from swallow_titan.checkpoint.model_weights import load_dcp_model_weights
     from swallow_titan.model.transformer import SwallowTransformer
 
     args = replace(source.args, max_seq_len=max_length)
@@ -138,12 +147,6 @@ def build_model(source: ModelSource, max_length: int, dtype: torch.dtype, device
             fully_shard(layer, mesh=mesh, mp_policy=policy)
         fully_shard(model, mesh=mesh, mp_policy=policy)
     model.to_empty(device=device)
-    if world == 1:
-        # Before the RoPE table is built: Module.to(real dtype) would also
-        # cast the complex freqs_cis buffer and drop its imaginary part.
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Casting complex values to real")
-            model.to(dtype)
     with torch.no_grad():
         model.init_weights(buffer_device=device)  # RoPE table; weights are loaded next
     if source.kind == "hf":
@@ -151,6 +154,24 @@ def build_model(source: ModelSource, max_length: int, dtype: torch.dtype, device
     else:
         load_dcp_model_weights([model], str(source.path))
     return model.eval()
+
+
+def forward_in(model: torch.nn.Module, dtype: torch.dtype, device: torch.device):
+    """The model's forward pass as training runs it in ``dtype``.
+
+    One process: fp32 weights under autocast (torchtitan's ``maybe_enable_amp``
+    for a run without FSDP). Several: FSDP's mixed-precision policy already
+    casts, so the model is called as it is.
+    """
+    sharded = dist.is_initialized() and dist.get_world_size() > 1
+    if sharded or dtype == torch.float32:
+        return model
+
+    def forward(tokens: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=dtype):
+            return model(tokens)
+
+    return forward
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -188,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     from swallow_titan.data.tokenizer import Llama3Tokenizer, TokenizerFileError
     from swallow_titan.eval.adapter import ModelRunner, SwallowLM
     from swallow_titan.eval.in_loop import run_simple_evaluate
+    from swallow_titan.eval.lockstep import run_together
     from swallow_titan.eval.tasks import check_tasks
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -214,15 +236,25 @@ def main(argv: list[str] | None = None) -> int:
         dtype = getattr(torch, args.dtype or default_dtype)
         model = build_model(source, max_length, dtype, device)
         lm = SwallowLM(
-            ModelRunner(forward=model, device=device, dp_rank=rank, dp_size=world),
+            ModelRunner(
+                forward=forward_in(model, dtype, device), device=device, dp_rank=rank, dp_size=world
+            ),
             tokenizer,
             max_length=max_length,
             batch_size=args.batch_size,
             max_gen_toks=args.max_gen_toks,
         )
         options = EvalOptions(tasks, args.include_path, args.num_fewshot, args.limit)
-        with torch.no_grad():
-            result = run_simple_evaluate(lm, options, log_samples=args.log_samples)
+
+        def run() -> dict[str, Any] | None:
+            with torch.no_grad():
+                return run_simple_evaluate(lm, options, log_samples=args.log_samples)
+
+        result, errors = run_together(run, device)
+        if errors:
+            if rank == 0:
+                print("error: the evaluation failed:\n" + "\n".join(errors), file=sys.stderr)
+            return ExitCode.PROBLEMS
         if rank == 0:
             if args.json:
                 report = {

@@ -45,7 +45,7 @@ from swallow_titan.data.megatron import (
 from swallow_titan.data.records import ReadUnit, check_text_field, iter_records
 from swallow_titan.data.sharding import split_units
 from swallow_titan.data.sources import DataSourceError, check_source, source_files
-from swallow_titan.data.tokenizer import Llama3Tokenizer, TokenizerFileError
+from swallow_titan.data.tokenizer import DocumentTokenizer, TokenizerFileError, load_tokenizer
 
 STATS_FORMAT = 1
 
@@ -59,6 +59,9 @@ class Shard:
     bin_path: str
     tokenizer_path: str
     max_chars: int
+    # The family ([model] tokenizer_kind): it decides the ids only where
+    # "auto" could not tell, so it is not part of the identity.
+    tokenizer_kind: str = "auto"
 
     @property
     def stats_path(self) -> str:
@@ -77,7 +80,8 @@ class Shard:
 
 
 def plan_shards(
-    sources: list[DataSource], out: str, tokenizer_path: str, max_chars: int, shard_bytes: int
+    sources: list[DataSource], out: str, tokenizer_path: str, max_chars: int, shard_bytes: int,
+    tokenizer_kind: str = "auto",
 ) -> list[Shard]:
     """Every shard of ``sources``, in file order within each source."""
     shards = []
@@ -91,7 +95,7 @@ def plan_shards(
         for k, unit in enumerate(units):
             name = f"{source.name}_{k:0{width}d}_text_document.bin"
             shards.append(Shard(source, unit, os.path.join(folder, name), tokenizer_path,
-                                max_chars))
+                                max_chars, tokenizer_kind))
     return shards
 
 
@@ -122,19 +126,19 @@ def finished(shard: Shard) -> dict | None:
     return stats if stats.get("identity") == shard.identity() else None
 
 
-_tokenizer: Llama3Tokenizer | None = None
+_tokenizer: DocumentTokenizer | None = None
 
 
-def _worker_tokenizer(path: str) -> Llama3Tokenizer:
+def _worker_tokenizer(path: str, kind: str) -> DocumentTokenizer:
     global _tokenizer
     if _tokenizer is None or str(_tokenizer.path) != path:
-        _tokenizer = Llama3Tokenizer(path)
+        _tokenizer = load_tokenizer(path, kind)
     return _tokenizer
 
 
 def write_shard(shard: Shard) -> dict:
     """Tokenize one shard's records and publish its pair; returns its stats."""
-    tokenizer = _worker_tokenizer(shard.tokenizer_path)
+    tokenizer = _worker_tokenizer(shard.tokenizer_path, shard.tokenizer_kind)
     os.makedirs(os.path.dirname(shard.bin_path), exist_ok=True)
     # A redone shard must not pair its new .bin with an old .idx.
     for stale in (idx_path_for(shard.bin_path), shard.stats_path):
@@ -234,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("need --workers >= 1 and --shard-mb > 0")
     try:
         config = SwallowConfigManager().parse_args(["--job.config_file", args.config, *overrides])
-        tokenizer = Llama3Tokenizer(config.model.hf_assets_path)
+        tokenizer = load_tokenizer(config.model.hf_assets_path, config.model.tokenizer_kind)
         sources = [s for s in config.data.sources if s.format == "text"]
         if args.sources:
             wanted = [n for n in args.sources.split(",") if n]
@@ -248,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
         for s in sources:
             check_source(s)
         shards = plan_shards(sources, args.out, str(tokenizer.path),
-                             config.data.max_document_chars, int(args.shard_mb * 2**20))
+                             config.data.max_document_chars, int(args.shard_mb * 2**20),
+                             config.model.tokenizer_kind)
         foreign = foreign_pairs(shards)
         if foreign:
             raise DataSourceError(

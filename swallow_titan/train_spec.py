@@ -22,8 +22,9 @@ from torchtitan.protocols.train_spec import (
 )
 
 from swallow_titan.config.sections import MODEL_NAME
+from swallow_titan.data.dataloader import build_training_dataloader
 from swallow_titan.data.tokenizer import build_tokenizer
-from swallow_titan.components.loss import build_swallow_loss, build_training_dataloader
+from swallow_titan.components.loss import build_swallow_loss
 from swallow_titan.components.metrics import build_metrics_processor
 from swallow_titan.model.args import FLAVORS
 from swallow_titan.model.parallelize import parallelize_swallow

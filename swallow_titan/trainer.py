@@ -21,7 +21,9 @@ building, parallelism, forward/backward, the dataloader loop — is inherited):
 - Checkpoints are written by :class:`AtomicCheckpointManager` and include the
   random generators and the guard's counters.
 - ``[eval]``: downstream evaluation (lm-eval) after validation, every
-  ``eval.freq`` steps and after the last one (:mod:`swallow_titan.eval.in_loop`).
+  ``eval.freq`` steps and after the last one (:mod:`swallow_titan.eval.in_loop`);
+  a restart first runs the evaluation of the step it resumes from if that
+  one has no result (the run stopped during it).
 """
 
 from __future__ import annotations
@@ -52,7 +54,8 @@ from swallow_titan.components.guard import (
     NonfiniteInjector,
     state_is_finite,
 )
-from swallow_titan.components.loss import Z_LOSS
+from swallow_titan.components.loss import SwallowLoss
+from swallow_titan.components.metrics import SwallowMetricsProcessor
 from swallow_titan.runtime.preemption import PreemptionSignal
 from swallow_titan.components.profiling import profiling_context
 from swallow_titan.runtime.ranks import process_rank
@@ -64,14 +67,14 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def _z_loss_per_token(mesh: Any) -> float | None:
+def _z_loss_per_token(loss_fn: SwallowLoss, mesh: Any) -> float | None:
     """z-loss per token over all data-parallel ranks since the last log step.
 
-    Read from the loss's meter (``swallow_titan.components.loss.Z_LOSS``: training
-    forwards add their z-loss sum and counted tokens; ``take()`` returns and
-    resets them) when a z-loss is on; else None.
+    Taken from the loss (:meth:`SwallowLoss.take_z_loss`: training forwards add
+    their z-loss sum and counted tokens, taking returns and resets them) when a
+    z-loss is on; else None.
     """
-    taken = Z_LOSS.take()
+    taken = loss_fn.take_z_loss()
     if taken is None:
         return None
     z_sum, tokens = taken
@@ -83,10 +86,15 @@ def _z_loss_per_token(mesh: Any) -> float | None:
 class SwallowTrainer(Trainer):
     """torchtitan's Trainer with the numerical guard, pre-emption and atomic checkpoints."""
 
+    # What the swallow TrainSpec builds (narrower than torchtitan's annotations).
+    metrics_processor: SwallowMetricsProcessor
+
     @record
     def __init__(self, job_config: Any):
         self.guard = NonfiniteGuard.from_config(job_config)
         super().__init__(job_config)
+        # The TrainSpec's loss, kept before any wrapping: it holds the z-loss meter.
+        self.swallow_loss: SwallowLoss = self.loss_fn
         self.preempted = False
         self.preemption = PreemptionSignal()
         inject = job_config.debug.inject_nonfinite_at_steps
@@ -104,6 +112,7 @@ class SwallowTrainer(Trainer):
     def _atomic_checkpointer(self, stock: Any) -> AtomicCheckpointManager:
         """Replace the CheckpointManager torchtitan built with the atomic one."""
         config = self.job_config
+        # torchtitan's manager sets sd_adapter only when checkpointing is enabled.
         adapter = getattr(stock, "sd_adapter", None)
         if adapter is None and self.train_spec.state_dict_adapter is not None:
             adapter = self.train_spec.state_dict_adapter(
@@ -209,11 +218,10 @@ class SwallowTrainer(Trainer):
             "train/tokens_seen": tokens_seen,
             "train/skipped_steps": self.guard.skipped_steps,
         }
-        z_loss = _z_loss_per_token(mesh)
+        z_loss = _z_loss_per_token(self.swallow_loss, mesh)
         if z_loss is not None:
             extra["train/z_loss"] = z_loss
-        if hasattr(self.dataloader, "metrics"):
-            extra.update(self.dataloader.metrics())
+        extra.update(self.dataloader.metrics())
         self.metrics_processor.log(
             self.step, avg_loss, max_loss, grad_norm.item(), extra_metrics=extra
         )
@@ -225,9 +233,12 @@ class SwallowTrainer(Trainer):
         config = self.job_config
         self.checkpointer.load(step=config.checkpoint.load_step)
         first_step = self.step + 1
-        if hasattr(self.metrics_processor, "start"):
-            self.metrics_processor.start(first_step)
+        self.metrics_processor.start(first_step)
         logger.info(f"Training starts at step {first_step} of {config.training.steps}")
+        if self.evaluator is not None and self._agree(self.evaluator.missing_evaluation(self.step))[0]:
+            # The run stopped during the evaluation of the step it resumes from.
+            logger.info(f"[eval] the evaluation of step {self.step} has no result: running it first")
+            self.evaluator.evaluate(self.step)
 
         with (
             profiling_context(
@@ -297,6 +308,5 @@ class SwallowTrainer(Trainer):
             self.checkpointer.save(self.step, last_step=last_step)
 
     def close(self) -> None:
-        if hasattr(self, "preemption"):
-            self.preemption.restore()
+        self.preemption.restore()
         super().close()

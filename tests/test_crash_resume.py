@@ -14,6 +14,7 @@ import signal
 
 import pytest
 
+from support.overrides import FSDP2
 from support.runs import TrainingProcess, loaded_step, run_training, series
 from support.tensorboard import scalars
 from swallow_titan.checkpoint.integrity import MANIFEST_NAME, checkpoint_problems, staging_name
@@ -163,7 +164,7 @@ def test_sigterm_writes_a_checkpoint_and_the_restart_continues_exactly(
 def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
     folder = tmp_path / "run"
     run = TrainingProcess(
-        folder, *RESUMABLE, "--parallelism.data_parallel_shard_degree", "2", nproc=2
+        folder, *RESUMABLE, *FSDP2, nproc=2
     )
     rank1 = run.worker_pid(1)
     run.wait_for_step(2)

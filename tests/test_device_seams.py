@@ -1,7 +1,8 @@
 """The CUDA path is checked without CUDA: the device seams are listed, and a
 process where torch reports CUDA gets none of the CPU shims.
 
-``swallow_titan.runtime.device.DEVICE_SEAMS`` lists every device-dependent behaviour.
+``swallow_titan.runtime.seams.DEVICE_SEAMS`` lists every device-dependent behaviour
+(checked with the other seams by ``seam_problems``, tests/test_seams.py).
 The subprocess tests make torch report CUDA the way torch itself detects it
 (``torch.cuda.is_available``, which ``torch._utils._get_available_device_type``
 calls) before anything imports swallow_titan or torchtitan.
@@ -18,7 +19,8 @@ import sys
 import pytest
 
 from support import REPO
-from swallow_titan.runtime.device import DEVICE_SEAMS
+from support.overrides import KERNELS_ON
+from swallow_titan.runtime.seams import DEVICE_SEAMS
 
 # What a device branch looks like in this code base.
 _BRANCH = re.compile(
@@ -62,8 +64,7 @@ from swallow_titan.components.profiling import available_activities, maybe_enabl
 from swallow_titan.runtime.seams import use_cpu_profiler_in_stock_trainer
 use_cpu_profiler_in_stock_trainer()
 config = load_job_config(sys.argv[1], [
-    "--model.converters", "quantize.linear.float8",
-    "--kernels.rmsnorm", "triton", "--kernels.loss", "fused_linear_ce",
+    "--model.converters", "quantize.linear.float8", *sys.argv[2:],
 ])
 refused = []
 for check in (_check_float8, _check_kernels_device):
@@ -93,7 +94,7 @@ def _probe(report_cuda: bool) -> dict:
     }
     env.pop("TRITON_INTERPRET", None)  # as on a GPU machine
     proc = subprocess.run(
-        [sys.executable, "-c", _PROBE, str(REPO / "train_configs" / "tiny_cpu.toml")],
+        [sys.executable, "-c", _PROBE, str(REPO / "train_configs" / "tiny_cpu.toml"), *KERNELS_ON],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]

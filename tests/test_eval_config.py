@@ -192,8 +192,8 @@ def test_the_cost_of_generation_grows_with_the_square_of_the_answer_length():
 
     short = forward_tokens(TaskCost(10, 1, 100, 10), 0)[1]
     long = forward_tokens(TaskCost(10, 1, 100, 100), 0)[1]
-    # No KV cache: G passes over prompt + up to G tokens: 10 x G x (100 + G / 2).
-    assert (short, long) == (10 * 10 * 105, 10 * 100 * 150)
+    # No KV cache: pass k runs the prompt and k tokens: 10 x (G x 100 + G (G - 1) / 2).
+    assert (short, long) == (10 * (10 * 100 + 45), 10 * (100 * 100 + 4950))
     assert forward_tokens(TaskCost(10, 4, 100), 5) == (5 * 4 * 100, 0.0)
 
 

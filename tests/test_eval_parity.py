@@ -217,3 +217,51 @@ def test_the_triton_kernels_give_the_same_scores_and_answers(hf_tiny):
     ):
         assert abs(a - b) <= TOLERANCE and greedy_a == greedy_b
     assert plain.generate_until(generated) == fused.generate_until(generated)
+
+
+def test_evaluate_on_one_process_computes_as_training_does(hf_tiny, both, capsys, monkeypatch):
+    """--dtype bfloat16 on one process: fp32 weights under autocast, as a one-GPU run's
+    in-loop evaluation (torchtitan's ``maybe_enable_amp``), not a model cast to bf16.
+
+    The same operations on the same numbers: the scores are equal. Against fp32 they
+    differ by bf16's rounding (2^-8 relative per matmul input), far above 1e-4.
+    """
+    from torchtitan.distributed import ParallelDims
+    from torchtitan.distributed import utils as dist_utils
+
+    from swallow_titan.evaluate import main
+
+    monkeypatch.chdir(EVAL_TASKS.parent.parent)
+    common = [
+        str(hf_tiny), "--tasks", MC_TASK, "--include-path", str(EVAL_TASKS), "--limit", "4",
+        "--max-length", str(MAX_LENGTH), "--max-gen-toks", "16", "--json", "--log-samples",
+    ]
+    assert main([*common, "--dtype", "bfloat16"]) == 0
+    cli = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    one_device = ParallelDims(
+        dp_replicate=1, dp_shard=1, cp=1, tp=1, pp=1, ep=1, etp=1, world_size=1
+    )
+    in_loop = swallow_lm(hf_tiny)
+    model = in_loop.runner.forward
+
+    def training_forward(tokens: torch.Tensor) -> torch.Tensor:
+        with dist_utils.maybe_enable_amp(one_device, "bfloat16", "cpu"):
+            return model(tokens)
+
+    in_loop.runner.forward = training_forward
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    reference = simple_evaluate(
+        model=in_loop, tasks=[MC_TASK], limit=4, bootstrap_iters=0, log_samples=True,
+        task_manager=TaskManager(include_path=str(EVAL_TASKS), include_defaults=False),
+    )
+
+    def scores(samples: list[dict]) -> list[float]:
+        ordered = sorted((s for s in samples if s["doc_id"] < 4), key=lambda s: s["doc_id"])
+        return [r[0][0] for s in ordered for r in s["resps"]]
+
+    bf16 = scores(cli["samples"][MC_TASK])
+    assert len(bf16) == 4 * 4  # four examples, four choices
+    assert bf16 == scores(reference["samples"][MC_TASK])
+    fp32 = scores(both[0]["samples"][MC_TASK])  # the fp32 evaluation of the same examples
+    assert max(abs(a - b) for a, b in zip(bf16, fp32, strict=True)) > 1e-3

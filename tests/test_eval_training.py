@@ -9,23 +9,22 @@ reference for the losses.
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from support import REPO
-from support.eval import EVAL_TASKS, MC_TASK, QA_TASK
+from support.eval import EVAL_TASKS, MC_TASK, QA_TASK, own_copy
 from support.runs import (
     RunResult,
+    TrainingProcess,
     free_port,
+    loaded_step,
     run_log,
     run_training,
     series,
-    training_command,
     training_env,
 )
 
@@ -175,38 +174,73 @@ def test_json_results_are_simple_evaluates_results_dictionary(cli_results):
     assert set(one["results"][MC_TASK]) >= {"acc,none", "acc_stderr,none", "acc_norm,none"}
 
 
-def test_a_failing_evaluation_is_skipped_and_training_goes_on(tmp_path):
-    """The task's data file disappears after the start-up check: logged, skipped, run completes."""
-    data = tmp_path / "qa.jsonl"
-    data.write_bytes((EVAL_TASKS / "data" / "ja_qa_test.jsonl").read_bytes())
+def test_a_failure_on_one_rank_ends_the_evaluation_on_both_and_training_goes_on(tmp_path):
+    """Rank 1 of 2 fails while scoring its first batch at step 1 (rank 0 is about to run
+    the next forward pass); both leave that evaluation, log it, train on and evaluate
+    again. The tasks' data files are deleted once training starts: the later
+    evaluations use the tasks built at start-up."""
     tasks = tmp_path / "tasks"
     tasks.mkdir()
-    yaml = (EVAL_TASKS / f"{QA_TASK}.yaml").read_text(encoding="utf-8")
-    yaml = yaml.replace(f"task: {QA_TASK}", "task: vanishing_qa")
-    yaml = re.sub(r"train: .*", f"train: {data}", yaml)
-    yaml = re.sub(r"test: .*", f"test: {data}", yaml)
-    (tasks / "vanishing.yaml").write_text(yaml, encoding="utf-8")
-    command = training_command(
-        tmp_path / "run", "--training.steps", "2",
-        "--eval.enable", "true", "--eval.freq", "1", "--eval.max_gen_toks", "16",
-        "--eval.tasks", "vanishing_qa", "--eval.include_path", str(tasks),
+    data = [own_copy(tasks, MC_TASK, "copied_mc"), own_copy(tasks, QA_TASK, "copied_qa")]
+    run = TrainingProcess(
+        tmp_path / "run", "--training.steps", str(STEPS),
+        "--parallelism.tensor_parallel_degree", "2",
+        "--eval.enable", "true", "--eval.freq", "1", "--eval.max_gen_toks", "8",
+        "--eval.limit", "2", "--eval.batch_size", "1",
+        "--eval.tasks", "copied_mc,copied_qa", "--eval.include_path", str(tasks),
+        "--debug.inject_eval_failure_at_steps", "1", "--debug.inject_eval_failure_rank", "1",
+        nproc=2,
     )
-    proc = subprocess.Popen(
-        command, cwd=REPO, env=training_env(), stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True,
-    )
-    output = []
-    deadline = time.monotonic() + 300
-    for line in proc.stdout:
-        output.append(line)
-        if "Training starts at step" in line:
-            data.unlink()  # the check at start-up has read it; step 1 is running
-        assert time.monotonic() < deadline
-    assert proc.wait(timeout=60) == 0, "".join(output)[-4000:]
-    text = "".join(output)
-    assert "[eval] evaluation at step 1 failed and is skipped" in text
-    assert "[eval] evaluation at step 2 failed and is skipped" in text
-    assert sorted(series(run_log(tmp_path / "run"), "train/loss")) == [1, 2]
+    run.wait_for(lambda: "Training starts at step" in run.output, "the start of training")
+    for path in data:
+        path.unlink()
+    try:
+        result = run.wait(timeout=300)  # a rank left waiting in a collective: no exit
+    except subprocess.TimeoutExpired:
+        run.kill()
+        pytest.fail("the run hung after the failed evaluation:\n" + run.output[-4000:])
+    assert result.returncode == 0, result.output[-4000:]
+    (line,) = [x for x in result.output.splitlines() if "failed and is skipped" in x]
+    assert "[eval] evaluation at step 1 failed and is skipped on every rank" in line
+    assert "rank 1: RuntimeError: [debug] failure injected into the evaluation at step 1" in line
+    assert "rank 0: " not in line  # rank 0 did not fail: it was told
+    assert sorted(result.losses) == list(range(1, STEPS + 1))
+    assert sorted(series(result.history, "eval/time_s")) == list(range(2, STEPS + 1))
+    assert "eval/copied_qa/exact_match_strip" in [r for r in result.history if r["step"] == STEPS][-1]
+
+
+def test_an_evaluation_cut_short_by_a_kill_runs_first_on_restart(tmp_path):
+    """Killed during the evaluation of step 2, the restart resumes at step 3 after
+    evaluating step 2; killed during the final one, the restart only evaluates."""
+    folder = tmp_path / "run"
+    args = [
+        "--training.steps", str(STEPS), "--checkpoint.enable", "true",
+        "--checkpoint.interval", "1",
+        "--eval.enable", "true", "--eval.freq", str(FREQ), "--eval.tasks", MC_TASK,
+        "--eval.include_path", str(EVAL_TASKS.relative_to(REPO)), "--eval.limit", "2",
+        "--eval.max_gen_toks", "8",
+    ]
+    first = TrainingProcess(folder, *args, "--debug.eval_delay_s", "300")
+    first.wait_for(lambda: f"[eval] evaluating step {FREQ}" in first.output, "the evaluation")
+    first.kill()
+
+    second = TrainingProcess(folder, *args, "--debug.eval_delay_s", "2")
+    second.wait_for(lambda: f"[eval] evaluating step {STEPS}" in second.output, "the last one")
+    second.kill()
+    assert loaded_step(second.output) == FREQ
+    assert f"the evaluation of step {FREQ} has no result: running it first" in second.output
+    second_log = run_log(folder, second.started)
+    evaluated = [r["time"] for r in second_log if r["step"] == FREQ and "eval/time_s" in r]
+    trained = [r["time"] for r in second_log if "train/loss" in r]
+    assert len(evaluated) == 1 and evaluated[0] < min(trained)
+    assert sorted(series(second_log, "train/loss")) == [STEPS]
+
+    third = run_training(folder, *args).check()
+    assert loaded_step(third.output) == STEPS
+    assert f"the evaluation of step {STEPS} has no result: running it first" in third.output
+    assert f"evaluating step {FREQ}" not in third.output
+    assert third.losses == {}  # a finished run: nothing to train
+    assert sorted(series(third.history, "eval/time_s")) == [FREQ, STEPS]
 
 
 def test_the_exported_model_card_has_the_last_evaluation_table(runs, tmp_path):

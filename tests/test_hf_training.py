@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from torchtitan.models.llama3.model.model import Transformer
 
 from support.hf import TINY_FLAVOR_CONFIG, assert_same_logits, save_random_llama
+from support.overrides import FSDP2, TP2
 from support.runs import free_port, run_training, series
 from swallow_titan.checkpoint.dcp_reader import DCPCheckpoint
 from swallow_titan.hf.convert import convert_hf_to_dcp
@@ -138,7 +139,7 @@ def test_two_process_fsdp_run_imports_and_exports_like_one_process(hf_run, hf_ti
     result = run_training(
         tmp_path / "fsdp",
         *hf_run_args(hf_tiny),
-        "--parallelism.data_parallel_shard_degree", "2",
+        *FSDP2,
         nproc=2,
     ).check()
     assert "Applied FSDP to the model" in result.output
@@ -157,8 +158,7 @@ def test_tensor_parallel_run_loads_the_hf_weights_like_one_process(hf_run, hf_ti
     result = run_training(
         tmp_path / "tp",
         *hf_run_args(hf_tiny),
-        "--parallelism.tensor_parallel_degree", "2",
-        "--parallelism.data_parallel_shard_degree", "1",
+        *TP2,
         "--training.local_batch_size", "8",
         nproc=2,
     ).check()

@@ -52,13 +52,20 @@ def test_every_kernel_and_config_compiles_for_sm90_within_the_limits():
     kernels = {row.split("|")[1].strip() for row in rows}
     assert kernels == {
         "rms_norm_fwd[N=4096]", "rms_norm_bwd[N=4096]",
+        "rms_norm_fwd[N=128]", "rms_norm_bwd[N=128]",
         "ce_rows[V=128256]", "ce_rows[V=16032]",
     }
     from kernels import cross_entropy, rmsnorm
 
-    # Per norm kernel two variants x two dtype layouts (FSDP bf16, AMP); three
-    # variants per vocabulary for the loss kernel.
-    expected = 2 * 4 * len(rmsnorm.GPU_CONFIGS) + 2 * 3 * len(cross_entropy.GPU_CONFIGS)
+    # Per norm kernel two variants x two dtype layouts (FSDP bf16, AMP) at the
+    # hidden width, and the q/k norm variant x two layouts at head_dim 128 (with
+    # every config that fits there, the head-dim ones included); three variants
+    # per vocabulary for the loss kernel.
+    hidden = rmsnorm.configs_for_width(rmsnorm.GPU_CONFIGS, 4096)
+    head_dim = rmsnorm.configs_for_width(rmsnorm.GPU_CONFIGS, 128)
+    assert all(c in head_dim for c in rmsnorm.HEAD_DIM_CONFIGS)
+    expected = (2 * 4 * len(hidden) + 2 * 2 * len(head_dim)
+                + 2 * 3 * len(cross_entropy.GPU_CONFIGS))
     assert len(rows) == expected
     assert all(row.rstrip(" |").endswith("ok") for row in rows)
 
@@ -68,10 +75,14 @@ def _warps_and_rows(configs):
 
 
 def test_rmsnorm_autotuning_keeps_only_configs_that_fit_the_width():
-    from kernels.rmsnorm import GPU_CONFIGS, configs_for_width
+    from kernels.rmsnorm import GPU_CONFIGS, HEAD_DIM_CONFIGS, HIDDEN_CONFIGS, configs_for_width
 
-    # Recipe width: every config compiles clean (test above), none is pruned.
-    assert configs_for_width(GPU_CONFIGS, 4096) == GPU_CONFIGS
+    # Recipe width: every hidden config compiles clean (test above), none is
+    # pruned; the many-row head-dim configs are.
+    assert configs_for_width(GPU_CONFIGS, 4096) == HIDDEN_CONFIGS
+    # Qwen3's head_dim 128: everything fits, the head-dim configs included.
+    assert configs_for_width(GPU_CONFIGS, 128) == GPU_CONFIGS
+    assert all(c not in configs_for_width(GPU_CONFIGS, 256) for c in HEAD_DIM_CONFIGS)
     # 8192: the 4-warp and BLOCK_M=2 configs spill on sm_90 (kernels_aot.py --hidden 8192).
     assert _warps_and_rows(configs_for_width(GPU_CONFIGS, 8192)) == [(1, 8), (1, 16)]
     # Wider than anything fits: the lightest config is still offered.

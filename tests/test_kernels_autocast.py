@@ -15,6 +15,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from support import TINY_CONFIG
+from support.overrides import KERNELS_ON
 from support.runs import run_training
 from kernels import rms_norm, rms_norm_reference
 from swallow_titan.config.manager import load_job_config
@@ -131,8 +132,7 @@ def test_one_process_bf16_training_with_kernels_matches_kernels_off(tmp_path):
     ]
     off = run_training(tmp_path / "off", *common).check()
     on = run_training(
-        tmp_path / "on", *common,
-        "--kernels.rmsnorm", "triton", "--kernels.loss", "fused_linear_ce",
+        tmp_path / "on", *common, *KERNELS_ON,
         env={"TRITON_INTERPRET": "1"},
     ).check()
     assert "Mixed precision training is handled by AMP" in on.output

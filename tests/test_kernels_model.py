@@ -12,9 +12,11 @@ import pytest
 import torch
 
 from support import REPO, TINY_CONFIG
+from support.overrides import KERNELS_ON
 from swallow_titan.components.preflight import check_job_config
 from swallow_titan.config.manager import ConfigError, load_job_config
-from swallow_titan.components.loss import Z_LOSS, LabelsInInputs, SwallowLoss
+from swallow_titan.components.loss import SwallowLoss
+from swallow_titan.data.dataloader import LabelsInInputs
 from swallow_titan.model.args import FLAVORS
 from swallow_titan.model.transformer import (
     FusedLossOutput,
@@ -24,7 +26,6 @@ from swallow_titan.model.transformer import (
 )
 
 RECIPE = REPO / "train_configs" / "swallow_8b_v05.toml"
-KERNELS_ON = ["--kernels.rmsnorm", "triton", "--kernels.loss", "fused_linear_ce"]
 
 
 def _args(**kernels):
@@ -77,7 +78,6 @@ def test_fused_model_gives_the_loss_and_gradients_of_the_logits_model():
     assert packed.shape == (2,)
     loss = loss_fn(packed, labels)
     loss.backward()
-    Z_LOSS.take()
 
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
     grads = dict(plain.named_parameters())
@@ -122,12 +122,11 @@ def test_z_loss_is_recorded_for_logging_in_training_forwards_only():
     loss_fn = SwallowLoss(config)
     logits = torch.randn(1, 4, 10, requires_grad=True)
     labels = torch.tensor([[1, 2, -100, 3]])
-    Z_LOSS.take()
     with torch.no_grad():  # validation
         loss_fn(logits, labels)
-    assert Z_LOSS.take() is None
+    assert loss_fn.take_z_loss() is None
     loss = loss_fn(logits, labels)
-    z_sum, tokens = Z_LOSS.take()
+    z_sum, tokens = loss_fn.take_z_loss()
     lse = torch.logsumexp(logits[0, [0, 1, 3]], dim=-1)
     torch.testing.assert_close(z_sum, 1e-3 * (lse**2).sum())
     assert tokens.item() == 3

@@ -16,11 +16,11 @@ from kernels import rms_norm
 from kernels.rmsnorm import rms_norm_reference
 from support import TINY_CONFIG
 from support.model import build_model
+from support.overrides import KERNELS_ON
 from swallow_titan.components.preflight import check_job_config
 from swallow_titan.config.manager import ConfigError, load_job_config
 from swallow_titan.model.transformer import FusedLossOutput, FusedNormBlock, TritonRMSNorm
 
-KERNELS_ON = ["--kernels.rmsnorm", "triton", "--kernels.loss", "fused_linear_ce"]
 EPS32 = torch.finfo(torch.float32).eps
 
 

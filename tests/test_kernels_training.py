@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 
+from support.overrides import FSDP2, KERNELS_ON, TP2
 from support.runs import RunResult, run_training
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
@@ -22,7 +23,6 @@ SMALL_RUN = [
     "--training.global_batch_size", "4",
     "--kernels.z_loss", "1e-4",
 ]
-KERNELS_ON = ["--kernels.rmsnorm", "triton", "--kernels.loss", "fused_linear_ce"]
 INTERPRETER = {"TRITON_INTERPRET": "1"}
 
 
@@ -37,10 +37,9 @@ def _assert_same_losses(on: RunResult, off: RunResult) -> None:
 
 
 def test_fsdp2_losses_match_with_kernels_on_and_off(tmp_path):
-    fsdp = ["--parallelism.data_parallel_shard_degree", "2"]
-    off = run_training(tmp_path / "off", *SMALL_RUN, *fsdp, nproc=2).check()
+    off = run_training(tmp_path / "off", *SMALL_RUN, *FSDP2, nproc=2).check()
     on = run_training(
-        tmp_path / "on", *SMALL_RUN, *fsdp, *KERNELS_ON, nproc=2, env=INTERPRETER
+        tmp_path / "on", *SMALL_RUN, *FSDP2, *KERNELS_ON, nproc=2, env=INTERPRETER
     ).check()
     _assert_same_losses(on, off)
 
@@ -48,12 +47,8 @@ def test_fsdp2_losses_match_with_kernels_on_and_off(tmp_path):
 def test_tensor_parallel_losses_match_with_kernels_on_and_off(tmp_path):
     # Sequence-parallel norms (partial weight gradients) and the vocabulary-
     # parallel fused loss.
-    tp = [
-        "--parallelism.tensor_parallel_degree", "2",
-        "--parallelism.data_parallel_shard_degree", "1",
-    ]
-    off = run_training(tmp_path / "off", *SMALL_RUN, *tp, nproc=2).check()
+    off = run_training(tmp_path / "off", *SMALL_RUN, *TP2, nproc=2).check()
     on = run_training(
-        tmp_path / "on", *SMALL_RUN, *tp, *KERNELS_ON, nproc=2, env=INTERPRETER
+        tmp_path / "on", *SMALL_RUN, *TP2, *KERNELS_ON, nproc=2, env=INTERPRETER
     ).check()
     _assert_same_losses(on, off)

@@ -7,6 +7,7 @@ import re
 
 import pytest
 
+from support.overrides import FSDP2
 from support.runs import ANSI, from_seed, run_training, series
 from support.tensorboard import events, scalars
 from swallow_titan.components.metrics import RunLog, dense_bf16_peak_flops, format_duration, read_run_log
@@ -175,7 +176,7 @@ def test_validation_under_fsdp2_matches_one_process(seed_checkpoint, monitored, 
         tmp_path / "fsdp",
         *MONITORED,
         *from_seed(seed_checkpoint),
-        "--parallelism.data_parallel_shard_degree", "2",
+        *FSDP2,
         nproc=2,
     ).check()
     assert "Applied FSDP to the model" in result.output

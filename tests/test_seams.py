@@ -7,7 +7,14 @@ import dataclasses
 import pytest
 
 import swallow_titan  # noqa: F401  (device selection first)
-from swallow_titan.runtime.seams import SEAMS, Seam, seam_problems, source_hash
+from swallow_titan.runtime.seams import (
+    DEVICE_SEAMS,
+    SEAMS,
+    DeviceSeam,
+    Seam,
+    seam_problems,
+    source_hash,
+)
 
 
 def test_every_seam_matches_the_installed_torchtitan_and_torch():
@@ -35,7 +42,7 @@ def test_a_changed_seam_is_reported_by_name(change, expected):
     # The checks above pass on an empty list: make sure each kind of change shows.
     (train_step,) = [s for s in SEAMS if s.target == "torchtitan.train.Trainer.train_step"]
     changed = dataclasses.replace(train_step, **change)
-    (problem,) = seam_problems((changed,))
+    (problem,) = seam_problems((changed,), ())
     assert problem.startswith(changed.target) and expected in problem
 
 
@@ -47,8 +54,18 @@ def test_a_missing_attribute_is_reported():
         "test",
         attributes=("purge_queue", "no_such_attribute"),
     )
-    (problem,) = seam_problems((seam,))
+    (problem,) = seam_problems((seam,), ())
     assert problem.endswith("no longer sets self.no_such_attribute")
+
+
+def test_a_device_seam_naming_a_missing_function_is_reported():
+    # The device seams are part of the same registry and the same check.
+    seam = DeviceSeam(
+        "swallow_titan/runtime/device.py: default_ngpu, no_such_function", "cpu", "cuda", shim=False
+    )
+    (problem,) = seam_problems((), (seam,))
+    assert problem.endswith("no longer defines no_such_function")
+    assert len(DEVICE_SEAMS) > 0
 
 
 def test_the_source_hash_is_of_torchtitans_method_not_ours():
@@ -62,7 +79,6 @@ def test_the_source_hash_is_of_torchtitans_method_not_ours():
 def test_every_torchtitan_method_we_override_is_listed():
     from torchtitan.components.checkpoint import CheckpointManager
     from torchtitan.components.metrics import MetricsProcessor
-    from torchtitan.components.validate import Validator
     from torchtitan.config import ConfigManager
     from torchtitan.train import Trainer
 
@@ -71,7 +87,6 @@ def test_every_torchtitan_method_we_override_is_listed():
     from swallow_titan.components.metrics import SwallowMetricsProcessor
     from swallow_titan.runtime.seams import resolve
     from swallow_titan.trainer import SwallowTrainer
-    from swallow_titan.components.validation import PerDomainValidator
 
     listed = {
         id(resolve(s.target)) for s in SEAMS if s.kind in ("override", "reimplemented")
@@ -81,7 +96,6 @@ def test_every_torchtitan_method_we_override_is_listed():
         (SwallowTrainer, Trainer),
         (AtomicCheckpointManager, CheckpointManager),
         (SwallowConfigManager, ConfigManager),
-        (PerDomainValidator, Validator),
         (SwallowMetricsProcessor, MetricsProcessor),
     ):
         for name, value in vars(ours).items():

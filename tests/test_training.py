@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from support.overrides import FSDP2, TP2
 from support.runs import from_seed, run_training
 
 pytestmark = pytest.mark.slow
@@ -45,18 +46,11 @@ def single_process_losses(seed_checkpoint, tmp_path_factory):
 # accumulation steps): 2 ranks x 4, or TP over 2 ranks with local 8, or 2
 # replicas x 2 shards x local 2.
 LAYOUTS = {
-    "fsdp2": (2, "Applied FSDP to the model", [
-        "--parallelism.data_parallel_shard_degree", "2",
-    ]),
-    "tp2": (2, "Tensor Parallelism to the model", [
-        "--parallelism.tensor_parallel_degree", "2",
-        "--parallelism.data_parallel_shard_degree", "1",
-        "--training.local_batch_size", "8",
-    ]),
+    "fsdp2": (2, "Applied FSDP to the model", FSDP2),
+    "tp2": (2, "Tensor Parallelism to the model", [*TP2, "--training.local_batch_size", "8"]),
     # Logits replicated on both TP ranks, plain cross-entropy on each.
     "tp2_no_loss_parallel": (2, "Tensor Parallelism to the model", [
-        "--parallelism.tensor_parallel_degree", "2",
-        "--parallelism.data_parallel_shard_degree", "1",
+        *TP2,
         "--parallelism.disable_loss_parallel", "true",
         "--training.local_batch_size", "8",
     ]),

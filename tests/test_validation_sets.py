@@ -118,3 +118,19 @@ def test_pinned_memory_async_checkpoints_are_refused_on_cpu():
 
 def test_max_consecutive_skips_must_be_positive():
     assert "guard.max_consecutive_skips" in error_of("--guard.max_consecutive_skips", "0")
+
+
+def test_each_set_is_validated_by_a_torchtitan_validator_built_by_its_constructor():
+    import torchtitan.components.validate as torchtitan_validate
+    from torchtitan.components.validate import Validator
+
+    builder = torchtitan_validate.build_text_validation_dataloader
+    v = validator()
+    assert set(v.validators) == {s.name for s in v.sets}
+    for name, inner in v.validators.items():
+        assert type(inner) is Validator
+        # What its validate() reads is what its constructor set from our arguments.
+        assert inner.validation_dataloader is v.loaders[name]
+        assert inner.metrics_processor is v.recorders[name]
+    # The constructor's dataloader builder is torchtitan's again afterwards.
+    assert torchtitan_validate.build_text_validation_dataloader is builder

@@ -305,7 +305,8 @@ class AtomicCheckpointManager(CheckpointManager):
 
     def close(self) -> None:
         # An async save still in flight must finish (and be published) before
-        # the process exits; torchtitan's close does not wait for it.
+        # the process exits; torchtitan's close does not wait for it. close() also
+        # runs from torchtitan's __del__ after a failed __init__, hence getattr.
         if getattr(self, "enable", False) and getattr(self, "save_future", None):
             try:
                 self._async_wait()

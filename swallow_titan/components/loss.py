@@ -3,7 +3,7 @@
 With ``[kernels] loss = "torch"`` the model returns logits and :class:`SwallowLoss`
 computes torchtitan's summed cross-entropy on them (plus the z-loss if
 ``[kernels] z_loss > 0``). With ``loss = "fused_linear_ce"`` the labels travel to
-the model in the input dict (:class:`LabelsInInputs`), the model's output layer
+the model in the input dict (``swallow_titan.data.dataloader.LabelsInInputs``), the model's output layer
 returns ``[loss_sum, z_loss_sum]`` (``model/transformer.py``) and
 :class:`SwallowLoss` unpacks it. Either way the trainer gets a sum over
 non-ignored tokens and divides it by the global token count, as torchtitan does.
@@ -11,27 +11,18 @@ Validation passes the labels the same way (``swallow_titan.components.validation
 fused loss it never materialises the logits either.
 
 z-loss for logging: every training forward adds its z-loss sum and its number of
-counted tokens to :data:`Z_LOSS` (this process's meter). Anything can read it
-with ``Z_LOSS.take()``; the trainer does, at each log step, and logs
-``train/z_loss``, the z-loss per token over all data-parallel ranks since the
-previous log step (``trainer.py``, ``metrics.py``). The logged training loss
-includes the z-loss.
+counted tokens to the loss object's meter (:attr:`SwallowLoss.z_loss_meter`).
+The trainer takes them at each log step (:meth:`SwallowLoss.take_z_loss`) and
+logs ``train/z_loss``, the z-loss per token over all data-parallel ranks since
+the previous log step (``trainer.py``, ``metrics.py``). The logged training
+loss includes the z-loss.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
-
 import torch
 from torch.distributed.tensor import DTensor, Shard
-from torchtitan.components.dataloader import BaseDataLoader
 from torchtitan.components.loss import IGNORE_INDEX, build_cross_entropy_loss
-
-from swallow_titan.config.sections import FUSED_LOSS
-from swallow_titan.data.dataloader import build_dataloader
-
-LABELS_KEY = "labels"
 
 
 class ZLossMeter:
@@ -58,9 +49,6 @@ class ZLossMeter:
         return taken
 
 
-Z_LOSS = ZLossMeter()
-
-
 class SwallowLoss:
     """TrainSpec loss function: summed cross-entropy (+ z-loss) over counted tokens."""
 
@@ -68,6 +56,13 @@ class SwallowLoss:
         self.z_loss = job_config.kernels.z_loss
         # torchtitan's summed CE, compiled when [compile] asks for "loss".
         self.cross_entropy = build_cross_entropy_loss(job_config)
+        # What training forwards of this loss computed as z-loss, until taken.
+        self.z_loss_meter = ZLossMeter()
+
+    def take_z_loss(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(z_loss_sum, counted_tokens)`` of this rank's training forwards since
+        the last take, or None (no z-loss, or no training forward since)."""
+        return self.z_loss_meter.take()
 
     def __call__(self, pred: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if pred.ndim == 3:
@@ -78,7 +73,7 @@ class SwallowLoss:
             packed = pred.full_tensor() if isinstance(pred, DTensor) else pred
             loss, z_sum = packed[0], packed[1]
         if self.z_loss > 0 and torch.is_grad_enabled():
-            Z_LOSS.add(z_sum, (labels != IGNORE_INDEX).sum())
+            self.z_loss_meter.add(z_sum, (labels != IGNORE_INDEX).sum())
         return loss
 
     def _from_logits(
@@ -121,43 +116,3 @@ def build_swallow_loss(job_config, **kwargs) -> SwallowLoss:
     """TrainSpec ``build_loss_fn``."""
     del kwargs
     return SwallowLoss(job_config)
-
-
-class LabelsInInputs(BaseDataLoader):
-    """A dataloader whose input dicts also carry the labels, for the fused loss.
-
-    torchtitan passes every key of the input dict but "input" to the model's
-    forward, so the model receives ``labels=``. Checkpointed state is the wrapped
-    loader's, unchanged.
-    """
-
-    def __init__(self, loader: BaseDataLoader) -> None:
-        self.loader = loader
-
-    def __iter__(self) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
-        for inputs, labels in self.loader:
-            yield {**inputs, LABELS_KEY: labels}, labels
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.loader.state_dict()
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.loader.load_state_dict(state_dict)
-
-    def __getattr__(self, name: str) -> Any:
-        # Anything else (e.g. the data pipeline's metrics()) is the wrapped loader's.
-        if name == "loader":
-            raise AttributeError(name)
-        return getattr(self.loader, name)
-
-
-def build_training_dataloader(
-    dp_world_size: int, dp_rank: int, tokenizer, job_config, **kwargs
-) -> BaseDataLoader:
-    """TrainSpec ``build_dataloader_fn``: the data pipeline's loader, plus labels in
-    the inputs when the model computes the loss."""
-    loader = build_dataloader(dp_world_size, dp_rank, tokenizer, job_config, **kwargs)
-    if job_config.kernels.loss == FUSED_LOSS:
-        return LabelsInInputs(loader)
-    return loader
-

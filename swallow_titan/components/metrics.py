@@ -248,6 +248,8 @@ class SwallowMetricsProcessor(MetricsProcessor):
         self._started = time.perf_counter()
         self._first_logged: tuple[float, int] | None = None
         self._start_step = 0
+        # The step of the last training log line (None before the first).
+        self._last_step: int | None = None
 
     # --------------------------------------------------------------- run start
 
@@ -360,7 +362,7 @@ class SwallowMetricsProcessor(MetricsProcessor):
         self.logger.log(scalars, step)
 
     def _last_logged_step(self) -> int:
-        return getattr(self, "_last_step", self._start_step)
+        return self._start_step if self._last_step is None else self._last_step
 
     def eta_seconds(self, step: int, now: float) -> float:
         """Seconds to ``training.steps`` at the pace since the first log of this process.

@@ -26,7 +26,7 @@ from swallow_titan.data.sources import (
     local_files,
 )
 from swallow_titan.data.stages import check_stages
-from swallow_titan.data.tokenizer import Llama3Tokenizer, TokenizerFileError
+from swallow_titan.data.tokenizer import TokenizerFileError, load_tokenizer
 from swallow_titan.eval import EvalUnavailableError, require_lm_eval
 from swallow_titan.hf.config import HFConfigError, check_hf_config_matches_flavor
 from swallow_titan.hf.export import ExportError, parse_size
@@ -144,7 +144,7 @@ def _check_sources(config, source: str) -> None:
 
 def _check_tokenizer(config, args: SwallowModelArgs, source: str) -> None:
     try:
-        tokenizer = Llama3Tokenizer(config.model.hf_assets_path)
+        tokenizer = load_tokenizer(config.model.hf_assets_path, config.model.tokenizer_kind)
     except (TokenizerFileError, OSError) as e:
         raise config_error(source, "model.hf_assets_path", str(e)) from None
     if tokenizer.get_vocab_size() > args.vocab_size:

@@ -23,11 +23,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
-import torch.distributed.checkpoint as dcp
-from torch import nn
 from torchtitan.tools.logging import logger
 
 from swallow_titan.checkpoint.dcp_reader import checkpoint_steps
+from swallow_titan.checkpoint.model_weights import load_dcp_model_weights
 from swallow_titan.config.checks import global_batch_sequences, resolve_layout
 from swallow_titan.config.paths import RunPaths, step_folder_name
 from swallow_titan.hf.config import (
@@ -37,7 +36,6 @@ from swallow_titan.hf.config import (
 )
 from swallow_titan.hf.weights import load_hf_weights
 from swallow_titan.hf.run_record import RunRecord, read_run_record
-from swallow_titan.model.state import model_state, set_model_state
 from swallow_titan.runtime.ranks import job_world_size, process_rank
 
 StartKind = Literal["resume", "hf", "dcp", "random"]
@@ -104,14 +102,6 @@ def decide_start(config) -> StartDecision:
     )
 
 
-def load_dcp_model_weights(model_parts: list[nn.Module], path: str) -> int:
-    """Load the model entries of a DCP checkpoint into a (sharded) model; collective."""
-    state = model_state(model_parts)
-    dcp.load(state, checkpoint_id=path)
-    set_model_state(model_parts, state)
-    return len(state)
-
-
 def start_run(trainer, config) -> StartDecision:
     """Load the starting weights by the start rule; call between ``Trainer()`` and ``train()``.
 
@@ -162,8 +152,8 @@ def run_record_for(trainer, config) -> RunRecord:
     tokenizer = trainer.tokenizer
     hf_config = hf_config_from_model_args(
         trainer.model_args,
-        bos_token_id=getattr(tokenizer, "bos_id", None),
-        eos_token_id=getattr(tokenizer, "eos_id", None),
+        bos_token_id=tokenizer.bos_id,
+        eos_token_id=tokenizer.eos_id,
         dtype="bfloat16",
         max_position_embeddings=max_positions,
     )

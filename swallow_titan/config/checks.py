@@ -300,6 +300,10 @@ def _check_guard(config, source: str) -> None:
             "debug.checkpoint_publish_delay_s",
             f"must be >= 0, got {config.debug.checkpoint_publish_delay_s}",
         )
+    if config.debug.eval_delay_s < 0:
+        raise config_error(
+            source, "debug.eval_delay_s", f"must be >= 0, got {config.debug.eval_delay_s}"
+        )
 
 
 def _check_checkpoint(config, source: str) -> None:

@@ -121,6 +121,13 @@ class Model:
     attn_mask_type: Literal["causal", "block_causal"] = "causal"
     """"block_causal" masks attention across documents (needs flex or varlen)."""
 
+    tokenizer_kind: Literal["auto", "llama3", "qwen"] = "auto"
+    """The tokenizer family in ``hf_assets_path`` and so the document framing:
+    "llama3" (tiktoken; BOS + doc + EOS), "qwen" (Qwen2/2.5/3 tokenizer.json;
+    doc + <|endoftext|>, no BOS). "auto" reads it from the file: a
+    tokenizer.model, or a tokenizer.json with <|begin_of_text|>, is llama3; a
+    tokenizer.json with <|endoftext|> and no <|begin_of_text|> is qwen."""
+
 
 @dataclass
 class Checkpoint:
@@ -178,6 +185,18 @@ class Debug:
     checkpoint_publish_delay_s: float = 0.0
     """Sleep this long after a checkpoint is written and before it is published
     (lets tests kill a run in the middle of a save)."""
+
+    inject_eval_failure_at_steps: list[int] = field(default_factory=list)
+    """Make ``[eval]`` fail at these steps on rank ``inject_eval_failure_rank``
+    only, while it reads its first batch's logits (tests that every rank
+    leaves the evaluation together)."""
+
+    inject_eval_failure_rank: int = 0
+    """The rank ``inject_eval_failure_at_steps`` fails on."""
+
+    eval_delay_s: float = 0.0
+    """Sleep this long at the start of every ``[eval]`` evaluation (lets tests
+    kill a run during one)."""
 
 
 @dataclass

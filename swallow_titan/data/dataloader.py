@@ -19,6 +19,11 @@ of the last window it handed to the trainer, so the saved state never includes
 windows that workers prefetched but training did not use. Results are the same
 for any number of workers.
 
+With ``[kernels] loss = "fused_linear_ce"`` the model's output layer computes
+the loss, so the labels also travel in the input dict (:func:`with_labels`,
+for training by :class:`LabelsInInputs` and for validation by
+``components/validation.py``).
+
 ``held_out_batches`` builds the small held-out sets of validation through the
 same reader and lane, read once in file order; every rank computes all of a
 set's windows and keeps its slice, so every rank sees the set end at the same
@@ -37,7 +42,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchtitan.components.dataloader import BaseDataLoader
 from torchtitan.tools.logging import logger
 
-from swallow_titan.config.sections import DataSource
+from swallow_titan.config.sections import FUSED_LOSS, DataSource
 from swallow_titan.data.lane import Lane
 from swallow_titan.data.records import whole_file_unit
 from swallow_titan.data.sharding import LaneSpec
@@ -50,7 +55,7 @@ from swallow_titan.data.slots import (
     iter_slot_batches,
 )
 from swallow_titan.data.sources import source_files
-from swallow_titan.data.tokenizer import Llama3Tokenizer
+from swallow_titan.data.tokenizer import DocumentTokenizer
 
 Batch = tuple[dict[str, torch.Tensor], torch.Tensor]
 
@@ -327,11 +332,12 @@ def global_batch_size(job_config, dp_world_size: int) -> int:
 def build_dataloader(
     dp_world_size: int,
     dp_rank: int,
-    tokenizer: Llama3Tokenizer,
+    tokenizer: DocumentTokenizer,
     job_config,
     **kwargs,
 ) -> SlotDataLoader:
-    """TrainSpec ``build_dataloader_fn`` over ``[[data.sources]]``."""
+    """The data pipeline's loader over ``[[data.sources]]`` (the TrainSpec's is
+    :func:`build_training_dataloader`)."""
     data = job_config.data
     spec = build_stream_spec(
         data.sources,
@@ -355,9 +361,56 @@ def build_dataloader(
     )
 
 
+LABELS_KEY = "labels"
+
+
+def with_labels(inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A new input dict that also carries the labels, for a model that computes the loss.
+
+    torchtitan passes every key of the input dict but "input" to the model's
+    forward, so the model receives ``labels=``.
+    """
+    return {**inputs, LABELS_KEY: labels}
+
+
+class LabelsInInputs(BaseDataLoader):
+    """A dataloader whose input dicts also carry the labels (:func:`with_labels`).
+
+    Checkpointed state is the wrapped loader's, unchanged.
+    """
+
+    def __init__(self, loader: BaseDataLoader) -> None:
+        self.loader = loader
+
+    def __iter__(self) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+        for inputs, labels in self.loader:
+            yield with_labels(inputs, labels), labels
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.loader.load_state_dict(state_dict)
+
+    def metrics(self) -> dict[str, float]:
+        """The wrapped loader's per-source metrics."""
+        return self.loader.metrics()
+
+
+def build_training_dataloader(
+    dp_world_size: int, dp_rank: int, tokenizer: Llama3Tokenizer, job_config, **kwargs
+) -> SlotDataLoader | LabelsInInputs:
+    """TrainSpec ``build_dataloader_fn``: the data pipeline's loader, plus labels in
+    the inputs when the model computes the loss."""
+    loader = build_dataloader(dp_world_size, dp_rank, tokenizer, job_config, **kwargs)
+    if job_config.kernels.loss == FUSED_LOSS:
+        return LabelsInInputs(loader)
+    return loader
+
+
 def held_out_batches(
     source: DataSource,
-    tokenizer: Llama3Tokenizer,
+    tokenizer: DocumentTokenizer,
     *,
     seq_len: int,
     sequences: int,

@@ -35,7 +35,7 @@ from swallow_titan.config.manager import load_job_config
 from swallow_titan.data.dataloader import SlotDataLoader, build_dataloader
 from swallow_titan.data.slots import SlotWindow
 from swallow_titan.data.sources import DataSourceError
-from swallow_titan.data.tokenizer import Llama3Tokenizer, TokenizerFileError
+from swallow_titan.data.tokenizer import TokenizerFileError, load_tokenizer
 from swallow_titan.runtime.device import add_process_arguments
 
 
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             args.dp_size = resolve_layout(config, args.ngpu * args.nnodes, args.config).dp
         if args.batches < 1 or args.dp_size < 1 or not 0 <= args.dp_rank < args.dp_size:
             parser.error("need --batches >= 1 and 0 <= --dp-rank < --dp-size")
-        tokenizer = Llama3Tokenizer(config.model.hf_assets_path)
+        tokenizer = load_tokenizer(config.model.hf_assets_path, config.model.tokenizer_kind)
         loader = build_dataloader(args.dp_size, args.dp_rank, tokenizer, config)
     except (ConfigError, DataSourceError, TokenizerFileError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -38,7 +38,7 @@ from swallow_titan.config.sections import DataSource
 from swallow_titan.data.packer import DocumentPacker
 from swallow_titan.data.records import Record, iter_records
 from swallow_titan.data.sharding import LaneSpec
-from swallow_titan.data.tokenizer import Llama3Tokenizer
+from swallow_titan.data.tokenizer import DocumentTokenizer
 
 DEFAULT_BLOCK_DOCS = 1024
 _WARNINGS_PER_REASON = 3
@@ -58,7 +58,7 @@ def seeded_permutation(n: int, *key: object) -> list[int]:
     return order
 
 
-def tokenize_text(tokenizer: Llama3Tokenizer, text: str) -> tuple[list[int] | None, str | None]:
+def tokenize_text(tokenizer: DocumentTokenizer, text: str) -> tuple[list[int] | None, str | None]:
     """(ids, None), or (None, reason) for text the tokenizer cannot encode."""
     try:
         return tokenizer.encode_ordinary(text), None
@@ -109,7 +109,7 @@ class Lane:
         source: DataSource,
         spec: LaneSpec,
         slot: int,
-        tokenizer: Llama3Tokenizer,
+        tokenizer: DocumentTokenizer,
         seq_len: int,
         seed: int,
         block_docs: int = DEFAULT_BLOCK_DOCS,
@@ -173,7 +173,7 @@ class Lane:
             state.documents += 1
             state.epoch_documents += 1
             self._packer.add(ids)
-            self._current_len = len(ids) + 2
+            self._current_len = len(ids) + self._packer.frame_tokens
             return True
         return False
 
@@ -185,7 +185,8 @@ class Lane:
         ids = record.ids.astype(np.int64)
         # Megatron corpora may store BOS (the tokenizer adds it) and EOS
         # (--append-eod): drop them so the packer's are not doubled.
-        start = 1 if len(ids) and ids[0] == self._tokenizer.bos_id else 0
+        bos = self._tokenizer.bos_id
+        start = 1 if bos is not None and len(ids) and ids[0] == bos else 0
         stop = len(ids) - 1 if len(ids) > start and ids[-1] == self._tokenizer.eos_id else len(ids)
         ids = ids[start:stop]
         if len(ids) == 0:
@@ -280,7 +281,7 @@ class Lane:
             u_pos, record = self._block[state.item]
             ids = self._document_ids(u_pos, record)
             self._packer.add(ids, skip=state.emitted)
-            self._current_len = len(ids) + 2
+            self._current_len = len(ids) + self._packer.frame_tokens
             self._pos = state.item + 1
 
     def _next_block(self) -> None:

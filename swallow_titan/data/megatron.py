@@ -40,6 +40,7 @@ from functools import lru_cache
 
 import numpy as np
 
+from swallow_titan.data.packer import frame_tokens
 from swallow_titan.data.sources import DataSourceError
 
 INDEX_MAGIC = b"MMIDIDX\x00\x00"
@@ -257,12 +258,12 @@ def document_boundaries(index: MegatronIndex, pieces: int) -> list[int]:
     return bounds
 
 
-def packed_tokens(index: MegatronIndex, bos_id: int, eos_id: int,
+def packed_tokens(index: MegatronIndex, bos_id: int | None, eos_id: int,
                   sample: int = 1 << 16) -> tuple[int, bool]:
-    """Tokens the packer makes of the file (``BOS + doc + EOS`` per document,
-    the stored BOS/EOS not doubled) and whether that is exact (documents up to
-    ``sample`` are all looked at; beyond, the BOS/EOS rate of an even sample
-    of ``sample`` documents is scaled)."""
+    """Tokens the packer makes of the file (``[BOS +] doc + EOS`` per document,
+    no BOS when ``bos_id`` is None, the stored BOS/EOS not doubled) and whether
+    that is exact (documents up to ``sample`` are all looked at; beyond, the
+    BOS/EOS rate of an even sample of ``sample`` documents is scaled)."""
     docs = index.documents
     if docs == 0:
         return 0, True
@@ -280,10 +281,12 @@ def packed_tokens(index: MegatronIndex, bos_id: int, eos_id: int,
     tail_pos = (index.sequence_pointers[lasts - 1] // item
                 + index.sequence_lengths[lasts - 1].astype(np.int64) - 1)
     tail = data[tail_pos]
-    stored = int((head == bos_id).sum()) + int((tail == eos_id).sum())
+    stored = int((tail == eos_id).sum())
+    if bos_id is not None:
+        stored += int((head == bos_id).sum())
     if docs > sample:
         stored = round(stored * docs / len(picked))
-    return index.tokens + 2 * docs - stored, docs <= sample
+    return index.tokens + frame_tokens(bos_id) * docs - stored, docs <= sample
 
 
 def dtype_for_vocab(vocab_size: int) -> np.dtype:

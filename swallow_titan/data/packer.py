@@ -1,8 +1,10 @@
 """Pack tokenised documents into fixed-length training windows.
 
-Each document becomes ``BOS + tokens + EOS``; documents are concatenated and
-cut into windows of ``seq_len + 1`` tokens (inputs are the first ``seq_len``,
-labels the last ``seq_len``). A long document continues in the next window.
+Each document is framed the way its tokenizer family frames documents: Llama 3
+writes ``BOS + tokens + EOS``, Qwen (no BOS) ``tokens + <|endoftext|>``; the
+packer is told by a ``bos_id`` of None. Documents are concatenated and cut into
+windows of ``seq_len + 1`` tokens (inputs are the first ``seq_len``, labels the
+last ``seq_len``). A long document continues in the next window.
 
 Alongside the tokens the packer keeps per-token position ids that restart at
 every document start and at every window start. The window start counts as a
@@ -39,22 +41,33 @@ def positions_from_starts(length: int, starts: Sequence[int]) -> np.ndarray:
     )
 
 
+def frame_tokens(bos_id: int | None) -> int:
+    """Tokens the packer adds to every document: BOS (if the family has one) and EOS."""
+    return 2 if bos_id is not None else 1
+
+
 class DocumentPacker:
-    """Concatenates ``BOS + doc + EOS`` token runs into ``seq_len + 1`` windows.
+    """Concatenates ``[BOS +] doc + EOS`` token runs into ``seq_len + 1`` windows.
 
     The packer is a plain state machine: ``add`` appends one document, ``pop``
     takes the next full window. Tokens not yet in a window are part of
     ``state_dict``, so a restart continues mid-window exactly.
     """
 
-    def __init__(self, seq_len: int, bos_id: int, eos_id: int):
+    def __init__(self, seq_len: int, bos_id: int | None, eos_id: int):
         if seq_len < 1:
             raise ValueError(f"seq_len must be positive, got {seq_len}")
         self.window = seq_len + 1
         self.bos_id = bos_id
         self.eos_id = eos_id
+        self._head = [] if bos_id is None else [bos_id]
         self._tokens: list[int] = []
-        self._starts: list[int] = []  # indices in _tokens where a document's BOS is
+        self._starts: list[int] = []  # indices in _tokens where a document starts
+
+    @property
+    def frame_tokens(self) -> int:
+        """Tokens added to every document (the module's ``frame_tokens``)."""
+        return frame_tokens(self.bos_id)
 
     def add(self, doc_tokens: Iterable[int], skip: int = 0) -> None:
         """Append one document (without BOS/EOS). ``skip`` leaves out its first
@@ -62,11 +75,11 @@ class DocumentPacker:
         tokens = self._tokens
         if skip == 0:
             self._starts.append(len(tokens))
-            tokens.append(self.bos_id)
+            tokens.extend(self._head)
             tokens.extend(doc_tokens)
             tokens.append(self.eos_id)
         else:
-            tokens.extend([self.bos_id, *doc_tokens, self.eos_id][skip:])
+            tokens.extend([*self._head, *doc_tokens, self.eos_id][skip:])
 
     def has_window(self) -> bool:
         """Whether a full window is ready to ``pop``."""
@@ -108,7 +121,7 @@ class DocumentPacker:
 
 
 def pack_documents(
-    docs: Iterable[list[int]], seq_len: int, bos_id: int, eos_id: int
+    docs: Iterable[list[int]], seq_len: int, bos_id: int | None, eos_id: int
 ) -> Iterator[PackedWindow]:
     """Stream version of :class:`DocumentPacker` over an iterable of token lists."""
     packer = DocumentPacker(seq_len, bos_id, eos_id)

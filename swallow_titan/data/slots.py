@@ -34,7 +34,7 @@ from swallow_titan.data.schedule import StagedSchedule
 from swallow_titan.data.sharding import LaneSpec, plan_lanes
 from swallow_titan.data.sources import DataSourceError, source_files
 from swallow_titan.data.stages import Stage, resolve_stages
-from swallow_titan.data.tokenizer import Llama3Tokenizer
+from swallow_titan.data.tokenizer import DocumentTokenizer
 
 STATE_FORMAT = 1
 
@@ -47,7 +47,7 @@ class StreamSpec:
     lanes: list[list[LaneSpec]]  # [source][slot]
     schedule: StagedSchedule
     stages: list[Stage]
-    tokenizer: Llama3Tokenizer
+    tokenizer: DocumentTokenizer
     seq_len: int
     seed: int
     block_docs: int = DEFAULT_BLOCK_DOCS
@@ -64,7 +64,7 @@ class StreamSpec:
 
 def build_stream_spec(
     sources: Sequence[DataSource],
-    tokenizer: Llama3Tokenizer,
+    tokenizer: DocumentTokenizer,
     *,
     seq_len: int,
     global_batch: int,

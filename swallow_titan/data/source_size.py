@@ -24,7 +24,8 @@ from swallow_titan.data.records import (
 from swallow_titan.data.megatron import open_index, packed_tokens
 from swallow_titan.data.sharding import plan_lanes
 from swallow_titan.data.sources import DataSourceError, SourceFile, source_files
-from swallow_titan.data.tokenizer import Llama3Tokenizer
+from swallow_titan.data.packer import frame_tokens
+from swallow_titan.data.tokenizer import DocumentTokenizer, load_tokenizer
 
 SAMPLE_BYTES = 256 * 1024
 
@@ -35,7 +36,7 @@ class SourceSize:
     basis: str  # "index", "num_tokens", "estimate" or "unknown"
 
 
-def source_size(source: DataSource, tokenizer: Llama3Tokenizer | None) -> SourceSize:
+def source_size(source: DataSource, tokenizer: DocumentTokenizer | None) -> SourceSize:
     """The source's size in tokens (BOS/EOS counted): from its indexes, given
     or estimated."""
     if source.format == "megatron":
@@ -51,7 +52,7 @@ def source_size(source: DataSource, tokenizer: Llama3Tokenizer | None) -> Source
         return SourceSize(None, "unknown")
 
 
-def _megatron_size(source: DataSource, tokenizer: Llama3Tokenizer | None) -> SourceSize:
+def _megatron_size(source: DataSource, tokenizer: DocumentTokenizer | None) -> SourceSize:
     try:
         indexes = [open_index(f.path, source.name) for f in source_files(source)]
     except (DataSourceError, OSError):
@@ -63,17 +64,18 @@ def _megatron_size(source: DataSource, tokenizer: Llama3Tokenizer | None) -> Sou
     return SourceSize(sum(n for n, _ in counts), "index" if exact else "index_sampled")
 
 
-def _estimate(files: list[SourceFile], text_field: str, tokenizer: Llama3Tokenizer) -> int:
+def _estimate(files: list[SourceFile], text_field: str, tokenizer: DocumentTokenizer) -> int:
     if files[0].format == "parquet":
         return _estimate_parquet(files, text_field, tokenizer)
     tokens = sampled = 0
+    frame = frame_tokens(tokenizer.bos_id)
     for file in files:
         with open_binary(file.path, "") as raw:
             consumed = 0
             for line in _decompressed(raw, file.compression):
                 text, _ = classify_json_line(line, text_field)
                 if text is not None:
-                    tokens += len(tokenizer.encode_ordinary(text)) + 2
+                    tokens += len(tokenizer.encode_ordinary(text)) + frame
                 # Bytes of the file read so far (compressed bytes if compressed).
                 consumed = raw.tell() if file.compression else consumed + len(line)
                 if sampled + consumed >= SAMPLE_BYTES:
@@ -87,9 +89,11 @@ def _estimate(files: list[SourceFile], text_field: str, tokenizer: Llama3Tokeniz
     return round(tokens * total_bytes / max(sampled, 1))
 
 
-def _estimate_parquet(files: list[SourceFile], text_field: str, tokenizer) -> int:
+def _estimate_parquet(files: list[SourceFile], text_field: str,
+                      tokenizer: DocumentTokenizer) -> int:
     tokens = rows_sampled = total_rows = 0
     chars = 0
+    frame = frame_tokens(tokenizer.bos_id)
     for file in files:
         pf, raw = parquet_file(file.path, "")
         with raw:
@@ -101,7 +105,7 @@ def _estimate_parquet(files: list[SourceFile], text_field: str, tokenizer) -> in
                     text, _ = classify_value(value)
                     rows_sampled += 1
                     if text is not None:
-                        tokens += len(tokenizer.encode_ordinary(text)) + 2
+                        tokens += len(tokenizer.encode_ordinary(text)) + frame
                         chars += len(text)
                 if chars >= SAMPLE_BYTES:
                     break
@@ -132,7 +136,7 @@ def plan_sources(
     one of the ``slots`` reads it whole (a small source), and, when the
     source's size is known, available tokens and epochs."""
     try:
-        tokenizer = Llama3Tokenizer(config.model.hf_assets_path)
+        tokenizer = load_tokenizer(config.model.hf_assets_path, config.model.tokenizer_kind)
     except (OSError, ValueError):
         tokenizer = None
     sources = config.data.sources

@@ -1,4 +1,13 @@
-"""The Llama 3 tokenizer on tiktoken.
+"""The project's tokenizers: Llama 3 on tiktoken, Qwen on Hugging Face ``tokenizers``.
+
+``load_tokenizer`` picks the family (``[model] tokenizer_kind``, "auto" reads
+the file, see ``detect_tokenizer_kind``). Every tokenizer here exposes the same
+small interface the data pipeline uses: ``encode_ordinary``, ``encode_batch``,
+``decode``, ``bos_id`` (None for a family without one), ``eos_id`` and
+``n_words``.
+
+Llama 3
+-------
 
 Llama 3 ships its vocabulary twice: ``tokenizer.model`` (tiktoken's format:
 one ``base64(token bytes) rank`` pair per line) and ``tokenizer.json`` (Hugging
@@ -48,6 +57,11 @@ _NAMED_SPECIAL_TOKENS = (
     "<|eot_id|>",
     "<|python_tag|>",
 )
+
+# Where generation ends: Llama-3.1-Instruct's generation_config.json
+# ``eos_token_id`` list (end of text, end of message, end of turn), at which
+# transformers' ``generate`` (lm-eval's ``hf`` model) stops.
+END_OF_GENERATION_TOKENS = (EOS_TOKEN, "<|eom_id|>", "<|eot_id|>")
 
 # tiktoken needs a long run of identical characters cut into pieces, or its
 # regex engine panics (pyo3 PanicException, not an Exception) at about 1M spaces.
@@ -138,11 +152,7 @@ def read_tokenizer_json(path: Path) -> tuple[dict[bytes, int], dict[str, int]]:
     3.2's ``<|image|>`` at 128256) are left out, since no Llama 3 text model
     has an embedding for them.
     """
-    try:
-        with open(path, encoding="utf-8") as f:
-            spec = json.load(f)
-    except json.JSONDecodeError as e:
-        raise TokenizerFileError(f"{path}: not valid JSON ({e})") from e
+    spec = _read_json(path)
     model = spec.get("model", {})
     if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
         raise TokenizerFileError(
@@ -227,6 +237,13 @@ class Llama3Tokenizer(BaseTokenizer):
         for tok, idx in default_specials.items():
             if idx not in taken and tok not in specials:
                 specials[tok] = idx
+        if BOS_TOKEN not in specials or EOS_TOKEN not in specials:
+            # E.g. Qwen's tokenizer.json, whose <|endoftext|> takes Llama's BOS slot.
+            raise TokenizerFileError(
+                f"{self.path}: not a Llama 3 tokenizer ({BOS_TOKEN!r} and {EOS_TOKEN!r} "
+                "are not among its special tokens); load it with load_tokenizer, which "
+                "reads the family from the file"
+            )
         self.special_tokens = specials
         self.num_threads = num_threads
         self._encoding = tiktoken.Encoding(
@@ -274,6 +291,11 @@ class Llama3Tokenizer(BaseTokenizer):
     def get_vocab_size(self) -> int:
         return self.n_words
 
+    @property
+    def end_of_generation_ids(self) -> list[int]:
+        """Ids at which generation stops (:data:`END_OF_GENERATION_TOKENS` this vocabulary has)."""
+        return [self.special_tokens[t] for t in END_OF_GENERATION_TOKENS if t in self.special_tokens]
+
 
 def _split_long_text(text: str) -> Iterable[str]:
     """Cut very long text into pieces at the last newline (or space) of each window.
@@ -293,6 +315,199 @@ def _split_long_text(text: str) -> Iterable[str]:
         start = end
 
 
-def build_tokenizer(job_config) -> Llama3Tokenizer:
-    """TrainSpec builder: the tokenizer in ``[model] hf_assets_path``."""
-    return Llama3Tokenizer(job_config.model.hf_assets_path)
+# Qwen2, Qwen2.5 and Qwen3 share one vocabulary: 151,643 byte-level BPE tokens,
+# then the added tokens, the first of which ends a document.
+QWEN_EOS_TOKEN = "<|endoftext|>"
+
+TOKENIZER_KINDS = ("llama3", "qwen")
+
+
+class QwenTokenizer(BaseTokenizer):
+    """Qwen's byte-level BPE ``tokenizer.json`` on Hugging Face ``tokenizers``.
+
+    Why not tiktoken, as for Llama 3: the file declares an NFC normalizer, and
+    Python's ``unicodedata`` (Unicode 14 on Python 3.11) composes some runs of
+    combining marks differently from the Rust normalizer ``tokenizers`` uses
+    (for example U+0898 U+0899); and the file lists one merge per token, while
+    tiktoken merges any adjacent pair whose concatenation is a token (142,779
+    such extra splits in Qwen's vocabulary), so equal ids are not guaranteed by
+    construction. ``tokenizers`` reading the file itself is exact by definition.
+
+    Added tokens (``<|endoftext|>``, ``<|im_start|>``, ``<think>``, ...) get
+    their ids only where the pipeline puts them (the end of a document): a
+    document that contains their strings is encoded as the text it is. Qwen
+    has no BOS (``bos_id`` is None); ``<|endoftext|>`` ends every document.
+    """
+
+    def __init__(self, path: str | os.PathLike, num_threads: int | None = None):
+        super().__init__()
+        from tokenizers import Tokenizer  # the runtime dependency of this family only
+
+        root = Path(path)
+        self.path = root if root.is_file() else root / "tokenizer.json"
+        if self.path.suffix != ".json" or not self.path.is_file():
+            raise TokenizerFileError(
+                f"{self.path}: the qwen tokenizer reads a tokenizer.json (a file, or the "
+                "HF-style folder holding it); [model] tokenizer_kind = \"auto\" picks "
+                "the family from the files there"
+            )
+        spec = _read_json(self.path)
+        model = spec.get("model") or {}
+        if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
+            raise TokenizerFileError(
+                f"{self.path}: field 'model' must be a byte-level BPE model with a 'vocab'"
+            )
+        added = spec.get("added_tokens") or []
+        try:
+            specials = {tok["content"]: int(tok["id"]) for tok in added}
+        except (KeyError, TypeError, ValueError) as e:
+            raise TokenizerFileError(
+                f"{self.path}: field 'added_tokens' entries need 'content' and 'id' ({e})"
+            ) from e
+        if QWEN_EOS_TOKEN not in specials:
+            raise TokenizerFileError(
+                f"{self.path}: field 'added_tokens' has no {QWEN_EOS_TOKEN!r}, which "
+                "ends every Qwen document"
+            )
+        n_ordinary = len(model["vocab"])
+        if min(specials.values()) < n_ordinary:
+            raise TokenizerFileError(
+                f"{self.path}: field 'added_tokens' reuses ids below {n_ordinary:,} "
+                "(the BPE vocabulary's)"
+            )
+        # Without its added tokens the file's normalizer, pre-tokenizer and BPE
+        # still apply, and no string in a document can become a special id.
+        ordinary = dict(spec, added_tokens=[])
+        try:
+            self._hf = Tokenizer.from_str(json.dumps(ordinary))
+        except Exception as e:  # tokenizers raises its own untyped errors
+            raise TokenizerFileError(f"{self.path}: tokenizers cannot load it ({e})") from e
+        self.special_tokens = specials
+        self._special_by_id = {i: tok for tok, i in specials.items()}
+        self.n_ordinary = n_ordinary
+        self.n_words = max(n_ordinary, max(specials.values()) + 1)
+        self.bos_id: int | None = None
+        self.eos_id = specials[QWEN_EOS_TOKEN]
+        # tokenizers sizes its thread pool once per process (RAYON_NUM_THREADS);
+        # the argument exists for the interface of Llama3Tokenizer.
+        self.num_threads = num_threads
+
+    def encode(
+        self, text: str, add_bos: bool = False, add_eos: bool = False
+    ) -> list[int]:
+        """Encode ``text`` as ordinary text, optionally followed by ``<|endoftext|>``.
+
+        ``add_bos`` adds nothing: Qwen documents have no BOS.
+        """
+        ids = self.encode_ordinary(text)
+        if add_eos:
+            ids.append(self.eos_id)
+        return ids
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        """Token ids of ``text`` (NFC-normalised first, as the file says);
+        special-token strings are plain text here."""
+        try:
+            return self._hf.encode(text, add_special_tokens=False).ids
+        except TypeError:  # tokenizers refuses str holding lone surrogates
+            return self._hf.encode(_without_lone_surrogates(text), add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Encode many documents on tokenizers' thread pool."""
+        try:
+            encodings = self._hf.encode_batch(list(texts), add_special_tokens=False)
+        except TypeError:
+            encodings = self._hf.encode_batch(
+                [_without_lone_surrogates(t) for t in texts], add_special_tokens=False
+            )
+        return [e.ids for e in encodings]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of ``ids``; added tokens are written as their strings."""
+        parts: list[str] = []
+        run: list[int] = []
+        for i in ids:
+            if i < self.n_ordinary:
+                run.append(i)
+                continue
+            if run:
+                parts.append(self._hf.decode(run, skip_special_tokens=False))
+                run = []
+            parts.append(self._special_by_id.get(i, ""))
+        if run:
+            parts.append(self._hf.decode(run, skip_special_tokens=False))
+        return "".join(parts)
+
+    def get_vocab_size(self) -> int:
+        return self.n_words
+
+
+def _without_lone_surrogates(text: str) -> str:
+    """``text`` with each lone UTF-16 surrogate (JSON can carry them, UTF-8
+    cannot) replaced by U+FFFD, as tiktoken does for Llama 3."""
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+DocumentTokenizer = Llama3Tokenizer | QwenTokenizer
+"""Any of the project's tokenizers (the interface the data pipeline uses)."""
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            spec = json.load(f)
+    except json.JSONDecodeError as e:
+        raise TokenizerFileError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(spec, dict):
+        raise TokenizerFileError(f"{path}: expected a JSON object")
+    return spec
+
+
+def detect_tokenizer_kind(path: str | os.PathLike) -> str:
+    """The tokenizer family of a file or HF-style folder, from its contents.
+
+    A tiktoken ``tokenizer.model`` is Llama 3. A ``tokenizer.json`` is Llama 3
+    when its added tokens hold ``<|begin_of_text|>``, Qwen when they hold
+    ``<|endoftext|>`` and no BOS; anything else is refused (name the family with
+    ``[model] tokenizer_kind``).
+    """
+    file = find_tokenizer_file(path)
+    if file.suffix != ".json":
+        return "llama3"
+    added = {
+        tok.get("content")
+        for tok in _read_json(file).get("added_tokens") or []
+        if isinstance(tok, dict)
+    }
+    if BOS_TOKEN in added:
+        return "llama3"
+    if QWEN_EOS_TOKEN in added:
+        return "qwen"
+    raise TokenizerFileError(
+        f"{file}: cannot tell the tokenizer family (its added_tokens hold neither "
+        f"{BOS_TOKEN!r} nor {QWEN_EOS_TOKEN!r}); set [model] tokenizer_kind to one "
+        f"of {', '.join(TOKENIZER_KINDS)}"
+    )
+
+
+def load_tokenizer(path: str | os.PathLike, kind: str = "auto") -> DocumentTokenizer:
+    """The tokenizer in ``path`` (a file or HF-style folder) of family ``kind``.
+
+    ``kind`` is "auto" (``detect_tokenizer_kind``), "llama3" (tiktoken, BOS +
+    doc + EOS) or "qwen" (Qwen2/2.5/3 ``tokenizer.json``, doc + ``<|endoftext|>``).
+    """
+    if kind == "auto":
+        kind = detect_tokenizer_kind(path)
+    if kind == "llama3":
+        return Llama3Tokenizer(path)
+    if kind == "qwen":
+        return QwenTokenizer(path)
+    raise TokenizerFileError(
+        f"[model] tokenizer_kind = {kind!r} is not one of auto, {', '.join(TOKENIZER_KINDS)}"
+    )
+
+
+def build_tokenizer(job_config) -> DocumentTokenizer:
+    """TrainSpec builder: the tokenizer in ``[model] hf_assets_path`` of the
+    family ``[model] tokenizer_kind`` names (default: read from the file)."""
+    return load_tokenizer(job_config.model.hf_assets_path, job_config.model.tokenizer_kind)

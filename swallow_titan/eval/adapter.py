@@ -18,6 +18,15 @@ returns every answer and lm-eval computes the same metrics everywhere. TP
 ranks of one data-parallel group get the same rows, as in training. No rank
 ever holds more than its shards of the weights; a vocabulary-sharded output
 (TP with loss parallel) is gathered only for the positions that are scored.
+
+Every collective of the adapter's own is a sync point of
+:mod:`swallow_titan.eval.lockstep`, and the work between them that is local to
+a rank holds its failure for the next one, so a failure on one rank ends the
+evaluation on every rank instead of leaving the others in a collective.
+
+Generation decodes greedily with refill: a row that is done (a stop string,
+an end-of-generation token, ``max_gen_toks``) leaves the batch and the next
+request of this rank takes its place, so no row is decoded past its end.
 """
 
 from __future__ import annotations
@@ -39,6 +48,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from torch.distributed.tensor import DTensor
 
 from swallow_titan.data.tokenizer import BOS_TOKEN, Llama3Tokenizer
+from swallow_titan.eval.lockstep import HeldFailure, world
 
 # Token ids of a (context, continuation) pair, as TemplateLM hands them over.
 Pair = tuple[list[int], list[int]]
@@ -64,21 +74,9 @@ class ModelRunner:
     seq_multiple: int = 16
 
 
-def _world() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _max_over_ranks(value: int, device: torch.device) -> int:
-    if not _world():
-        return value
-    t = torch.tensor([value], dtype=torch.int64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
-
-
 def _gather(items: list[tuple[int, Any]]) -> dict[int, Any]:
     """Every rank's (index, result) pairs, merged (TP ranks give equal copies)."""
-    if not _world():
+    if not world():
         return dict(items)
     everyone: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, items)
@@ -120,6 +118,11 @@ class SwallowLM(TemplateLM):
         self.batch_size = batch_size
         self.max_gen_toks = max_gen_toks
         self._n_ordinary = tokenizer.bos_id  # special ids follow the BPE ranks
+        self._end_of_generation = frozenset(tokenizer.end_of_generation_ids)
+        self._held = HeldFailure()
+        # Test hook ([debug] inject_eval_failure_*): the next batch this rank
+        # scores or decodes raises RuntimeError(inject_failure).
+        self.inject_failure: str | None = None
 
     # ------------------------------------------------------------ tokenizer side
 
@@ -164,9 +167,9 @@ class SwallowLM(TemplateLM):
         return order[self.runner.dp_rank :: self.runner.dp_size]
 
     def _batches(self, indices: list[int]) -> tuple[list[list[int]], int]:
-        """This rank's batches and the number every rank runs (the largest)."""
+        """This rank's batches and the number every rank runs (the largest; a sync point)."""
         mine = [indices[i : i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
-        return mine, _max_over_ranks(len(mine), self.runner.device)
+        return mine, self._held.sync(len(mine), self.runner.device)
 
     def _padded_length(self, n: int) -> int:
         m = self.runner.seq_multiple
@@ -181,30 +184,67 @@ class SwallowLM(TemplateLM):
         with torch.no_grad():
             return self.runner.forward(batch.to(self.runner.device))
 
+    def _exchange(self, results: list[tuple[int, Any]]) -> dict[int, Any]:
+        """Every rank's results, once every rank knows that none failed (a sync point first)."""
+        self._held.sync(0, self.runner.device)
+        return _gather(results)
+
+    def _check_injected_failure(self) -> None:
+        if self.inject_failure:
+            message, self.inject_failure = self.inject_failure, None
+            raise RuntimeError(message)
+
     def _loglikelihood_tokens(
         self, requests: list[tuple[Any, list[int], list[int]]], disable_tqdm: bool = False, **kwargs: Any
     ) -> list[tuple[float, bool]]:
-        """(sum of log-probabilities of the continuation, whether it is the greedy one)."""
+        """(sum of log-probabilities of the continuation, whether it is the greedy one).
+
+        An empty continuation (lm-eval's ``_encode_pair`` can leave none when
+        the tokenizer merges the last context character with the whole
+        continuation, e.g. ``":A"``) scores (0.0, True): the log-probability
+        of no tokens is 0, and no token differs from the greedy one. lm-eval
+        0.4.13's ``hf`` model asserts instead (``len(continuation_enc) > 0``),
+        so it gives no result to match; its ONNX model returns (0.0, True).
+        A context plus continuation longer than ``max_length + 1`` keeps its
+        last tokens, and at most ``max_length`` continuation tokens are
+        scored, as in the ``hf`` model.
+        """
+        self._held = HeldFailure()
         windows: list[tuple[list[int], int]] = []
         for _, context, continuation in requests:
             whole = (context + continuation)[-(self._max_length + 1) :]
             windows.append((whole, min(len(continuation), len(whole) - 1)))
-        mine, n_batches = self._batches(self._my_share([len(w) - 1 for w, _ in windows]))
+        scored = [i for i, (_, n) in enumerate(windows) if n > 0]
+        share = self._my_share([len(windows[i][0]) - 1 for i in scored])
+        mine, n_batches = self._batches([scored[k] for k in share])
         results: list[tuple[int, tuple[float, bool]]] = []
         for b in range(n_batches):
             indices = mine[b] if b < len(mine) else []
             rows = [windows[i][0][:-1] for i in indices] or [[self.prefix_token_id]]
             logits = self._forward(rows)
-            for row, i in enumerate(indices):
-                whole, n = windows[i]
-                end = len(whole) - 1
-                logprobs = F.log_softmax(_rows(logits, row, end - n, end), dim=-1)
-                target = torch.tensor(whole[-n:], device=logprobs.device)
-                picked = logprobs.gather(-1, target[:, None]).squeeze(-1)
-                greedy = bool((logprobs.argmax(dim=-1) == target).all())
-                results.append((i, (float(picked.sum()), greedy)))
-        merged = _gather(results)
-        return [merged[i] for i in range(len(requests))]
+            # Collectives (a vocabulary-sharded output is gathered): on every rank, always.
+            pieces = [
+                _rows(logits, row, len(windows[i][0]) - 1 - windows[i][1], len(windows[i][0]) - 1)
+                for row, i in enumerate(indices)
+            ]
+            self._held.run(lambda: results.extend(self._score(pieces, indices, windows)))
+        merged = self._exchange(results)
+        return [merged[i] if n > 0 else (0.0, True) for i, (_, n) in enumerate(windows)]
+
+    def _score(
+        self, pieces: list[torch.Tensor], indices: list[int], windows: list[tuple[list[int], int]]
+    ) -> list[tuple[int, tuple[float, bool]]]:
+        """(request index, (log-likelihood, greedy)) of one batch's rows, from their scored logits."""
+        self._check_injected_failure()
+        out = []
+        for piece, i in zip(pieces, indices, strict=True):
+            whole, n = windows[i]
+            logprobs = F.log_softmax(piece, dim=-1)
+            target = torch.tensor(whole[-n:], device=logprobs.device)
+            picked = logprobs.gather(-1, target[:, None]).squeeze(-1)
+            greedy = bool((logprobs.argmax(dim=-1) == target).all())
+            out.append((i, (float(picked.sum()), greedy)))
+        return out
 
     def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
         """Log-likelihood of whole texts, in lm-eval's disjoint rolling windows.
@@ -232,7 +272,15 @@ class SwallowLM(TemplateLM):
         return totals
 
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
-        """Greedy continuations, cut at the first stop sequence or after max_gen_toks."""
+        """Greedy continuations, cut at the first stop sequence or after max_gen_toks.
+
+        Decoding stops at a stop string, at ``max_gen_toks``, or at any of the
+        tokenizer's end-of-generation tokens (Llama 3.1:
+        ``<|end_of_text|>``, ``<|eom_id|>``, ``<|eot_id|>``: the
+        ``eos_token_id`` list of Llama-3.1-Instruct's generation config, at
+        which lm-eval's ``hf`` model stops through transformers' ``generate``).
+        """
+        self._held = HeldFailure()
         eos_text = self.tokenizer.decode([self.eot_token_id])
         jobs: list[tuple[list[int], list[str], int]] = []
         for request in requests:
@@ -247,43 +295,62 @@ class SwallowLM(TemplateLM):
                 )
             ids = self.tok_encode(context)[-(self._max_length - max_new) :]
             jobs.append((ids, until, max_new))
-        mine, n_batches = self._batches(self._my_share([len(j[0]) for j in jobs]))
-        results: list[tuple[int, str]] = []
-        for b in range(n_batches):
-            indices = mine[b] if b < len(mine) else []
-            for i, text in self._generate_batch([jobs[i] for i in indices]):
-                results.append((indices[i], text))
-        merged = _gather(results)
+        queue = self._my_share([len(j[0]) for j in jobs])
+        results = self._decode(queue, jobs)
+        merged = self._exchange(results)
         return [merged[i] for i in range(len(requests))]
 
-    def _generate_batch(self, jobs: list[tuple[list[int], list[str], int]]) -> list[tuple[int, str]]:
-        """Greedy decoding of one batch; every rank runs the same number of steps.
+    def _decode(
+        self, queue: list[int], jobs: list[tuple[list[int], list[str], int]]
+    ) -> list[tuple[int, str]]:
+        """Greedy decoding of this rank's requests, ``batch_size`` rows at a time, with refill.
 
         No KV cache (torchtitan's Transformer has none): each step runs the
-        rows as they stand and reads the logits at each row's last position.
-        A step runs while any row on any rank is still generating.
+        active rows as they stand and reads the logits at each row's last
+        position. A row that is done leaves the batch and the next request
+        of ``queue`` joins it. A step runs while any row on any rank is
+        still generating (a sync point per step); a rank without rows runs
+        a one-token batch so that the model's collectives line up.
         """
-        rows = [list(ids) for ids, _, _ in jobs]
-        generated: list[list[int]] = [[] for _ in jobs]
-        active = [True] * len(jobs)
-        while _max_over_ranks(int(any(active)), self.runner.device):
-            logits = self._forward(rows or [[self.prefix_token_id]])
-            for r, (_, until, max_new) in enumerate(jobs):
-                if not active[r]:
-                    continue
-                last = len(rows[r]) - 1
-                token = int(_rows(logits, r, last, last + 1)[0].argmax())
-                rows[r].append(token)
-                generated[r].append(token)
-                text = self.tok_decode(generated[r])
-                if (
-                    token == self.eot_token_id
-                    or len(generated[r]) >= max_new
-                    or any(stop and stop in text for stop in until)
-                ):
-                    active[r] = False
-        out = []
-        for r, (_, until, _) in enumerate(jobs):
-            text = self.tok_decode(generated[r])
-            out.append((r, postprocess_generated_text(text, stop=until, think_end_token=None)))
-        return out
+        pending = list(queue)
+        active: list[tuple[int, list[int], list[int]]] = []  # (request, row, generated)
+        results: list[tuple[int, str]] = []
+
+        def refill() -> None:
+            while pending and len(active) < self.batch_size:
+                i = pending.pop(0)
+                active.append((i, list(jobs[i][0]), []))
+
+        def step(last: list[torch.Tensor]) -> None:
+            self._check_injected_failure()
+            still = []
+            for (i, row, generated), scores in zip(active, last, strict=True):
+                token = int(scores[0].argmax())
+                row.append(token)
+                generated.append(token)
+                if self._row_done(generated, jobs[i]):
+                    results.append((i, self._answer(generated, jobs[i][1])))
+                else:
+                    still.append((i, row, generated))
+            active[:] = still
+
+        while True:
+            self._held.run(refill)
+            if not self._held.sync(int(bool(active)), self.runner.device):
+                break
+            logits = self._forward([row for _, row, _ in active] or [[self.prefix_token_id]])
+            # Collectives (a vocabulary-sharded output is gathered): on every rank, always.
+            last = [_rows(logits, r, len(row) - 1, len(row)) for r, (_, row, _) in enumerate(active)]
+            self._held.run(lambda: step(last))
+        return results
+
+    def _row_done(self, generated: list[int], job: tuple[list[int], list[str], int]) -> bool:
+        _, until, max_new = job
+        if generated[-1] in self._end_of_generation or len(generated) >= max_new:
+            return True
+        text = self.tok_decode(generated)
+        return any(stop and stop in text for stop in until)
+
+    def _answer(self, generated: list[int], until: list[str]) -> str:
+        text = self.tok_decode(generated)
+        return postprocess_generated_text(text, stop=until, think_end_token=None)

@@ -7,7 +7,12 @@ The model of the estimate:
   few-shot prompt (the adapter shares no prefixes): ``examples x choices x
   prompt tokens``. A generation task has no KV cache (torchtitan's
   Transformer has none), so each generated token is a forward pass over the
-  row so far: ``examples x G x (prompt + G / 2)`` for G generated tokens.
+  row so far: pass k (from 0) runs the prompt and the k tokens before it,
+  ``examples x (G x prompt + G x (G - 1) / 2)`` for G generated tokens
+  (:func:`generation_forward_tokens`). The adapter stops decoding a row at
+  its end (stop string, end-of-generation token, ``max_gen_toks``) and gives
+  its place to the next request, so each row costs its own answer's length,
+  not the batch's longest; G is the typical answer, not ``max_gen_toks``.
 - A forward token costs a third of a training token (``flops_per_token / 3``:
   forward only, no backward).
 - Evaluation runs at a fraction of training's MFU: :data:`LOGLIKELIHOOD_EFFICIENCY`
@@ -83,12 +88,21 @@ def examples_evaluated(cost: TaskCost, limit: float) -> int:
     return int(taken * cost.subtasks)
 
 
+def generation_forward_tokens(prompt: int, generated: int) -> int:
+    """Tokens through the forward pass to generate ``generated`` tokens after ``prompt``.
+
+    No KV cache: pass k (from 0) runs the prompt and the k tokens generated
+    before it, so ``generated x prompt + generated x (generated - 1) / 2``.
+    """
+    return generated * prompt + generated * (generated - 1) // 2
+
+
 def forward_tokens(cost: TaskCost, limit: float) -> tuple[float, float]:
     """(log-likelihood tokens, generation tokens) through the forward pass, per evaluation."""
     n = examples_evaluated(cost, limit) * cost.requests
     g = cost.generated_tokens
     if g:  # the prompt is the first pass of the generation
-        return 0.0, float(n * g * (cost.prompt_tokens + g / 2))
+        return 0.0, float(n * generation_forward_tokens(cost.prompt_tokens, g))
     return float(n * cost.prompt_tokens), 0.0
 
 

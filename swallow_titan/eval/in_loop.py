@@ -7,8 +7,15 @@ processing, so attention masks and AMP are as in training) and runs
 
 Training is unchanged by it: the model goes back to train mode, and every
 random generator (Python, NumPy, torch CPU and device; lm-eval seeds them) is
-restored afterwards. An evaluation that fails is logged and skipped; training
-goes on.
+restored afterwards. An evaluation that fails on any rank ends on every rank
+(:func:`~swallow_titan.eval.lockstep.run_together`), is logged and skipped;
+training goes on. The task objects are those the start-up check built
+(:func:`~swallow_titan.eval.tasks.built_task`): no evaluation rebuilds them.
+
+An evaluation that was due at the step a run resumes from and has no result
+in the run log (the run stopped during it: the checkpoint of a step is
+written before its evaluation) runs before the first step of the restart
+(:meth:`InLoopEvaluator.missing_evaluation`).
 """
 
 from __future__ import annotations
@@ -24,8 +31,12 @@ from torchtitan.tools.logging import logger
 from torchtitan.tools.utils import device_type
 
 from swallow_titan.checkpoint.rng import RngState
+from swallow_titan.components.metrics import read_run_log
+from swallow_titan.config.paths import RunPaths
 from swallow_titan.eval.adapter import ModelRunner, SwallowLM
-from swallow_titan.eval.tasks import flatten_results, task_manager
+from swallow_titan.eval.lockstep import run_together
+from swallow_titan.eval.tasks import built_tasks, flatten_results, task_manager
+from swallow_titan.hf.training_log import EVAL_TIME_TAG
 from swallow_titan.runtime.ranks import process_rank
 
 
@@ -39,13 +50,14 @@ def lm_eval_limit(limit: float) -> int | float | None:
 def run_simple_evaluate(lm: SwallowLM, eval_config: Any, log_samples: bool = False) -> dict[str, Any]:
     """``lm_eval.simple_evaluate`` with ``[eval]``'s tasks, few-shot count and limit.
 
+    The tasks are the objects built once per process (:func:`built_tasks`).
     No bootstrap standard errors (they cost minutes of CPU per metric);
     lm-eval's own log at WARNING level.
     """
     tasks = [t.strip() for t in eval_config.tasks if t.strip()]
     return simple_evaluate(
         model=lm,
-        tasks=tasks,
+        tasks=built_tasks(tasks, eval_config.include_path),
         num_fewshot=eval_config.num_fewshot if eval_config.num_fewshot >= 0 else None,
         limit=lm_eval_limit(eval_config.limit),
         task_manager=task_manager(tasks, eval_config.include_path),
@@ -127,16 +139,42 @@ class InLoopEvaluator:
         """Every ``freq`` steps and after the last step."""
         return step % self.config.freq == 0 or step == self.trainer.job_config.training.steps
 
+    def missing_evaluation(self, step: int) -> bool:
+        """Whether the evaluation due at ``step`` (the step resumed from) has no result.
+
+        Known on the rank that writes the run log (its ``eval/time_s`` record
+        at ``step`` is missing); False on the others, so the caller agrees on it.
+        """
+        if step < 1 or not self.should_evaluate(step):
+            return False
+        if self.trainer.metrics_processor.run_log is None:
+            return False
+        path = RunPaths.of(self.trainer.job_config).metrics_log
+        return not any(r["step"] == step and EVAL_TIME_TAG in r for r in read_run_log(path))
+
     def evaluate(self, step: int) -> dict[str, Any] | None:
-        """Evaluate now; returns simple_evaluate's ``results``, or None if it failed (logged)."""
+        """Evaluate now; returns simple_evaluate's ``results``, or None if it failed (logged).
+
+        A failure on any rank ends the evaluation on every rank; rank 0 logs
+        each failed rank's error.
+        """
         begin = time.perf_counter()
-        try:
+        debug = self.trainer.job_config.debug
+        if step in debug.inject_eval_failure_at_steps and process_rank() == debug.inject_eval_failure_rank:
+            self.lm.inject_failure = f"[debug] failure injected into the evaluation at step {step}"
+
+        def run() -> dict[str, Any] | None:
+            time.sleep(debug.eval_delay_s)
             with eval_mode(self.trainer.model_parts, self.rng):
-                result = run_simple_evaluate(self.lm, self.config)
-        except Exception as e:  # noqa: BLE001 - an evaluation must never stop training
+                return run_simple_evaluate(self.lm, self.config)
+
+        logger.info(f"[eval] evaluating step {step}")
+        result, errors = run_together(run, self.trainer.device)
+        self.lm.inject_failure = None
+        if errors:  # an evaluation must never stop training
             logger.error(
-                f"[eval] evaluation at step {step} failed and is skipped; training goes on: "
-                f"{type(e).__name__}: {e}"
+                f"[eval] evaluation at step {step} failed and is skipped on every rank; "
+                f"training goes on: {'; '.join(errors)}"
             )
             return None
         results = _from_rank0(result["results"] if result is not None else None)

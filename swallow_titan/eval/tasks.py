@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from lm_eval.tasks import TaskManager, get_task_dict
+from lm_eval.tasks import TaskManager
 
 
 class TaskError(ValueError):
@@ -18,15 +18,54 @@ def task_manager(names: list[str], include_path: str = "") -> TaskManager:
     """lm-eval's TaskManager for ``names``, with ``include_path``'s YAML files.
 
     Indexing lm-eval's ~15,000 built-in tasks takes seconds; when every name is
-    one of ``include_path``'s own tasks, only that folder is indexed.
+    one of ``include_path``'s own, and so is every member of its groups (at
+    any depth), only that folder is indexed. A group of ``include_path`` that
+    names a built-in task gets the full index: without it lm-eval would take
+    the member for an inline task with no dataset.
     """
     if include_path and not os.path.isdir(include_path):
         raise TaskError(f"include_path {include_path!r} is not a folder")
     if include_path:
         own = _indexed(include_path, False)
-        if all(name in own.all_tasks for name in names):
+        if _all_own(names, own):
             return own
     return _indexed(include_path, True)
+
+
+def _all_own(names: list[str], own: TaskManager) -> bool:
+    """Whether ``names`` and every member of their groups, at any depth, are in ``own``'s index."""
+    seen: set[str] = set()
+    todo = list(names)
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        entry = own.task_index.get(name)
+        if entry is None:
+            return False
+        if name in own.all_groups:
+            todo += group_members((entry.cfg or {}).get("task"))
+    return True
+
+
+def group_members(members: Any) -> list[str]:
+    """The task, group and tag names a group's ``task:`` list refers to.
+
+    Entries are names, ``{task: name, <overrides>}``, ``{group: name}`` or an
+    inline group ``{group: new_name, task: [...]}`` (whose members count).
+    """
+    if isinstance(members, str):
+        return [members]
+    names: list[str] = []
+    for item in members or []:
+        if isinstance(item, str):
+            names.append(item)
+        elif isinstance(item, dict) and "group" in item:
+            names += group_members(item["task"]) if "task" in item else [item["group"]]
+        elif isinstance(item, dict) and "task" in item:
+            names.append(item["task"])
+    return names
 
 
 @functools.lru_cache(maxsize=4)
@@ -34,6 +73,29 @@ def _indexed(include_path: str, defaults: bool) -> TaskManager:
     # One index per process and folder: the start-up check, every in-loop
     # evaluation and the CLI reuse it.
     return TaskManager(include_path=include_path or None, include_defaults=defaults)
+
+
+@functools.lru_cache(maxsize=None)
+def built_task(name: str, include_path: str = "") -> tuple[Any, ...]:
+    """lm-eval's objects for one task, group or tag name, built once per process.
+
+    Building parses the task's YAML and loads its dataset (a download for
+    lm-eval's own tasks), so it happens once, at the start-up check, and every
+    evaluation reuses the objects: none needs the network, and every rank
+    keeps what it loaded at start-up. lm-eval builds each evaluation's
+    requests afresh from them (``build_all_requests``).
+    """
+    loaded = task_manager([name], include_path).load([name])
+    if name in loaded["groups"]:
+        return (loaded["groups"][name],)
+    if name in loaded["tasks"]:
+        return (loaded["tasks"][name],)
+    return tuple(loaded["tasks"].values())  # a tag: its tasks
+
+
+def built_tasks(names: list[str], include_path: str = "") -> list[Any]:
+    """:func:`built_task` of each name, in order (what ``simple_evaluate`` takes as ``tasks``)."""
+    return [obj for name in names for obj in built_task(name, include_path)]
 
 
 def unreadable_yaml(include_path: str) -> list[str]:
@@ -84,7 +146,7 @@ def check_tasks(names: list[str], include_path: str = "", load_data: bool = True
             continue
         if load_data:
             try:
-                get_task_dict([name], manager)
+                built_task(name, include_path)
             except Exception as e:  # noqa: BLE001 - any failure means the task cannot run
                 problems.append(f"task {name!r} cannot be loaded: {type(e).__name__}: {e}")
     return problems

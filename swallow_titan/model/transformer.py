@@ -13,7 +13,7 @@ plus two options from ``[kernels]``:
   tensor parallel's vocabulary-sharded weight is used where it lies.
 
 The labels reach the model as an extra key of the dataloader's input dict
-(``swallow_titan.components.loss.LabelsInInputs``); torchtitan passes every key but
+(``swallow_titan.data.dataloader.LabelsInInputs``); torchtitan passes every key but
 "input" to the model's forward; validation adds them the same way. Without
 ``labels`` the model returns logits as usual (generation, HF export checks).
 """
@@ -27,7 +27,7 @@ from torchtitan.components.loss import IGNORE_INDEX
 from torchtitan.models.llama3.model.model import Transformer, TransformerBlock
 from torchtitan.tools.logging import logger
 
-from kernels import fused_linear_cross_entropy, rms_norm
+from kernels import fused_linear_cross_entropy, rms_norm, rms_norm_heads
 from swallow_titan.config.sections import FUSED_LOSS, TRITON_NORM
 from swallow_titan.model.args import SwallowModelArgs
 
@@ -52,6 +52,45 @@ class TritonRMSNorm(nn.RMSNorm):
                 residual, x.device_mesh, x.placements, run_check=False
             )
         return rms_norm(x, self.weight, eps, residual=residual)
+
+
+def _share_norm(norm: nn.RMSNorm, cls: type[nn.RMSNorm]) -> nn.RMSNorm:
+    """A ``cls`` holding ``norm``'s own weight Parameter (not a copy) and eps."""
+    if norm.weight is None:
+        raise ValueError("Triton RMSNorm needs an elementwise weight (elementwise_affine=True)")
+    new = cls(norm.normalized_shape, eps=norm.eps, device="meta")
+    new.weight = norm.weight
+    return new
+
+
+class TritonQKNorm(nn.RMSNorm):
+    """Qwen3's per-head q/k norm (``nn.RMSNorm(head_dim)`` on ``[batch, seq,
+    heads, head_dim]``) computed by ``kernels.rms_norm_heads``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
+        return rms_norm_heads(x, self.weight, eps)
+
+
+def use_triton_qk_norms(attention: nn.Module) -> None:
+    """Compute an attention module's ``q_norm`` / ``k_norm`` with the Triton kernel.
+
+    For torchtitan's qwen3 ``Attention`` (any module whose ``q_norm`` and
+    ``k_norm`` are ``nn.RMSNorm`` or None): each norm is replaced by a
+    :class:`TritonQKNorm` holding the same weight Parameter, so parameter names,
+    initialisation, checkpoints and tensor-parallel plans (which address the
+    modules by name) are unchanged. Call it after building the model, before
+    parallelising it.
+    """
+    for name in ("q_norm", "k_norm"):
+        norm = getattr(attention, name, None)
+        if norm is None:
+            continue
+        if not isinstance(norm, nn.RMSNorm):
+            raise TypeError(
+                f"use_triton_qk_norms: {name} is a {type(norm).__name__}, expected nn.RMSNorm"
+            )
+        setattr(attention, name, _share_norm(norm, TritonQKNorm))
 
 
 class FusedNormBlock(TransformerBlock):
@@ -89,9 +128,24 @@ class FusedLossOutput(nn.Linear):
     it through; ``swallow_titan.components.loss`` unpacks it.
     """
 
-    def __init__(self, dim: int, vocab_size: int, z_loss: float = 0.0):
-        super().__init__(dim, vocab_size, bias=False)
+    def __init__(self, dim: int, vocab_size: int, z_loss: float = 0.0, device=None):
+        super().__init__(dim, vocab_size, bias=False, device=device)
         self.z_loss = z_loss
+
+    @classmethod
+    def sharing(cls, output: nn.Linear, z_loss: float = 0.0) -> "FusedLossOutput":
+        """A fused output layer holding ``output``'s own weight Parameter.
+
+        With tied embeddings (``output.weight is tok_embeddings.weight``, as in
+        the small Qwen3 models) the tie survives the swap: the loss's weight
+        gradient and the embedding's then accumulate in the one shared
+        ``.grad``, as they do in eager.
+        """
+        if output.bias is not None:
+            raise ValueError("FusedLossOutput: the output layer must have no bias")
+        new = cls(output.in_features, output.out_features, z_loss, device="meta")
+        new.weight = output.weight
+        return new
 
     def forward(
         self, h: torch.Tensor, labels: torch.Tensor | None = None

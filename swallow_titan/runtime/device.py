@@ -113,6 +113,7 @@ def _cpu_shims() -> dict:
         # to barrier(device_ids=[...]), which needs an index.
         "current_device": lambda: 0,
     }
+<<<<<<< HEAD
 
 
 # ---------------------------------------------------------------------------
@@ -223,3 +224,5 @@ DEVICE_SEAMS: tuple[DeviceSeam, ...] = (
         shim=False,
     ),
 )
+=======
+>>>>>>> main

@@ -13,14 +13,15 @@ check pins a hash of torchtitan's source: when it changes, compare the new
 torchtitan method with ours (named in ``used_in``), port what matters, and
 update the hash.
 
+The registry has two lists: ``SEAMS`` (above) and ``DEVICE_SEAMS``, every place
+whose behaviour differs between CPU and CUDA; ``seam_problems()`` checks both.
+
 The two process-wide patches are applied here and nowhere else:
 :func:`select_device` (run by ``import swallow_titan``, before torchtitan
 loads) and :func:`use_cpu_profiler_in_stock_trainer` (stock torchtitan runs
 on CPU in ``benchmarks/``; swallow-titan's own Trainer picks its profiler
 itself and needs no patch). The CPU shims they install live in
-:mod:`swallow_titan.runtime.device` and :mod:`swallow_titan.components.profiling`; every place
-that behaves differently on CPU and CUDA is listed in
-:data:`swallow_titan.runtime.device.DEVICE_SEAMS`.
+:mod:`swallow_titan.runtime.device` and :mod:`swallow_titan.components.profiling`.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -358,19 +360,26 @@ SEAMS: tuple[Seam, ...] = (
     ),
     # ---------------------------------------------------------------- Validator
     Seam(
+        "torchtitan.components.validate.build_text_validation_dataloader",
+        "patch",
+        "swallow_titan.components.validation._validator_reads",
+        "Validator.__init__ always builds torchtitan's text dataloader through this "
+        "module-level name; while one set's Validator is constructed it returns that "
+        "set's HeldOutLoader (keyword call: job_config, dp_world_size, dp_rank, "
+        "tokenizer, infinite).",
+        params=("dp_world_size", "dp_rank", "tokenizer", "job_config", "infinite"),
+    ),
+    Seam(
         f"{_VALIDATOR}.__init__",
-        "reimplemented",
-        "swallow_titan.components.validation.PerDomainValidator.__init__",
-        "Sets what validate() reads without building torchtitan's C4 dataloader.",
-        params=("self", "job_config", "dp_world_size", "dp_rank", "tokenizer",
-                "parallel_dims", "loss_fn", "validation_context", "maybe_enable_amp",
-                "metrics_processor", "pp_schedule", "pp_has_first_stage",
-                "pp_has_last_stage"),
-        source_sha256="0a5c54e9fcae3d73",
+        "attributes",
+        "swallow_titan.components.validation.PerDomainValidator",
+        "Built through its constructor with the set's loader and loss recorder: "
+        "these must be what validate() reads.",
+        attributes=("validation_dataloader", "metrics_processor", "loss_fn"),
     ),
     Seam(
         f"{_VALIDATOR}.validate",
-        "override",
+        "private",
         "swallow_titan.components.validation.PerDomainValidator.validate",
         "Run once per set: it iterates self.validation_dataloader and reports the "
         "set's loss through metrics_processor.log_validation exactly once.",
@@ -511,6 +520,116 @@ SEAMS: tuple[Seam, ...] = (
         "parsing each file with lm-eval's own loader (its !function tags) names it.",
         params=("path",),
     ),
+    Seam(
+        "lm_eval.tasks._index.Entry",
+        "private",
+        "swallow_titan.eval.tasks._all_own",
+        "Which task index a task list needs: a local group's members are read from its "
+        "index entry's parsed YAML (cfg), before anything is built.",
+        params=("name", "kind", "yaml_path", "cfg"),
+    ),
+)
+
+
+# ------------------------------------------------------------ device seams
+# Every place where swallow-titan's training code (swallow_titan/, kernels/)
+# behaves differently on CPU and on a CUDA GPU, in one list. Benchmarks
+# (benchmarks/) choose their device themselves and are not listed.
+# seam_problems() checks that each listed file defines the names given;
+# tests/test_device_seams.py checks that every source file with such a branch
+# appears here, and that a process where torch reports CUDA gets none of the
+# CPU shims.
+
+
+@dataclass(frozen=True)
+class DeviceSeam:
+    """One device-dependent behaviour: where it lives, what CPU and CUDA get."""
+
+    where: str  # "path/to/module.py: function or class"
+    cpu: str
+    cuda: str
+    shim: bool  # installs a CPU replacement for something torch or torchtitan provides
+
+
+DEVICE_SEAMS: tuple[DeviceSeam, ...] = (
+    DeviceSeam(
+        "swallow_titan/runtime/seams.py: select_device",
+        "replaces torch._utils._get_available_device_type (reports 'cpu') before "
+        "torchtitan is imported, so torchtitan's device_type is 'cpu', and installs "
+        "CpuDeviceModule",
+        "nothing replaced: torchtitan's device_type is 'cuda'",
+        shim=True,
+    ),
+    DeviceSeam(
+        "swallow_titan/runtime/device.py: CpuDeviceModule",
+        "torchtitan.tools.utils.device_module becomes torch.cpu plus memory and "
+        "device-name calls (peak RSS as memory)",
+        "torchtitan's device_module stays torch.cuda",
+        shim=True,
+    ),
+    DeviceSeam(
+        "swallow_titan/runtime/device.py: default_ngpu",
+        "1 process per node",
+        "one process per visible GPU",
+        shim=False,
+    ),
+    DeviceSeam(
+        "swallow_titan/components/profiling.py: profiling_context, available_activities",
+        "swallow-titan's trainer profiles with this module's CPU-activities profiler",
+        "torchtitan's profiler (CPU + CUDA activities)",
+        shim=True,
+    ),
+    DeviceSeam(
+        "swallow_titan/runtime/seams.py: use_cpu_profiler_in_stock_trainer",
+        "stock torchtitan's Trainer (benchmarks/) gets the CPU profiler",
+        "torchtitan.train.maybe_enable_profiling left as it is",
+        shim=True,
+    ),
+    DeviceSeam(
+        "swallow_titan/model/parallelize.py: parallelize_swallow",
+        "on gloo (CPU) FSDP2 reduces with SUM instead of PREMUL_SUM(1.0)",
+        "NCCL: torchtitan's FSDP2 reduction unchanged",
+        shim=False,
+    ),
+    DeviceSeam(
+        "swallow_titan/components/metrics.py: SwallowMetricsProcessor",
+        "no MFU (no peak), memory is peak RSS",
+        "MFU against the card's dense bf16 peak",
+        shim=False,
+    ),
+    DeviceSeam(
+        "swallow_titan/checkpoint/rng.py: RngState",
+        "CPU generator only",
+        "CPU and CUDA generators saved and restored",
+        shim=False,
+    ),
+    DeviceSeam(
+        "swallow_titan/components/preflight.py: _check_checkpoint_device, _check_float8, "
+        "_check_kernels_device",
+        "refuses pinned-memory async checkpoints, float8 without emulate (or emulated "
+        "with a compiled model), Triton kernels without TRITON_INTERPRET=1",
+        "no device restriction",
+        shim=False,
+    ),
+    DeviceSeam(
+        "swallow_titan/evaluate.py: _init_distributed, main",
+        "evaluates on CPU with gloo, in float32 unless --dtype says otherwise",
+        "one GPU per process (LOCAL_RANK) with NCCL, bfloat16 by default",
+        shim=False,
+    ),
+    DeviceSeam(
+        "kernels/runtime.py: check_device, autotune_configs, num_programs",
+        "kernels run only under Triton's interpreter, one autotune config, 4 programs",
+        "compiled Triton, the GPU autotune lists, programs per SM",
+        shim=False,
+    ),
+    DeviceSeam(
+        "kernels/cross_entropy.py: out_dtype_gemm_available, _gemm_dtype",
+        "no out_dtype GEMMs: logits rounded to the GEMM dtype, weight-gradient GEMM "
+        "in fp32 on upcast operands; autocast dtype read for 'cpu'",
+        "bf16 GEMMs with fp32 output (probed once); autocast dtype read for 'cuda'",
+        shim=False,
+    ),
 )
 
 
@@ -539,9 +658,29 @@ def _assigned_attributes(init: Any) -> set[str]:
     return set(re.findall(r"\bself\.(\w+)\s*(?::[^=\n]+)?=(?!=)", inspect.getsource(init)))
 
 
-def seam_problems(seams: tuple[Seam, ...] = SEAMS) -> list[str]:
-    """What no longer matches in the installed torch / torchtitan / lm-eval, one line per problem."""
+def device_seam_problems(device_seams: tuple[DeviceSeam, ...]) -> list[str]:
+    """Device seams whose file is gone or no longer defines a name they list."""
+    root = Path(__file__).resolve().parents[2]
     problems = []
+    for seam in device_seams:
+        path, _, names = seam.where.partition(":")
+        file = root / path.strip()
+        if not file.is_file():
+            problems.append(f"{seam.where}: no file {path.strip()}")
+            continue
+        code = file.read_text(encoding="utf-8")
+        for name in (n.strip() for n in names.split(",")):
+            if not re.search(rf"^\s*(?:def|class)\s+{re.escape(name)}\b", code, re.MULTILINE):
+                problems.append(f"{seam.where}: {path.strip()} no longer defines {name}")
+    return problems
+
+
+def seam_problems(
+    seams: tuple[Seam, ...] = SEAMS, device_seams: tuple[DeviceSeam, ...] = DEVICE_SEAMS
+) -> list[str]:
+    """What no longer matches in the installed torch / torchtitan / lm-eval, and device
+    seams that no longer name our code, one line per problem."""
+    problems = device_seam_problems(device_seams)
     for seam in seams:
         where = f"{seam.target} ({seam.kind}, used in {seam.used_in})"
         try:

@@ -7,6 +7,7 @@
 - ``support.hf``: small random Hugging Face Llama folders saved by transformers.
 - ``support.megatron``: Megatron indexed datasets written by megatron-core.
 - ``support.model``: the model as a run builds it from a config, in-process.
+- ``support.overrides``: override sets the tests share (kernels on, FSDP2, TP2).
 - ``support.tensorboard``: a run's TensorBoard events read as TensorBoard does.
 """
 
