@@ -612,6 +612,15 @@ DEVICE_SEAMS: tuple[DeviceSeam, ...] = (
         shim=False,
     ),
     DeviceSeam(
+        "swallow_titan/simulate.py: SimulatedTrainer, apply_stand_ins",
+        "simulates on fake CPU tensors (torch without CUDA cannot run backward on "
+        "fake CUDA tensors); SDPA on the CPU flash kernel stands in for FlexAttention, "
+        "float8 is emulated; the trainer's 'cpu:<rank>' device becomes 'cpu'",
+        "simulates on fake CUDA tensors (the GPU's kernels' shapes); the same "
+        "attention and float8 stand-ins",
+        shim=False,
+    ),
+    DeviceSeam(
         "swallow_titan/evaluate.py: _init_distributed, main",
         "evaluates on CPU with gloo, in float32 unless --dtype says otherwise",
         "one GPU per process (LOCAL_RANK) with NCCL, bfloat16 by default",
