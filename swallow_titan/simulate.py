@@ -61,7 +61,7 @@ from torchtitan.protocols.train_spec import get_train_spec, register_train_spec
 from torchtitan.tools.logging import init_logger, logger
 
 import swallow_titan.train_spec  # noqa: F401  (registers the "swallow" TrainSpec)
-from swallow_titan.components.loss import LabelsInInputs
+from swallow_titan.data.dataloader import LabelsInInputs
 from swallow_titan.components.preflight import check_structure
 from swallow_titan.config.checks import Layout, grad_accum_steps
 from swallow_titan.config.errors import ConfigError, ExitCode
@@ -302,6 +302,12 @@ class SimulatedTrainer(SwallowTrainer):
         recorder = getattr(self, "recorder", None)
         if recorder is not None:
             recorder.start_microbatch()
+        tracker = getattr(self, "tracker", None)
+        if tracker is not None and not isinstance(tracker, FSDPMemTracker):
+            # Without FSDP torch's plain MemTracker refuses a module that runs
+            # twice; module peaks then cover the last microbatch (the overall
+            # peak is kept).
+            tracker.reset_mod_stats()
         try:
             return super().forward_backward_step(**kwargs)
         finally:
@@ -784,6 +790,7 @@ def measure(config, opts: SimulationOptions, source: str, layers: int | None) ->
                     tracker.track_external(model, optimizer)
                 recorder = CollectiveRecorder(mesh_group_names(trainer.parallel_dims), opts.ngpu)
                 trainer.recorder = recorder
+                trainer.tracker = tracker
                 data = trainer.batch_generator(trainer.dataloader)
                 with tracker:
                     for _ in range(opts.steps):

@@ -501,8 +501,9 @@ SEAMS: tuple[Seam, ...] = (
     Seam(
         "torch._subclasses.fake_tensor.unset_fake_temporarily",
         "private",
-        "swallow_titan.simulate.SimulatedTrainer.init_distributed",
-        "Device meshes are built from real tensors (rank coordinates), outside the fake mode.",
+        "swallow_titan.simulate.SimulatedTrainer.init_distributed, kernels.cross_entropy",
+        "Device meshes are built from real tensors (rank coordinates), outside the fake "
+        "mode; the fused loss's vocabulary offset likewise.",
         params=(),
     ),
     Seam(
