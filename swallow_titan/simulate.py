@@ -315,11 +315,7 @@ class SimulatedTrainer(SwallowTrainer):
                 recorder.end_microbatch()
 
     def _agree(self, *flags: torch.Tensor | bool) -> list[bool]:
-        values = torch.stack(
-            [torch.as_tensor(f, device=self.device).reshape(()) for f in flags]
-        ).to(torch.int32)
-        if dist.is_initialized():
-            dist.all_reduce(values, op=dist.ReduceOp.MAX)
+        self._max_over_ranks(flags)  # the collective a real step issues
         return [False] * len(flags)
 
 
