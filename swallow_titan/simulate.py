@@ -568,9 +568,13 @@ class SimulationResult:
 
     @property
     def compute_seconds(self) -> float:
-        """One step's model FLOPs at the assumed MFU of the dense bf16 peak."""
+        """One step's model FLOPs per GPU at the assumed MFU of the dense bf16 peak.
+
+        A data-parallel rank's tokens are shared by the TP x CP x PP GPUs of its
+        replica, each doing that share of the FLOPs."""
         tokens = self.grad_accum * self.local_batch * self.seq_len
-        return self.flops_per_token * tokens / (self.bf16_tflops * 1e12 * self.mfu)
+        share = self.layout["tp"] * self.layout["cp"] * self.layout["pp"]
+        return self.flops_per_token * tokens / share / (self.bf16_tflops * 1e12 * self.mfu)
 
     @property
     def bound(self) -> str:
