@@ -333,6 +333,8 @@ class Collective:
     count: int = 0
     bytes: int = 0
     """Full (unsharded) buffer bytes, summed."""
+    largest: int = 0
+    """The largest single call's buffer bytes."""
 
 
 _COLLECTIVE_OPS = {
@@ -406,6 +408,7 @@ class CollectiveRecorder(TorchDispatchMode):
             t = total.setdefault(k, dataclasses.replace(c, count=0, bytes=0))
             t.count += c.count * microbatches
             t.bytes += c.bytes * microbatches
+            t.largest = max(t.largest, c.largest)
         return sorted(total.values(), key=lambda c: (c.dim, c.op))
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -440,6 +443,7 @@ class CollectiveRecorder(TorchDispatchMode):
         rec = into.setdefault((kind, dim), Collective(kind, dim, size, nodes))
         rec.count += 1
         rec.bytes += nbytes
+        rec.largest = max(rec.largest, nbytes)
 
 
 def _script_group_name(obj: Any) -> str | None:
