@@ -239,6 +239,8 @@ def apply_stand_ins(config) -> list[str]:
     one line per change (the output's list of stand-ins)."""
     notes = []
     m = config.model
+    # `--model.converters ""` (float8 off on the command line) parses as [""].
+    m.converters = [c for c in m.converters if c]
     if m.attn_type != "sdpa":
         notes.append(
             f"attention: {m.attn_type} ({m.attn_mask_type}) -> SDPA causal on the CPU "
