@@ -3,7 +3,9 @@
 Each mutation below replaces one snippet of the safety- or correctness-critical
 code (mixture schedule, slot assignment, lane resume state, checkpoint
 integrity and publication, start rule, guard, RMSNorm and fused-loss kernels and
-their autograd, HF weight mapping and RoPE settings, the run log) with a
+their autograd, HF weight mapping and RoPE settings, the run log; and the
+edges of the data path, metrics, validation, pre-emption, export and model
+card, in a block of its own) with a
 plausible wrong version, in a scratch copy of the repository (never in the
 working tree), and runs the tests that should catch it. A mutation whose tests
 still pass "survived": the table says so and the script exits 1.
@@ -290,8 +292,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     # -------------------------------------------------- HF mapping and RoPE settings
     Mutation(
         "hf-permutation-ignores-gqa", "swallow_titan/hf/weights.py",
-        "return Llama3StateDictAdapter(args, None)",
-        "return Llama3StateDictAdapter(replace(args, n_kv_heads=args.n_heads), None)",
+        "return family_of_args(args).state_dict_adapter(args, None)",
+        "return family_of_args(args).state_dict_adapter(replace(args, n_kv_heads=args.n_heads), None)",
         HF, "the q/k RoPE permutation treats k as having every head",
     ),
     Mutation(
@@ -319,6 +321,160 @@ MUTATIONS: tuple[Mutation, ...] = (
         "a restart keeps the crashed attempt's record of the step it redoes",
     ),
 )
+
+
+# ============================================ edges (issue 18): data, metrics,
+# validation, pre-emption, export, model card. Kept as one block of its own.
+DATA_EDGES = ("tests/test_data_edges.py",)
+METRICS_EDGES = ("tests/test_monitoring.py", "-k",
+                 "(run_log and not tensorboard) or follow_from or validation_mean")
+PREEMPTION = ("tests/test_preemption.py",)
+EXPORT_EDGES = ("tests/test_hf_interop.py", "-k", "exactly_fills or bf16_export or other_than")
+CARD = ("tests/test_model_card.py",)
+
+EDGE_MUTATIONS: tuple[Mutation, ...] = (
+    # --------------------------------------------------------------- run log, metrics
+    Mutation(
+        "run-log-torn-line-merges", "swallow_titan/components/metrics.py",
+        'data = b"\\n" + data', "data = data",
+        METRICS_EDGES, "after a short write the next record continues the torn line",
+    ),
+    Mutation(
+        "run-log-write-error-raises", "swallow_titan/components/metrics.py",
+        "        except OSError as e:\n            error = e\n",
+        "        except BlockingIOError as e:\n            error = e\n",
+        METRICS_EDGES, "a full disk raises out of the metrics rank's log call",
+    ),
+    Mutation(
+        "run-log-bad-line-raises", "swallow_titan/components/metrics.py",
+        "        except ValueError as e:\n", "        except KeyError as e:\n",
+        METRICS_EDGES, "one malformed line makes every restart raise",
+    ),
+    Mutation(
+        "metrics-tps-counts-every-gpu", "swallow_titan/components/metrics.py",
+        "interval * self.parallel_dims.non_data_parallel_size", "interval",
+        METRICS_EDGES, "tokens/s per GPU not shared among the TP/CP/PP GPUs of a rank",
+    ),
+    Mutation(
+        "metrics-mfu-a-fraction", "swallow_titan/components/metrics.py",
+        'scalars[SCALARS["mfu"]] = 100 * flops / self.peak_flops',
+        'scalars[SCALARS["mfu"]] = flops / self.peak_flops',
+        METRICS_EDGES, "MFU logged as a fraction under a percent tag",
+    ),
+    Mutation(
+        "metrics-step-time-whole-interval", "swallow_titan/components/metrics.py",
+        'SCALARS["step_time"]: interval / steps_in_interval,', 'SCALARS["step_time"]: interval,',
+        METRICS_EDGES, "step time is the time since the last log, not per step",
+    ),
+    Mutation(
+        "metrics-val-mean-is-sum", "swallow_titan/components/metrics.py",
+        "mean = sum(losses.values()) / len(losses)", "mean = sum(losses.values())",
+        METRICS_EDGES, "val/loss is the sum of the sets' losses",
+    ),
+    # ------------------------------------------------------------------- Megatron
+    Mutation(
+        "megatron-newer-version-accepted", "swallow_titan/data/megatron.py",
+        "if version != INDEX_VERSION:", "if version < INDEX_VERSION:",
+        DATA_EDGES, "an index of a later, unknown version is read as version 1",
+    ),
+    Mutation(
+        "megatron-multimodal-refused", "swallow_titan/data/megatron.py",
+        "if idx_bytes not in (arrays, arrays + sequences):", "if idx_bytes != arrays:",
+        DATA_EDGES, "an index with its int8 sequence modes is called truncated",
+    ),
+    Mutation(
+        "megatron-vocab-end-accepted", "swallow_titan/data/megatron.py",
+        "(whole >= vocab_size)", "(whole > vocab_size)",
+        DATA_EDGES, "an id equal to the vocabulary size passes the check",
+    ),
+    Mutation(
+        "megatron-boundaries-may-be-empty", "swallow_titan/data/megatron.py",
+        "lo, hi = bounds[-1] + 1, docs - (pieces - i)", "lo, hi = bounds[-1] + 1, docs",
+        DATA_EDGES, "a skewed file is cut into pieces without documents",
+    ),
+    Mutation(
+        "megatron-sampled-count-unscaled", "swallow_titan/data/megatron.py",
+        "stored = round(stored * docs / len(picked))", "stored = stored",
+        DATA_EDGES, "the sample's BOS/EOS count is used for the whole file",
+    ),
+    # ------------------------------------------------------------------ tokenizer
+    Mutation(
+        "tokenizer-long-text-drops-cut-char", "swallow_titan/data/tokenizer.py",
+        "        start = end\n", "        start = end + 1\n",
+        DATA_EDGES, "a text longer than a piece loses the character it is cut at",
+    ),
+    Mutation(
+        "tokenizer-json-specials-beyond-slots", "swallow_titan/data/tokenizer.py",
+        'if first_special <= tok["id"] < first_special + NUM_SPECIAL_TOKENS',
+        'if first_special <= tok["id"]',
+        DATA_EDGES, "a special id past the 256 slots (<|image|>) gets no embedding",
+    ),
+    # ------------------------------------------------------------------- sharding
+    Mutation(
+        "sharding-smallest-unit-first", "swallow_titan/data/sharding.py",
+        "key=lambda u: (-units[u].size, u)", "key=lambda u: (units[u].size, u)",
+        DATA_EDGES, "units are dealt smallest first (no LPT bound on the imbalance)",
+    ),
+    Mutation(
+        "sharding-share-remainders-dropped", "swallow_titan/data/sharding.py",
+        "floors[u] += 1", "floors[u] += 0",
+        DATA_EDGES, "slots left by rounding get no unit",
+    ),
+    Mutation(
+        "sharding-json-lines-below-min-range", "swallow_titan/data/sharding.py",
+        "pieces = max(1, min(math.ceil(slots * f.size / total), f.size // MIN_RANGE_BYTES))",
+        "pieces = max(1, math.ceil(slots * f.size / total))",
+        DATA_EDGES, "a small file is cut into ranges that may hold no line start",
+    ),
+    Mutation(
+        "pretokenize-row-groups-not-joined", "swallow_titan/data/sharding.py",
+        "if join_row_groups and total > 0:", "if False:",
+        ("tests/test_pretokenize.py", "-k", "parquet"),
+        "every Parquet row group becomes its own pair, whatever --shard-mb",
+    ),
+    # ----------------------------------------------------------------- validation
+    Mutation(
+        "validation-set-repeats-documents", "swallow_titan/components/validation.py",
+        '"weight": 1.0, "max_epochs": 1}', '"weight": 1.0, "max_epochs": 0}',
+        ("tests/test_validation_sets.py", "-k", "fewer_documents"),
+        "a set smaller than asked repeats its documents to fill the windows",
+    ),
+    # ---------------------------------------------------------------- pre-emption
+    Mutation(
+        "preemption-last-signal-wins", "swallow_titan/runtime/preemption.py",
+        "if self.received is None:", "if True:",
+        PREEMPTION, "a later signal replaces the one that stopped the run",
+    ),
+    Mutation(
+        "preemption-restore-to-default", "swallow_titan/runtime/preemption.py",
+        "signal.signal(sig, handler)", "signal.signal(sig, signal.SIG_DFL)",
+        PREEMPTION, "restore sets the default handlers, not the previous ones",
+    ),
+    # --------------------------------------------------------- export, model card
+    Mutation(
+        "export-exact-fit-opens-a-shard", "swallow_titan/hf/export.py",
+        "if current and current_bytes + nbytes > max_bytes:",
+        "if current and current_bytes + nbytes >= max_bytes:",
+        EXPORT_EDGES, "a tensor that exactly fills a shard starts a new one",
+    ),
+    Mutation(
+        "export-index-counts-fp32-bytes", "swallow_titan/hf/export.py",
+        "itemsize = torch.empty((), dtype=target).element_size()", "itemsize = 4",
+        EXPORT_EDGES, "a bf16 export's index and shard plan count fp32 bytes",
+    ),
+    Mutation(
+        "card-billions-from-above", "swallow_titan/hf/model_card.py",
+        "if n >= 1e9:", "if n > 1e9:",
+        CARD, "exactly 1e9 tokens is shown as 1000.00M",
+    ),
+    Mutation(
+        "card-min-lr-is-peak", "swallow_titan/hf/model_card.py",
+        "min_lr = lr * min_lr_factor if", "min_lr = lr if",
+        CARD, "the card's minimum learning rate is the peak one",
+    ),
+)
+
+MUTATIONS = MUTATIONS + EDGE_MUTATIONS
 
 
 # ------------------------------------------------ evaluation (issue 18, item 11)
@@ -442,6 +598,7 @@ EVAL_MUTATIONS: tuple[Mutation, ...] = (
     ),
 )
 MUTATIONS = MUTATIONS + EVAL_MUTATIONS
+
 
 def scratch_copy() -> Path:
     """The working tree's files (tracked and untracked, not ignored) in a new folder."""

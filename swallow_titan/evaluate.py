@@ -6,7 +6,7 @@
     torchrun --nproc_per_node 8 -m swallow_titan.evaluate SOURCE --tasks ...
 
 SOURCE is a run's checkpoint folder (its latest complete ``step-N``, or
-``--step N``), one DCP checkpoint, or a Hugging Face Llama folder. The model is
+``--step N``), one DCP checkpoint, or a Hugging Face folder (Llama or Qwen3). The model is
 swallow-titan's, FSDP2-sharded over the processes (no rank holds the whole
 model), and goes through the same lm-eval adapter as in-loop evaluation
 (``[eval]``), so the numbers are those the training run would log. With
@@ -121,7 +121,7 @@ def _init_distributed() -> tuple[int, int, torch.device]:
 
 
 def build_model(source: ModelSource, max_length: int, dtype: torch.dtype, device: torch.device):
-    """swallow-titan's Transformer with SOURCE's weights, FSDP2-sharded over all processes.
+    """The family's model (Llama-3.1 or Qwen3) with SOURCE's weights, FSDP2-sharded over all processes.
 
     The weights stay fp32; with several processes FSDP computes in ``dtype``
     (:func:`forward_in` gives one process autocast instead).
@@ -130,11 +130,11 @@ def build_model(source: ModelSource, max_length: int, dtype: torch.dtype, device
 
     from swallow_titan.hf.weights import load_hf_weights
     from swallow_titan.checkpoint.model_weights import load_dcp_model_weights
-    from swallow_titan.model.transformer import SwallowTransformer
+    from swallow_titan.model.family import family_of_args
 
     args = replace(source.args, max_seq_len=max_length)
     with torch.device("meta"):
-        model = SwallowTransformer(args)
+        model = family_of_args(args).model_cls(args)
     world = dist.get_world_size() if dist.is_initialized() else 1
     if world > 1:
         from torch.distributed.device_mesh import init_device_mesh

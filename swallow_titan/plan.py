@@ -17,11 +17,11 @@ import json
 import math
 import sys
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import swallow_titan  # noqa: F401  (device selection before torchtitan loads)
 import torch
 from torchtitan.components.lr_scheduler import build_lr_schedulers
-from torchtitan.models.llama3.model.model import Transformer
 
 from kernels.cross_entropy import default_chunk_tokens
 
@@ -39,7 +39,7 @@ from swallow_titan.data.source_size import format_source_line, plan_sources
 from swallow_titan.data.stages import plan_stages
 from swallow_titan.runtime.device import add_process_arguments
 from swallow_titan.eval.cost import estimate_eval_cost
-from swallow_titan.model.args import SwallowModelArgs
+from swallow_titan.model.family import LLAMA, family_of_args, is_moe
 from swallow_titan.components.preflight import check_structure, file_problems, model_args
 
 GIB = 1024**3
@@ -71,8 +71,69 @@ class MemoryEstimate:
         return sum(asdict(self).values())
 
 
+@dataclass
+class ModelCounts:
+    """Parameters and training FLOPs per token of a model (torchtitan's conventions)."""
+
+    params: int
+    """Every parameter once (tied embeddings count once)."""
+    active_params: int
+    """Parameters one token uses: all but the experts it is not routed to."""
+    embedding_params: int
+    """The input embedding (also the output layer when tied)."""
+    flops_per_token: int
+
+
+def count_model(args: Any, seq_len: int) -> ModelCounts:
+    """Parameter counts and FLOPs/token, on a meta-device model of ``args``' family.
+
+    Llama: torchtitan's own count. Qwen3: counted here, as torchtitan's MoE
+    count does (6 x active non-embedding parameters + 12 x layers x heads x
+    head_dim x seq_len), except that with tied embeddings the output layer's
+    matmul is counted: torchtitan 0.2.2 subtracts the (deduplicated) tied
+    embedding from the parameters a second time and leaves the LM head out of
+    the FLOPs.
+    """
+    family = family_of_args(args)
+    with torch.device("meta"):
+        model = family.model_cls(args)
+    embedding = model.tok_embeddings.weight.numel()
+    if family is LLAMA:
+        params, flops = args.get_nparams_and_flops(model, seq_len)
+        return ModelCounts(params, params, embedding, flops)
+    params = experts = 0
+    for name, p in model.named_parameters():  # a tied weight is listed once
+        params += p.numel()
+        if "moe.experts" in name:
+            experts += p.numel()
+    active = params
+    if is_moe(args):
+        active -= experts - experts * args.moe_args.top_k // args.moe_args.num_experts
+    # The embedding lookup costs no FLOPs; a tied weight is also the LM head, which does.
+    matmul_params = active - (0 if args.enable_weight_tying else embedding)
+    flops = 6 * matmul_params + 12 * args.n_layers * args.n_heads * args.head_dim * seq_len
+    return ModelCounts(params, active, embedding, flops)
+
+
+def _block_sizes(args: Any, layout: Layout, ep: int) -> tuple[int, int, int]:
+    """``(attention width, FFN width a token's activations have, FFN parameters
+    FSDP gathers per block)`` of one block, for the memory estimate."""
+    if family_of_args(args) is LLAMA:
+        ffn = _ffn_dim(args)
+        attention = int(4 * args.dim * args.dim * (1 + (args.n_kv_heads or args.n_heads) / args.n_heads) / 2)
+        return attention, ffn, 3 * args.dim * ffn
+    kv = args.n_kv_heads or args.n_heads
+    attention = 2 * args.dim * args.head_dim * (args.n_heads + kv)
+    if not is_moe(args):
+        return attention, args.hidden_dim, 3 * args.dim * args.hidden_dim
+    m = args.moe_args
+    # Each token passes through top_k experts; EP splits the experts, and FSDP
+    # gathers the experts of this EP rank only.
+    return attention, m.top_k * args.moe_inter_dim, 3 * args.dim * args.moe_inter_dim * m.num_experts // ep
+
+
 def estimate_memory(
-    args: SwallowModelArgs, config, layout: Layout, n_params: int
+    args: Any, config, layout: Layout, n_params: int
 ) -> MemoryEstimate:
     """Rough per-GPU memory of one training step for this layout.
 
@@ -86,9 +147,8 @@ def estimate_memory(
     bytes_compute = 2 if config.training.mixed_precision_param == "bfloat16" else 4
     shards = layout.fsdp_shards * layout.tp * layout.pp
     per_gpu = n_params / shards
-    ffn = _ffn_dim(args)
-    block_params = 4 * args.dim * args.dim * (1 + (args.n_kv_heads or args.n_heads) / args.n_heads) / 2
-    block_params += 3 * args.dim * ffn
+    attention, ffn, ffn_params = _block_sizes(args, layout, config.parallelism.expert_parallel_degree)
+    block_params = attention + ffn_params
     gathered = 2 * block_params / layout.tp * bytes_compute
     tokens = config.training.local_batch_size * config.training.seq_len / layout.cp
     layers = -(-args.n_layers // layout.pp)
@@ -194,18 +254,17 @@ def sharded_state_bytes(config, world_size: int, rank: int, source: str = "<conf
     )
 
 
-def _ffn_dim(args: SwallowModelArgs) -> int:
+def _ffn_dim(args: Any) -> int:
     hidden = int(2 * 4 * args.dim / 3)
     if args.ffn_dim_multiplier is not None:
         hidden = int(args.ffn_dim_multiplier * hidden)
     return args.multiple_of * ((hidden + args.multiple_of - 1) // args.multiple_of)
 
 
-def count_params_and_flops(args: SwallowModelArgs, seq_len: int) -> tuple[int, int]:
-    """torchtitan's parameter count and FLOPs/token, on a meta-device model."""
-    with torch.device("meta"):
-        model = Transformer(args)
-    return args.get_nparams_and_flops(model, seq_len)
+def count_params_and_flops(args: Any, seq_len: int) -> tuple[int, int]:
+    """Parameter count and FLOPs/token (see :func:`count_model`)."""
+    counts = count_model(args, seq_len)
+    return counts.params, counts.flops_per_token
 
 
 def lr_at_steps(config, steps: list[int]) -> dict[int, float]:
@@ -247,7 +306,8 @@ def build_plan(
     layout = check_structure(config, world_size, source)
     args = model_args(config, source)
     seq_len = config.training.seq_len
-    n_params, flops = count_params_and_flops(args, seq_len)
+    counts = count_model(args, seq_len)
+    n_params, flops = counts.params, counts.flops_per_token
     accum = grad_accum_steps(config, layout, source)
     global_seqs = global_batch_sequences(config, layout)
     steps = config.training.steps
@@ -280,11 +340,22 @@ def build_plan(
     opt = config.optimizer
     return {
         "config": source,
-        "model": {"name": config.model.name, "flavor": config.model.flavor},
+        "model": {
+            "name": config.model.name,
+            "family": family_of_args(args).label,
+            "flavor": config.model.flavor,
+        },
         "params": n_params,
-        "params_non_embedding": n_params - args.vocab_size * args.dim,
+        "params_active": counts.active_params,
+        "params_non_embedding": n_params - counts.embedding_params,
         "flops_per_token": flops,
-        "layout": {**asdict(layout), "dp": layout.dp, "ngpu": ngpu, "nnodes": nnodes},
+        "layout": {
+            **asdict(layout),
+            "dp": layout.dp,
+            "ep": config.parallelism.expert_parallel_degree,
+            "ngpu": ngpu,
+            "nnodes": nnodes,
+        },
         "local_batch_size": config.training.local_batch_size,
         "seq_len": seq_len,
         "grad_accum_steps": accum,
@@ -413,12 +484,20 @@ def format_plan(plan: dict) -> str:
     m = plan["memory_gib"]
     lines = [
         f"plan of {plan['config']}",
-        f"  model         {plan['model']['flavor']}: {plan['params']:,} parameters "
-        f"({plan['params_non_embedding']:,} without the embedding), "
+        f"  model         {plan['model']['family']} {plan['model']['flavor']}: "
+        f"{plan['params']:,} parameters"
+        + (", " if plan["params_active"] != plan["params"] else " ")
+        + (
+            f"{plan['params_active']:,} active per token "
+            if plan["params_active"] != plan["params"]
+            else ""
+        )
+        + f"({plan['params_non_embedding']:,} without the embedding), "
         f"{plan['flops_per_token'] / 1e9:.2f} GFLOP/token",
         f"  layout        {L['nnodes']} node(s) x {L['ngpu']} = {L['world_size']} ranks: "
         f"dp_replicate {L['dp_replicate']} x dp_shard {L['dp_shard']} x cp {L['cp']} x "
-        f"tp {L['tp']} x pp {L['pp']}",
+        f"tp {L['tp']} x pp {L['pp']}"
+        + (f"; experts split over ep {L['ep']} of the dp_shard ranks" if L["ep"] > 1 else ""),
         f"  batch         local {plan['local_batch_size']} x dp {L['dp']} x grad-accum "
         f"{plan['grad_accum_steps']} = {plan['global_batch_sequences']:,} sequences x "
         f"{plan['seq_len']:,} = {plan['global_batch_tokens']:,} tokens/step",

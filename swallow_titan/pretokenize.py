@@ -89,7 +89,8 @@ def plan_shards(
         files = source_files(source)
         check_text_field(source, files)
         total = sum(f.size for f in files)
-        units = split_units(files, max(1, math.ceil(total / shard_bytes)), source.name)
+        units = split_units(files, max(1, math.ceil(total / shard_bytes)), source.name,
+                            join_row_groups=True)
         folder = os.path.join(out, source.name)
         width = max(5, len(str(len(units))))
         for k, unit in enumerate(units):

@@ -1,9 +1,13 @@
-"""The ``swallow`` TrainSpec: what torchtitan's Trainer builds for ``[model] name = "swallow"``.
+"""The TrainSpecs: what torchtitan's Trainer builds for ``[model] name``.
 
-Importing this module registers the spec. The model is torchtitan's llama3
-Transformer with ``[kernels]`` switched in (``model/transformer.py``); optimizer
-and LR schedule are torchtitan's; parallelisation adds the gloo fix
-(``model/parallelize.py``); tokenizer, dataloader, validator and metrics are
+Importing this module registers one spec per model family
+(``model/family.py``): ``swallow`` (Llama-3.1: torchtitan's llama3
+Transformer with ``[kernels]`` switched in, ``model/transformer.py``) and
+``swallow_qwen3`` (Qwen3 dense and MoE: torchtitan's qwen3 model,
+``model/qwen3.py``). Optimizer and LR schedule are torchtitan's (for Qwen3
+with the MoE load-balancing hook); parallelisation is the family's torchtitan
+recipe plus the gloo fix (``model/parallelize.py``); everything else is
+shared: tokenizer, dataloader, validator and metrics are
 swallow-titan's (``data/``, ``validation.py``, ``metrics.py``); the loss
 (``loss.py``) is torchtitan's summed cross-entropy or the fused output-layer
 loss, with z-loss (logged by ``metrics.py`` as train/z_loss).
@@ -12,9 +16,6 @@ loss, with z-loss (logged by ``metrics.py`` as train/z_loss).
 from __future__ import annotations
 
 from torchtitan.components.lr_scheduler import build_lr_schedulers
-from torchtitan.components.optimizer import build_optimizers
-from torchtitan.distributed.pipeline_parallel import pipeline_llm
-from torchtitan.models.llama3.model.state_dict_adapter import Llama3StateDictAdapter
 from torchtitan.protocols.train_spec import (
     TrainSpec,
     _extra_train_specs,
@@ -26,28 +27,28 @@ from swallow_titan.data.dataloader import build_training_dataloader
 from swallow_titan.data.tokenizer import build_tokenizer
 from swallow_titan.components.loss import build_swallow_loss
 from swallow_titan.components.metrics import build_metrics_processor
-from swallow_titan.model.args import FLAVORS
-from swallow_titan.model.parallelize import parallelize_swallow
-from swallow_titan.model.transformer import SwallowTransformer
+from swallow_titan.model.family import FAMILIES, ModelFamily
 from swallow_titan.components.validation import build_validator
 
 
-def swallow_train_spec() -> TrainSpec:
+def swallow_train_spec(family: ModelFamily = FAMILIES[MODEL_NAME]) -> TrainSpec:
+    """The TrainSpec of one model family (Llama-3.1 by default)."""
     return TrainSpec(
-        model_cls=SwallowTransformer,
-        model_args=FLAVORS,
-        parallelize_fn=parallelize_swallow,
-        pipelining_fn=pipeline_llm,
-        build_optimizers_fn=build_optimizers,
+        model_cls=family.model_cls,
+        model_args=family.flavors,
+        parallelize_fn=family.parallelize_fn,
+        pipelining_fn=family.pipelining_fn,
+        build_optimizers_fn=family.build_optimizers_fn,
         build_lr_schedulers_fn=build_lr_schedulers,
         build_dataloader_fn=build_training_dataloader,
         build_tokenizer_fn=build_tokenizer,
         build_loss_fn=build_swallow_loss,
         build_validator_fn=build_validator,
         build_metrics_processor_fn=build_metrics_processor,
-        state_dict_adapter=Llama3StateDictAdapter,
+        state_dict_adapter=family.state_dict_adapter,
     )
 
 
-if MODEL_NAME not in _extra_train_specs:
-    register_train_spec(MODEL_NAME, swallow_train_spec())
+for _name, _family in FAMILIES.items():
+    if _name not in _extra_train_specs:
+        register_train_spec(_name, swallow_train_spec(_family))

@@ -20,6 +20,8 @@ building, parallelism, forward/backward, the dataloader loop — is inherited):
   every attempt (torchtitan: only after step 1, so never on resume).
 - Checkpoints are written by :class:`AtomicCheckpointManager` and include the
   random generators and the guard's counters.
+- MoE models: per-layer expert load and the auxiliary loss are logged
+  (:mod:`swallow_titan.components.moe_metrics`).
 - ``[eval]``: downstream evaluation (lm-eval) after validation, every
   ``eval.freq`` steps and after the last one (:mod:`swallow_titan.eval.in_loop`);
   a restart first runs the evaluation of the step it resumes from if that
@@ -56,6 +58,7 @@ from swallow_titan.components.guard import (
 )
 from swallow_titan.components.loss import SwallowLoss
 from swallow_titan.components.metrics import SwallowMetricsProcessor
+from swallow_titan.components.moe_metrics import ExpertLoadMeter
 from swallow_titan.runtime.preemption import PreemptionSignal
 from swallow_titan.components.profiling import profiling_context
 from swallow_titan.runtime.ranks import process_rank
@@ -102,6 +105,7 @@ class SwallowTrainer(Trainer):
             logger.warning(f"[debug] the loss will be made NaN at steps {sorted(inject)}")
             self.loss_fn = NonfiniteInjector(self.loss_fn, inject, lambda: self.step)
         self.checkpointer = self._atomic_checkpointer(self.checkpointer)
+        self.expert_load = ExpertLoadMeter(self.model_parts)
         self.evaluator = None
         if job_config.eval.enable:
             # Imported only here: a run without [eval] never loads lm-eval.
@@ -176,6 +180,7 @@ class SwallowTrainer(Trainer):
         loss_bad, grad_bad, stop = self._agree(
             ~torch.isfinite(loss), ~torch.isfinite(grad_norm), self.preemption.requested
         )
+        self.expert_load.record()
         if self.guard.judge(self.step, not loss_bad, not grad_bad):
             self.checkpointer.maybe_wait_for_staging()
             self.optimizers.step()
@@ -226,6 +231,7 @@ class SwallowTrainer(Trainer):
         if z_loss is not None:
             extra["train/z_loss"] = z_loss
         extra.update(self.dataloader.metrics())
+        extra.update(self.expert_load.metrics(mesh.get_group() if mesh is not None else None))
         self.metrics_processor.log(
             self.step, avg_loss, max_loss, grad_norm.item(), extra_metrics=extra
         )

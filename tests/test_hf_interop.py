@@ -322,3 +322,38 @@ def test_transformers4_loads_the_export_with_the_same_logits(export_fp32, tmp_pa
     logits4 = torch.load(tmp_path / "logits.pt")
     # transformers 4 and 5 implement the same Llama in fp32 from the same weights.
     assert_same_logits(logits4, transformers_logits(export_fp32, ids))
+
+
+def test_a_tensor_that_exactly_fills_a_shard_does_not_open_a_new_one():
+    assert plan_shards([("a", 50), ("b", 50), ("c", 1)], 100) == [["a", "b"], ["c"]]
+
+
+def _export_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors
+
+
+def test_bf16_export_is_the_fp32_weights_rounded_and_its_index_counts_bf16_bytes(
+    dcp_fp32, export_fp32, tmp_path
+):
+    out = tmp_path / "bf16"
+    result = export_hf(dcp_fp32, out, dtype="bfloat16", max_shard_size="100KB")
+    fp32, bf16 = _export_tensors(export_fp32), _export_tensors(out)
+    assert fp32.keys() == bf16.keys()
+    for name, tensor in bf16.items():
+        assert fp32[name].dtype == torch.float32 and tensor.dtype == torch.bfloat16
+        assert torch.equal(tensor, fp32[name].to(torch.bfloat16)), name
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    stored = sum(t.numel() * t.element_size() for t in bf16.values())
+    assert index["metadata"]["total_size"] == result.total_bytes == stored
+    fp32_index = json.loads((export_fp32 / "model.safetensors.index.json").read_text())
+    assert fp32_index["metadata"]["total_size"] == 2 * stored
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+
+
+def test_an_export_dtype_other_than_bf16_or_fp32_is_refused_before_writing(dcp_fp32, tmp_path):
+    with pytest.raises(hf_export.ExportError, match=r"'float16'.*\['bfloat16', 'float32'\]"):
+        export_hf(dcp_fp32, tmp_path / "fp16", dtype="float16")
+    assert not (tmp_path / "fp16").exists()

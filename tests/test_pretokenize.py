@@ -5,6 +5,7 @@ the training reader's bad-record counts, resumable and never half-published."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -131,6 +132,32 @@ def test_a_shard_from_other_input_is_redone(tmp_path, corpus):
     report = pretokenize(other, workers=1, log=lambda *_: None)
     assert report["sources"]["corpus"]["kept"] == 0
     assert report["sources"]["corpus"]["skipped"].get("too_long", 0) == 0
+
+
+def test_parquet_shards_follow_shard_mb_not_row_groups(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "src"
+    folder.mkdir()
+    texts = {"a": numbered_docs(240, "a"), "b": numbered_docs(160, "b")}
+    for name, docs in texts.items():  # fewer files than shards, 10 rows per group
+        pq.write_table(pa.table({"text": docs}), folder / f"{name}.parquet", row_group_size=10)
+    source = DataSource(name="pq", format="parquet", path=str(folder / "*.parquet"))
+    total = sum(f.size for f in source_files(source))
+    pieces = 4
+    shards = shards_of(source, tmp_path / "out", shard_bytes=math.ceil(total / pieces))
+    # Each file gets its share of the pieces, rounded up: not one pair per row group (40).
+    assert pieces <= len(shards) <= pieces + 1
+    for name, groups in (("a", 24), ("b", 16)):
+        ranges = [(s.unit.start, s.unit.end) for s in shards if s.unit.path.endswith(name + ".parquet")]
+        assert ranges[0][0] == 0 and ranges[-1][1] == groups  # contiguous, complete
+        assert all(end == start for (_, end), (start, _) in zip(ranges, ranges[1:]))
+    pretokenize(shards, workers=1, log=lambda *_: None)
+    assert len(list((tmp_path / "out" / "pq").glob("*.idx"))) == len(shards)
+    tok = tiny_tokenizer()
+    expected = [tok.encode_ordinary(t) + [tok.eos_id] for t in texts["a"] + texts["b"]]
+    assert megatron_core_documents(tmp_path / "out" / "pq") == expected
 
 
 def test_cli_names_an_unknown_source(tmp_path):

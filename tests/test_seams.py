@@ -12,6 +12,8 @@ from swallow_titan.runtime.seams import (
     SEAMS,
     DeviceSeam,
     Seam,
+    call_site_problems,
+    passed_keywords,
     seam_problems,
     source_hash,
 )
@@ -23,6 +25,30 @@ def test_every_seam_matches_the_installed_torchtitan_and_torch():
         "torchtitan / torch changed where swallow-titan relies on it "
         "(see swallow_titan/runtime/seams.py):\n" + "\n".join(problems)
     )
+
+
+def test_every_keyword_our_code_passes_to_a_seam_is_checked():
+    problems = call_site_problems()
+    assert not problems, "add these keywords to the seams' params:\n" + "\n".join(problems)
+
+
+def test_a_seam_missing_a_keyword_the_code_passes_is_reported():
+    (loader,) = [s for s in SEAMS if s.target == "lm_eval.tasks._yaml_loader.load_yaml"]
+    (problem,) = call_site_problems((dataclasses.replace(loader, params=("path",)),))
+    assert problem.startswith(loader.target) and "eval/tasks.py:" in problem
+    assert "passes resolve_func" in problem
+    # and the full entry makes the installed signature check cover the keyword
+    renamed = dataclasses.replace(loader, params=("path", "resolve_functions"))
+    (problem,) = seam_problems((renamed,))
+    assert "resolve_func" in problem and "expected ('path', 'resolve_functions')" in problem
+
+
+def test_keywords_are_found_on_method_calls_only_through_self_super_or_the_class():
+    (save,) = [s for s in SEAMS if s.target.endswith("CheckpointManager.dcp_save")]
+    (load,) = [s for s in SEAMS if s.target.endswith("CheckpointManager.load")]
+    assert set().union(*passed_keywords(save).values()) >= {"checkpoint_id", "async_mode"}
+    # dcp.load(..., checkpoint_id=...) in the same module is another function
+    assert not passed_keywords(load)
 
 
 def test_every_reimplemented_method_has_a_pinned_source_hash():

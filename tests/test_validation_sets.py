@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import logging
+
 import pytest
 import torch
 
 from support import TINY_CONFIG, tiny_tokenizer
 from swallow_titan.components.preflight import check_job_config
 from swallow_titan.config.manager import ConfigError, load_job_config
-from swallow_titan.components.validation import PerDomainValidator
+from swallow_titan.components.validation import HeldOutLoader, PerDomainValidator
+from swallow_titan.config.sections import ValidationSet
 
 SEQ_64 = ["--training.seq_len", "64", "--validation.seq_len", "64"]
 
@@ -134,3 +138,21 @@ def test_each_set_is_validated_by_a_torchtitan_validator_built_by_its_constructo
         assert inner.metrics_processor is v.recorders[name]
     # The constructor's dataloader builder is torchtitan's again afterwards.
     assert torchtitan_validate.build_text_validation_dataloader is builder
+
+
+def test_a_set_with_fewer_documents_than_asked_is_read_once_and_says_so(tmp_path, caplog):
+    path = tmp_path / "few.jsonl"
+    texts = [f"held-out document {i} " + "word " * 40 for i in range(6)]
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts) + "\n")
+    tok = tiny_tokenizer()
+    tokens = sum(len(tok.encode_ordinary(t)) + 2 for t in texts)  # BOS + text + EOS each
+    config = load_job_config(TINY_CONFIG, [*SEQ_64, "--validation.local_batch_size", "2"])
+    loader = HeldOutLoader(ValidationSet(name="few", path=str(path), sequences=64), config, tok,
+                           dp_rank=0, dp_world_size=2)
+    with caplog.at_level(logging.WARNING):
+        got = torch.cat([labels for _, labels in loader.batches()])
+    # Whole global batches of 2 ranks x 2 out of the windows the documents fill, no repeats.
+    full_windows = tokens // (64 + 1)
+    assert got.shape[0] * 2 == full_windows // 4 * 4 < 64
+    assert "evaluating" in caplog.text and "of the 64 sequences" in caplog.text
+    assert "the documents hold no more" in caplog.text

@@ -178,26 +178,64 @@ class RunLog:
     ``write`` on an ``O_APPEND`` descriptor, so a killed process leaves at
     most an incomplete last line, which the next restart and
     :func:`read_run_log` drop.
+
+    The log is a record, not part of training: a write that fails or stops
+    short (full disk, NFS) is a warning and training goes on (an exception
+    here, on the metrics rank only, would leave the other ranks waiting in
+    a collective). After a short write the next record starts on a fresh
+    line, so the torn line is skipped on reading and never merges with it.
     """
 
     def __init__(self, path: str | os.PathLike, first_step: int):
         self.path = Path(path)
+        self._fd = -1
+        # True while the file ends inside a line (a write stopped short).
+        self._torn = False
         self.path.parent.mkdir(parents=True, exist_ok=True)
         kept = [r for r in read_run_log(self.path) if r["step"] < first_step]
         # Rewrite through a temporary file: a kill now leaves the old or the new file.
         tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(_line(r) for r in kept)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.writelines(_line(r) for r in kept)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        except OSError as e:
+            # Appending to the old file would keep the steps this restart redoes.
+            tmp.unlink(missing_ok=True)
+            logger.warning(
+                f"Run log {self.path}: could not rewrite it for the restart at step "
+                f"{first_step} ({e}); this attempt writes no run log, training goes on"
+            )
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
-        """Append one line for ``step``."""
+        """Append one line for ``step`` (a failed write is a warning, not an error)."""
+        if self._fd < 0:
+            return
         record = {"step": step, "time": time.time()}
         record.update((k, float(v)) for k, v in scalars.items())
-        os.write(self._fd, _line(record).encode("utf-8"))
+        data = _line(record).encode("utf-8")
+        if self._torn:
+            # End the torn line first: it is then one unreadable line, skipped on reading.
+            data = b"\n" + data
+        written, error = 0, None
+        try:
+            while written < len(data):
+                n = os.write(self._fd, data[written:])
+                if n <= 0:
+                    break
+                written += n
+        except OSError as e:
+            error = e
+        if written == len(data):
+            self._torn = False
+            return
+        if written:
+            self._torn = not data[:written].endswith(b"\n")
+        reason = error or f"only {written} of {len(data)} bytes written"
+        logger.warning(f"Run log {self.path}: step {step} not recorded ({reason}); training goes on")
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -213,14 +251,30 @@ def read_run_log(path: str | os.PathLike) -> list[dict[str, Any]]:
     """The records of a ``metrics.jsonl``, in file order ([] if there is none).
 
     A last line without its newline (a write cut short by a kill) is left out.
+    A line that is not a JSON object with an integer ``step`` (a write torn by
+    a full disk, an edit) is skipped with a warning naming file and line, so
+    one bad line cannot stop every restart.
     """
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
     except FileNotFoundError:
         return []
     lines = text.split("\n")
+    records = []
     # The part after the last newline is empty, or a torn write.
-    return [json.loads(line) for line in lines[:-1] if line]
+    for number, line in enumerate(lines[:-1], start=1):
+        if not line:
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as e:
+            logger.warning(f"{path}:{number}: unreadable run-log line skipped ({e})")
+            continue
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            logger.warning(f"{path}:{number}: run-log line without an integer \"step\" skipped")
+            continue
+        records.append(record)
+    return records
 
 
 class SwallowMetricsProcessor(MetricsProcessor):

@@ -11,8 +11,9 @@ the tokenizer (``data.tokenizer``), HF folders (``hf``), checkpoints
 
 from __future__ import annotations
 
+import copy
 import os
-from dataclasses import replace
+from typing import Any
 
 from swallow_titan.checkpoint.dcp_reader import checkpoint_steps
 from swallow_titan.config.checks import Layout, check_values
@@ -31,18 +32,24 @@ from swallow_titan.eval import EvalUnavailableError, require_lm_eval
 from swallow_titan.hf.config import HFConfigError, check_hf_config_matches_flavor
 from swallow_titan.hf.export import ExportError, parse_size
 from swallow_titan.hf.weights import HFWeightsError, check_hf_tensors, list_safetensors
-from swallow_titan.model.args import FLAVORS, SwallowModelArgs
+from swallow_titan.model.family import LLAMA, family_of_config, is_moe
 
 
-def model_args(config, source: str) -> SwallowModelArgs:
-    """The flavor's arguments (a copy), updated from the config."""
-    if config.model.flavor not in FLAVORS:
+def model_args(config, source: str) -> Any:
+    """The flavor's arguments (a deep copy), updated from the config.
+
+    The flavors are those of the family ``[model] name`` chooses (Llama-3.1's
+    or Qwen3's, ``swallow_titan.model.family``).
+    """
+    family = family_of_config(config)
+    if config.model.flavor not in family.flavors:
         raise config_error(
             source,
             "model.flavor",
-            f"unknown flavor {config.model.flavor!r}; expected one of {sorted(FLAVORS)}",
+            f"unknown {family.label} flavor {config.model.flavor!r} for model.name "
+            f"{config.model.name!r}; expected one of {sorted(family.flavors)}",
         )
-    args = replace(FLAVORS[config.model.flavor])
+    args = copy.deepcopy(family.flavors[config.model.flavor])
     args.update_from_config(config)
     return args
 
@@ -108,7 +115,9 @@ def check_job_config(config, world_size: int, source: str) -> Layout:
     return layout
 
 
-def _check_model(config, args: SwallowModelArgs, layout: Layout, source: str) -> None:
+def _check_model(config, args: Any, layout: Layout, source: str) -> None:
+    if family_of_config(config) is not LLAMA:
+        _check_qwen3(config, args, layout, source)
     for name, heads in (("n_heads", args.n_heads), ("n_kv_heads", args.n_kv_heads)):
         if heads % layout.tp:
             raise config_error(
@@ -142,7 +151,55 @@ def _check_sources(config, source: str) -> None:
         raise ConfigError(str(e)) from None
 
 
-def _check_tokenizer(config, args: SwallowModelArgs, source: str) -> None:
+def _check_qwen3(config, args: Any, layout: Layout, source: str) -> None:
+    """What the Qwen3 family does not (yet) do that Llama does."""
+    k = config.kernels
+    if k.rmsnorm != "torch" or k.loss != "torch":
+        raise config_error(
+            source,
+            "kernels",
+            f"rmsnorm = {k.rmsnorm!r}, loss = {k.loss!r}: the Triton kernels serve the "
+            'Llama family only so far; Qwen3 runs with rmsnorm = "torch" and loss = "torch"',
+        )
+    if layout.pp > 1:
+        raise config_error(
+            source,
+            "parallelism.pipeline_parallel_degree",
+            f"{layout.pp}: torchtitan's Qwen3 model has no pipeline split; use 1",
+        )
+    if layout.tp > 1 and config.data.reset_position_ids:
+        raise config_error(
+            source,
+            "data.reset_position_ids",
+            "true with tensor_parallel_degree > 1: torchtitan 0.2.2's Qwen3 TP plan "
+            "leaves per-document positions unsharded and its RoPE lookup fails on them; "
+            "use false (or tensor_parallel_degree = 1)",
+        )
+    from swallow_titan import DEVICE_TYPE
+
+    if layout.tp > 1 and DEVICE_TYPE == "cpu":
+        raise config_error(
+            source,
+            "parallelism.tensor_parallel_degree",
+            f"{layout.tp}: Qwen3's TP attention runs SDPA on DTensors, and torch has no "
+            "DTensor rule for the CPU kernel; TP for Qwen3 needs a GPU",
+        )
+    ep = config.parallelism.expert_parallel_degree
+    if ep > 1 and not is_moe(args):
+        raise config_error(
+            source,
+            "parallelism.expert_parallel_degree",
+            f"{ep}, but flavor {config.model.flavor!r} is dense (no experts); use 1",
+        )
+    if is_moe(args) and args.moe_args.num_experts % ep:
+        raise config_error(
+            source,
+            "parallelism.expert_parallel_degree",
+            f"{ep} does not divide the flavor's {args.moe_args.num_experts} experts",
+        )
+
+
+def _check_tokenizer(config, args: Any, source: str) -> None:
     try:
         tokenizer = load_tokenizer(config.model.hf_assets_path, config.model.tokenizer_kind)
     except (TokenizerFileError, OSError) as e:

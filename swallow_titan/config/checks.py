@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from torchtitan.tools.logging import logger
 
 from swallow_titan.config.errors import config_error
-from swallow_titan.config.sections import FLOAT8_CONVERTER, FUSED_LOSS, MODEL_NAME
+from swallow_titan.config.sections import FLOAT8_CONVERTER, FUSED_LOSS, MODEL_NAMES
 
 
 @dataclass(frozen=True)
@@ -118,11 +118,12 @@ def grad_accum_steps(config, layout: Layout, source: str) -> int:
 
 def check_values(config, world_size: int, source: str) -> Layout:
     """The checks that need only the config's values. Returns the layout."""
-    if config.model.name != MODEL_NAME:
+    if config.model.name not in MODEL_NAMES:
         raise config_error(
             source,
             "model.name",
-            f"swallow-titan trains {MODEL_NAME!r}, got {config.model.name!r}",
+            f"swallow-titan trains one of {', '.join(map(repr, MODEL_NAMES))} "
+            f"(Llama-3.1, Qwen3), got {config.model.name!r}",
         )
     layout = resolve_layout(config, world_size, source)
     grad_accum_steps(config, layout, source)

@@ -13,12 +13,18 @@ field types at run time.
 from dataclasses import dataclass, field
 from typing import Literal
 
-# The model name the "swallow" TrainSpec is registered under (model.name).
+# The model names the TrainSpecs are registered under ([model] name): the
+# model family. "swallow" is Llama-3.1 (torchtitan's llama3 model),
+# "swallow_qwen3" is Qwen3, dense and MoE (torchtitan's qwen3 model).
 MODEL_NAME = "swallow"
+QWEN3_MODEL_NAME = "swallow_qwen3"
+MODEL_NAMES = (MODEL_NAME, QWEN3_MODEL_NAME)
 # Option values the code branches on.
 TRITON_NORM = "triton"  # kernels.rmsnorm
 FUSED_LOSS = "fused_linear_ce"  # kernels.loss
 FLOAT8_CONVERTER = "quantize.linear.float8"  # an entry of model.converters
+AUX_LOSS = "aux_loss"  # moe.load_balance
+AUX_LOSS_FREE = "aux_loss_free"  # moe.load_balance
 
 
 @dataclass
@@ -291,6 +297,34 @@ class Eval:
 
 
 @dataclass
+class Moe:
+    """``[moe]``: Mixture-of-Experts training (the Qwen3 MoE flavors; ignored by dense ones).
+
+    The default keeps the objective Qwen3-MoE was released with: its auxiliary
+    load-balancing loss with HF's ``router_aux_loss_coef`` (0.001). torchtitan's
+    auxiliary-loss-free balancing instead routes with a per-expert bias that
+    Hugging Face's Qwen3-MoE has no place for: an export drops it, so the
+    exported model would route differently from the trained one.
+    """
+
+    load_balance: Literal["aux_loss", "aux_loss_free", "none"] = "aux_loss"
+    """"aux_loss": add ``aux_loss_coef`` x the Switch-style balance loss per MoE
+    layer (as HF's Qwen3-MoE computes it) to the training loss. "aux_loss_free":
+    torchtitan's expert bias, moved by ``bias_update_rate`` before each optimizer
+    step toward equal load. "none": neither."""
+
+    aux_loss_coef: float = 0.001
+    """HF ``router_aux_loss_coef``; Qwen3-30B-A3B's value is 0.001."""
+
+    bias_update_rate: float = 0.001
+    """torchtitan's ``load_balance_coeff``: the step of the expert-bias update."""
+
+    grouped_mm: bool = True
+    """Run the experts with ``torch._grouped_mm`` on GPU (bf16); on CPU, and when
+    false, torchtitan's per-expert loop runs instead."""
+
+
+@dataclass
 class JobConfig:
     data: Data = field(default_factory=Data)
     model: Model = field(default_factory=Model)
@@ -301,3 +335,4 @@ class JobConfig:
     guard: Guard = field(default_factory=Guard)
     debug: Debug = field(default_factory=Debug)
     eval: Eval = field(default_factory=Eval)
+    moe: Moe = field(default_factory=Moe)

@@ -230,7 +230,7 @@ def check_vocabulary(index: MegatronIndex, vocab_size: int, source_name: str,
             at = int(start + bad[0])
             raise DataSourceError(
                 f"[[data.sources]] '{source_name}': Megatron dataset {index.bin_path!r} "
-                f"holds token id {data[at]!r} (token {at:,}), which cannot belong to the "
+                f"holds token id {data[at].item()!r} (token {at:,}), which cannot belong to the "
                 f"tokenizer{f' {tokenizer_path!r}' if tokenizer_path else ''} with "
                 f"{vocab_size:,} ids: the file was tokenized with another tokenizer. Use "
                 "the tokenizer it was written with ([model] hf_assets_path) or re-tokenize"

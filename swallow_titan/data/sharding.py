@@ -140,8 +140,17 @@ def _record_phases(unit: ReadUnit, stride: int, source_name: str, text_field: st
     return seen
 
 
-def split_units(files: Sequence[SourceFile], slots: int, source_name: str) -> list[ReadUnit]:
-    """The read units of ``files`` (step 1 of the module docstring)."""
+def split_units(
+    files: Sequence[SourceFile], slots: int, source_name: str, join_row_groups: bool = False
+) -> list[ReadUnit]:
+    """The read units of ``files`` (step 1 of the module docstring).
+
+    ``join_row_groups``: a Parquet file's row groups are joined into
+    contiguous ranges, as many as its share of ``slots`` by size (as a JSON
+    Lines file's byte ranges are), instead of one unit per row group. For
+    ``pretokenize``, whose units are output pairs; training keeps one unit
+    per row group (its slots' split must not change under a resumed run).
+    """
     if len(files) >= slots:
         return [ReadUnit(f.path, f.format, f.compression, 0, -1, f.size) for f in files]
     total = sum(f.size for f in files)
@@ -156,7 +165,10 @@ def split_units(files: Sequence[SourceFile], slots: int, source_name: str) -> li
                 ReadUnit(f.path, "jsonl", "", a, b, b - a) for a, b in zip(bounds, bounds[1:])
             )
         elif f.format == "parquet":
-            units.extend(_row_group_units(f, source_name))
+            groups = _row_group_units(f, source_name)
+            if join_row_groups and total > 0:
+                groups = _join_row_groups(groups, max(1, math.ceil(slots * f.size / total)))
+            units.extend(groups)
         else:
             units.append(ReadUnit(f.path, f.format, f.compression, 0, -1, f.size))
     return units
@@ -195,6 +207,30 @@ def _row_group_units(f: SourceFile, source_name: str) -> list[ReadUnit]:
         ] or [ReadUnit(f.path, "parquet", "", 0, -1, f.size)]
     finally:
         raw.close()
+
+
+def _join_row_groups(groups: list[ReadUnit], pieces: int) -> list[ReadUnit]:
+    """One file's row-group units joined into ``pieces`` contiguous ranges of
+    about equal bytes (each at least one row group)."""
+    if pieces >= len(groups):
+        return groups
+    total = sum(g.size for g in groups)
+    joined: list[ReadUnit] = []
+    first = size = 0
+    for i, group in enumerate(groups):
+        size += group.size
+        pieces_left = pieces - len(joined) - 1  # after the one being filled
+        if pieces_left and (
+            # its share of the bytes reached, or only one group left per piece
+            size * pieces >= total * (len(joined) + 1) or len(groups) - i - 1 == pieces_left
+        ):
+            joined.append(ReadUnit(group.path, "parquet", "", groups[first].start, group.end,
+                                   sum(g.size for g in groups[first:i + 1])))
+            first = i + 1
+    last = groups[-1]
+    joined.append(ReadUnit(last.path, "parquet", "", groups[first].start, last.end,
+                           sum(g.size for g in groups[first:])))
+    return joined
 
 
 def assign_lanes(units: Sequence[ReadUnit], slots: int) -> list[LaneSpec]:

@@ -1,4 +1,10 @@
-"""Hugging Face ``config.json`` of Llama models, to and from model arguments.
+"""Hugging Face ``config.json``, to and from model arguments, for every model family.
+
+The functions here dispatch on the family: a config.json by its
+``model_type`` / ``architectures`` (``qwen3`` / ``qwen3_moe``:
+:mod:`swallow_titan.hf.qwen3_config`; ``llama``: here), model arguments by
+their class (:func:`swallow_titan.model.family.family_of_args`). The rest of
+this module is the Llama mapping.
 
 Reading accepts both spellings of RoPE settings in use: ``rope_theta`` +
 ``rope_scaling`` (the Hub's Llama-3.1 files, transformers 4) and
@@ -167,10 +173,11 @@ def _ffn_args(dim: int, intermediate_size: int) -> tuple[int, float | None]:
     return intermediate_size, intermediate_size / base
 
 
-def _require(config: dict[str, Any], key: str, source: str, kind: type = int) -> Any:
+def require_field(config: dict[str, Any], key: str, source: str, kind: type = int) -> Any:
+    """``config[key]``, checked to be a positive integer (or a number); errors name the field."""
     value = config.get(key)
     if value is None:
-        raise HFConfigError(f"{source}: {key}: missing; a Llama config.json defines it")
+        raise HFConfigError(f"{source}: {key}: missing; the model's config.json must define it")
     if kind is int and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
         raise HFConfigError(f"{source}: {key}: expected a positive integer, got {value!r}")
     if kind is float and not isinstance(value, (int, float)):
@@ -178,26 +185,43 @@ def _require(config: dict[str, Any], key: str, source: str, kind: type = int) ->
     return value
 
 
-def model_args_from_hf_config(config: dict[str, Any], source: str) -> SwallowModelArgs:
-    """Model arguments for any Llama-architecture config.json.
+def model_args_from_hf_config(config: dict[str, Any], source: str) -> Any:
+    """Model arguments for a config.json of any family swallow-titan trains.
 
+    ``model_type`` (or ``architectures``) picks the family: ``qwen3`` /
+    ``qwen3_moe`` (any size) or ``llama`` (any Llama-architecture size).
     ``source`` names the file in errors. Raises :class:`HFConfigError` for
-    settings the torchtitan Llama cannot represent (tied embeddings, biases,
-    other activations or RoPE types, a head_dim other than hidden/heads).
+    another model type or settings the family's torchtitan model cannot
+    represent.
     """
+    from swallow_titan.hf.qwen3_config import ARCHITECTURES, is_qwen3_config, qwen3_args_from_hf_config
+
+    if is_qwen3_config(config):
+        return qwen3_args_from_hf_config(config, source)
     model_type = config.get("model_type")
     architectures = config.get("architectures") or []
     if model_type != "llama" and ARCHITECTURE not in architectures:
         raise HFConfigError(
             f"{source}: model_type = {model_type!r}, architectures = {architectures!r}; "
-            f"expected a Llama model (model_type 'llama', {ARCHITECTURE})"
+            f"expected a Llama model (model_type 'llama', {ARCHITECTURE}) or a Qwen3 "
+            f"model (model_type {' or '.join(map(repr, ARCHITECTURES))})"
         )
-    dim = _require(config, "hidden_size", source)
-    n_layers = _require(config, "num_hidden_layers", source)
-    n_heads = _require(config, "num_attention_heads", source)
+    return _llama_args_from_hf_config(config, source)
+
+
+def _llama_args_from_hf_config(config: dict[str, Any], source: str) -> SwallowModelArgs:
+    """Model arguments for any Llama-architecture config.json.
+
+    Raises :class:`HFConfigError` for settings the torchtitan Llama cannot
+    represent (tied embeddings, biases, other activations or RoPE types, a
+    head_dim other than hidden/heads).
+    """
+    dim = require_field(config, "hidden_size", source)
+    n_layers = require_field(config, "num_hidden_layers", source)
+    n_heads = require_field(config, "num_attention_heads", source)
     n_kv_heads = config.get("num_key_value_heads") or n_heads
-    vocab_size = _require(config, "vocab_size", source)
-    intermediate_size = _require(config, "intermediate_size", source)
+    vocab_size = require_field(config, "vocab_size", source)
+    intermediate_size = require_field(config, "intermediate_size", source)
     norm_eps = float(config.get("rms_norm_eps", 1e-6))
     if dim % n_heads:
         raise HFConfigError(
@@ -264,12 +288,42 @@ def _rope_scaling_entry(args: SwallowModelArgs) -> dict[str, Any] | None:
 
 
 def hf_config_from_model_args(
-    args: SwallowModelArgs,
+    args: Any,
     *,
     bos_token_id: int | None,
     eos_token_id: int | list[int] | None,
     dtype: str = "bfloat16",
     max_position_embeddings: int | None = None,
+) -> dict[str, Any]:
+    """A ``config.json`` for the model ``args`` describe (Llama-3.1 or Qwen3), for transformers."""
+    from swallow_titan.model.family import QWEN3, family_of_args
+
+    if family_of_args(args) is QWEN3:
+        from swallow_titan.hf.qwen3_config import hf_config_from_qwen3_args
+
+        return hf_config_from_qwen3_args(
+            args,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            dtype=dtype,
+            max_position_embeddings=max_position_embeddings,
+        )
+    return _llama_hf_config(
+        args,
+        bos_token_id=bos_token_id,
+        eos_token_id=eos_token_id,
+        dtype=dtype,
+        max_position_embeddings=max_position_embeddings,
+    )
+
+
+def _llama_hf_config(
+    args: SwallowModelArgs,
+    *,
+    bos_token_id: int | None,
+    eos_token_id: int | list[int] | None,
+    dtype: str,
+    max_position_embeddings: int | None,
 ) -> dict[str, Any]:
     """A ``config.json`` for ``LlamaForCausalLM`` that transformers 4.4x and 5.x load.
 
@@ -317,6 +371,10 @@ def hf_config_from_model_args(
 
 
 def _model_fields(config: dict[str, Any]) -> dict[str, Any]:
+    from swallow_titan.hf.qwen3_config import is_qwen3_config, qwen3_model_fields
+
+    if is_qwen3_config(config):
+        return qwen3_model_fields(config)
     scaling = config.get("rope_scaling") or {}
     fields = {k: config.get(k) for k in MODEL_FIELDS if "." not in k}
     for key in _LLAMA3_SCALING_KEYS:
@@ -325,7 +383,7 @@ def _model_fields(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def hf_config_mismatches(
-    config: dict[str, Any], args: SwallowModelArgs, source: str
+    config: dict[str, Any], args: Any, source: str
 ) -> list[tuple[str, Any, Any]]:
     """``(field, value in config.json, value the flavor needs)`` for each difference.
 
@@ -338,11 +396,14 @@ def hf_config_mismatches(
     )
     ours = hf_config_from_model_args(args, bos_token_id=None, eos_token_id=None)
     a, b = _model_fields(theirs), _model_fields(ours)
+    if theirs.get("model_type") != ours.get("model_type"):
+        # Another family (or dense vs MoE): the first difference says it all.
+        return [("model_type", theirs.get("model_type"), ours.get("model_type"))]
     return [(k, a[k], b[k]) for k in a if a[k] != b[k]]
 
 
 def check_hf_config_matches_flavor(
-    folder: str | Path, args: SwallowModelArgs, flavor: str
+    folder: str | Path, args: Any, flavor: str
 ) -> dict[str, Any]:
     """Read ``folder/config.json`` and raise if it describes another model than ``args``."""
     source = str(Path(folder) / CONFIG_FILE)

@@ -1,9 +1,11 @@
-"""Convert a Hugging Face Llama folder into a torchtitan/DCP checkpoint.
+"""Convert a Hugging Face folder (Llama-3.1 or Qwen3) into a torchtitan/DCP checkpoint.
 
 For runs on many nodes, where every rank reading the HF files at once is slow:
 convert once, then start runs from the DCP checkpoint
 (``checkpoint.initial_load_path``). Model dimensions come from config.json,
-so any Llama-architecture model converts, not only the registered flavors.
+so any Llama-architecture or Qwen3 (dense or MoE) model converts, not only
+the registered flavors. State HF does not store (the MoE expert bias) is
+written at its initial value, zero.
 The output holds the model weights under torchtitan's names (as a seed
 checkpoint does) in their stored dtype, plus ``swallow_run.json`` so it can
 be exported back.
@@ -30,15 +32,16 @@ from swallow_titan.hf.weights import (
     check_hf_tensors,
     list_safetensors,
     read_hf_tensors,
-    tensors_to_read,
     state_dict_adapter,
+    state_not_in_hf,
+    tensors_to_read,
 )
 from swallow_titan.hf.progress import Progress
 from swallow_titan.hf.run_record import RunRecord
 
 
 def convert_hf_to_dcp(hf_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False) -> Path:
-    """Write the DCP checkpoint of an HF Llama folder; returns ``out_dir``.
+    """Write the DCP checkpoint of an HF folder; returns ``out_dir``.
 
     Checks config.json and that the safetensors hold exactly the model's
     tensors before writing anything. Needs memory for the whole model in its
@@ -57,6 +60,7 @@ def convert_hf_to_dcp(hf_dir: str | Path, out_dir: str | Path, *, overwrite: boo
     dtype = str(next(iter(hf_tensors.values())).dtype).removeprefix("torch.")
     native = state_dict_adapter(args).from_hf(hf_tensors)
     del hf_tensors
+    native.update(state_not_in_hf(args))
     record = RunRecord(
         hf_config=hf_config_from_model_args(
             args,

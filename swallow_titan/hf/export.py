@@ -1,11 +1,14 @@
 """Export a torchtitan/DCP checkpoint as a Hugging Face Hub-ready folder.
 
 The folder holds ``model-0000i-of-0000n.safetensors`` + ``model.safetensors.
-index.json``, ``config.json`` (``LlamaForCausalLM``, RoPE in both spellings),
+index.json``, ``config.json`` (``LlamaForCausalLM`` or ``Qwen3ForCausalLM`` /
+``Qwen3MoeForCausalLM``, RoPE in both spellings),
 ``generation_config.json``, the run's tokenizer files and a ``README.md``
 model card. Weights are read and written one output shard at a time (peak
-memory about one shard), renamed to HF names with the q/k RoPE permutation by
-torchtitan's ``Llama3StateDictAdapter``. The folder appears under its final
+memory about one shard), renamed to HF names by the family's torchtitan adapter
+(``Llama3StateDictAdapter`` with the q/k RoPE permutation; ``Qwen3StateDictAdapter``).
+The MoE expert bias of auxiliary-loss-free balancing has no place in HF's
+Qwen3-MoE: it is left out, with a warning when it is not zero. The folder appears under its final
 name only when complete.
 """
 
@@ -17,6 +20,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -26,6 +30,7 @@ from swallow_titan.checkpoint.dcp_reader import DCPCheckpoint, locate_checkpoint
 from swallow_titan.hf.atomic import staged_folder
 from swallow_titan.hf.config import CONFIG_FILE, model_args_from_hf_config
 from swallow_titan.hf.weights import (
+    EXPERT_BIAS,
     HF_INDEX,
     hf_names,
     native_tensor_shapes,
@@ -183,6 +188,7 @@ def export_hf(
             + (f"missing {', '.join(missing[:6])}" if missing else "")
             + (f"; other shapes for {', '.join(wrong[:6])}" if wrong else "")
         )
+    _warn_about_dropped_expert_bias(ckpt, args, step_dir)
     tokenizer_root = Path(tokenizer_path or record.tokenizer_path or "")
     tokenizer = tokenizer_files(tokenizer_root) if str(tokenizer_root) else []
     if not tokenizer:
@@ -255,6 +261,20 @@ def export_hf(
         f"safetensors files, {total_bytes / 1e9:.2f} GB in {dtype}"
     )
     return ExportResult(out_dir, summary.step, shard_files, total_bytes)
+
+
+def _warn_about_dropped_expert_bias(ckpt: DCPCheckpoint, args: Any, step_dir: Path) -> None:
+    """Warn when the export changes routing: a non-zero expert bias is not exported."""
+    names = [n for n in ckpt.tensors() if n.endswith(EXPERT_BIAS)]
+    if not names:
+        return
+    largest = max(t.abs().max().item() for t in ckpt.read_tensors(names).values())
+    if largest > 0:
+        logger.warning(
+            f"{step_dir}: the MoE expert bias ([moe] load_balance = \"aux_loss_free\") is "
+            f"non-zero (largest |bias| {largest:.3g}) and Hugging Face's Qwen3-MoE has no "
+            "place for it: the exported model routes tokens without it, not as trained"
+        )
 
 
 def _write_json(path: Path, data: object) -> None:

@@ -63,6 +63,20 @@ def _value(v: Any) -> str:
     return f"`{v:g}`" if isinstance(v, float) else f"`{v}`"
 
 
+def _architecture(config: dict[str, Any]) -> str:
+    return (config.get("architectures") or ["LlamaForCausalLM"])[0]
+
+
+def _ffn(config: dict[str, Any]) -> str:
+    """The feed-forward layer: dense width, or experts (Qwen3-MoE)."""
+    if config.get("num_experts"):
+        return (
+            f"{config['num_experts']} experts of width {config.get('moe_intermediate_size')}, "
+            f"{config.get('num_experts_per_tok')} per token"
+        )
+    return f"FFN {config.get('intermediate_size')}"
+
+
 def _rope(config: dict[str, Any]) -> str:
     scaling = config.get("rope_scaling")
     text = f"RoPE theta {config.get('rope_theta'):g}"
@@ -81,7 +95,8 @@ def _front_matter(record: RunRecord, languages: list[str]) -> list[str]:
     if languages:
         lines.append("language:")
         lines += [f"- {lang}" for lang in languages]
-    lines += ["tags:", "- llama", "- swallow-titan", "- continual-pretraining", "---", ""]
+    family_tag = str(record.hf_config.get("model_type") or "llama").split("_")[0]
+    lines += ["tags:", f"- {family_tag}", "- swallow-titan", "- continual-pretraining", "---", ""]
     return lines
 
 
@@ -216,10 +231,11 @@ def render_model_card(
         "",
         "## Model",
         "",
-        f"- Architecture: `LlamaForCausalLM`, {config.get('num_hidden_layers')} layers, hidden "
-        f"size {config.get('hidden_size')}, {config.get('num_attention_heads')} attention heads, "
-        f"{config.get('num_key_value_heads')} KV heads, FFN {config.get('intermediate_size')}, "
-        f"vocabulary {config.get('vocab_size'):,}",
+        f"- Architecture: `{_architecture(config)}`, {config.get('num_hidden_layers')} layers, "
+        f"hidden size {config.get('hidden_size')}, {config.get('num_attention_heads')} attention "
+        f"heads, {config.get('num_key_value_heads')} KV heads, {_ffn(config)}, "
+        f"vocabulary {config.get('vocab_size'):,}"
+        + (", tied embeddings" if config.get("tie_word_embeddings") else ""),
         f"- {_rope(config)}",
         f"- Weights: `{dtype}`",
         f"- Base model: {base}",

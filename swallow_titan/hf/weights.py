@@ -1,9 +1,10 @@
-"""The tensors of a Hugging Face Llama safetensors folder.
+"""The tensors of a Hugging Face safetensors folder (Llama-3.1 or Qwen3).
 
 Names and shapes come from torchtitan's own model (built on the meta device)
-renamed by torchtitan's ``Llama3StateDictAdapter`` (which also applies the
-q/k RoPE permutation), so the expected HF tensors are exactly those the
-model has. A folder is listed from the safetensors headers alone, so checks
+renamed by the family's torchtitan state-dict adapter (``Llama3StateDictAdapter``
+also applies the q/k RoPE permutation; ``Qwen3StateDictAdapter`` drops the tied
+output weight and splits grouped experts into one tensor per expert), so the
+expected HF tensors are exactly those the model has. A folder is listed from the safetensors headers alone, so checks
 read no weights; the load into a sharded model reads, on every rank, only the
 slices that rank holds (DCP's ``HuggingFaceStorageReader`` over memory-mapped
 files).
@@ -16,22 +17,26 @@ import math
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
 from safetensors import safe_open
 from torch import nn
 from torch.distributed.checkpoint import HuggingFaceStorageReader
-from torchtitan.models.llama3.model.model import Transformer
-from torchtitan.models.llama3.model.state_dict_adapter import Llama3StateDictAdapter
+from torchtitan.protocols.state_dict_adapter import BaseStateDictAdapter
 
 from swallow_titan.checkpoint.integrity import HF_INDEX
 from swallow_titan.hf.progress import Progress
-from swallow_titan.model.args import SwallowModelArgs
+from swallow_titan.model.family import family_of_args
 from swallow_titan.model.state import model_state, set_model_state
 
 # Some older conversions store RoPE's inverse frequencies; the model computes them.
 _IGNORED_HF_TENSOR = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+
+
+# torchtitan's MoE buffer of auxiliary-loss-free load balancing (per layer).
+EXPERT_BIAS = "moe.expert_bias"
 
 
 class HFWeightsError(ValueError):
@@ -54,32 +59,64 @@ class StoredTensor:
         return math.prod(self.shape) * (int(bits.group()) // 8 if bits else 1)
 
 
-def state_dict_adapter(args: SwallowModelArgs) -> Llama3StateDictAdapter:
-    """torchtitan's Llama-3 name mapping and q/k permutation for ``args``."""
-    return Llama3StateDictAdapter(args, None)
+def state_dict_adapter(args: Any) -> BaseStateDictAdapter:
+    """torchtitan's name mapping (and Llama's q/k permutation) for ``args``' family."""
+    return family_of_args(args).state_dict_adapter(args, None)
 
 
-def native_tensor_shapes(args: SwallowModelArgs) -> dict[str, tuple[int, ...]]:
-    """The model's parameter names and shapes, in module order (no memory used)."""
+def native_tensor_shapes(args: Any) -> dict[str, tuple[int, ...]]:
+    """The model's state names and shapes, in module order (no memory used)."""
     with torch.device("meta"):
-        model = Transformer(replace(args, max_seq_len=1))
+        model = family_of_args(args).model_cls(replace(args, max_seq_len=1))
     return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 
-def hf_names(args: SwallowModelArgs) -> dict[str, str]:
-    """Native parameter name -> HF tensor name, in module order."""
+def _hf_tensors_by_native(args: Any) -> dict[str, dict[str, tuple[int, ...]]]:
+    """Native name -> {HF name: shape}: one HF tensor for most, one per expert for
+    grouped experts, none for what HF does not store (a tied output weight, the
+    MoE expert bias)."""
     adapter = state_dict_adapter(args)
-    names = {}
-    for name, shape in native_tensor_shapes(args).items():
-        (hf_name,) = adapter.to_hf({name: torch.empty(shape, device="meta")})
-        names[name] = hf_name
-    return names
+    return {
+        name: {
+            hf: tuple(t.shape)
+            for hf, t in adapter.to_hf({name: torch.empty(shape, device="meta")}).items()
+        }
+        for name, shape in native_tensor_shapes(args).items()
+    }
 
 
-def hf_tensor_shapes(args: SwallowModelArgs) -> dict[str, tuple[int, ...]]:
-    """HF tensor name -> shape, for the tensors a Llama with ``args`` has."""
-    shapes = native_tensor_shapes(args)
-    return {hf: shapes[native] for native, hf in hf_names(args).items()}
+def state_not_in_hf(args: Any) -> dict[str, torch.Tensor]:
+    """The model state HF does not store, at its initial value: the MoE expert
+    bias of auxiliary-loss-free balancing (zero at the start of training).
+
+    A converted checkpoint holds it, so a run started from it finds every
+    entry its model has.
+    """
+    stored = hf_names(args)
+    return {
+        name: torch.zeros(shape)
+        for name, shape in native_tensor_shapes(args).items()
+        if name not in stored and name.endswith(EXPERT_BIAS)
+    }
+
+
+def hf_names(args: Any) -> dict[str, tuple[str, ...]]:
+    """Native state name -> its HF tensor names, in module order, for the
+    native tensors an HF folder stores."""
+    return {
+        native: tuple(hf)
+        for native, hf in _hf_tensors_by_native(args).items()
+        if hf
+    }
+
+
+def hf_tensor_shapes(args: Any) -> dict[str, tuple[int, ...]]:
+    """HF tensor name -> shape, for the tensors a model with ``args`` has."""
+    return {
+        hf: shape
+        for tensors in _hf_tensors_by_native(args).values()
+        for hf, shape in tensors.items()
+    }
 
 
 def list_safetensors(folder: str | Path) -> dict[str, StoredTensor]:
@@ -147,7 +184,7 @@ def _some(names: list[str], limit: int = 6) -> str:
 
 
 def check_hf_tensors(
-    listing: dict[str, StoredTensor], args: SwallowModelArgs, folder: str | Path
+    listing: dict[str, StoredTensor], args: Any, folder: str | Path
 ) -> None:
     """Raise naming every missing, unexpected or wrongly shaped tensor."""
     expected = hf_tensor_shapes(args)
@@ -165,7 +202,7 @@ def check_hf_tensors(
         problems.append(f"{len(missing)} tensors the model needs are missing: {_some(missing)}")
     if unexpected:
         problems.append(
-            f"{len(unexpected)} tensors are not part of this Llama model (unexpected): "
+            f"{len(unexpected)} tensors are not part of this model (unexpected): "
             f"{_some(unexpected)}"
         )
     if wrong_shape:
@@ -204,7 +241,7 @@ def tensors_to_read(listing: dict[str, StoredTensor]) -> list[StoredTensor]:
 
 
 def load_hf_weights(
-    model_parts: list[nn.Module], folder: str | Path, args: SwallowModelArgs
+    model_parts: list[nn.Module], folder: str | Path, args: Any
 ) -> int:
     """Load an HF folder's weights into a (possibly FSDP/TP-sharded) model in place.
 

@@ -14,6 +14,7 @@ peak resident set size, so the "memory" metric stays meaningful.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import resource
 import types
@@ -113,3 +114,24 @@ def _cpu_shims() -> dict:
         # to barrier(device_ids=[...]), which needs an index.
         "current_device": lambda: 0,
     }
+
+
+def integer_histc_on_cpu(histc):
+    """``torch.histc`` that also takes integer tensors on CPU (counted as float).
+
+    torchtitan's MoE router and token reorderer count tokens per expert with
+    ``torch.histc`` of the int64 expert indices; CUDA's histogram takes
+    integers, CPU's raises NotImplementedError. Expert indices are small
+    integers, exact in float32, and with ``bins = max - min`` every bin is one
+    index wide, so the counts are the same; they are returned in the input's
+    dtype, as CUDA does.
+    """
+
+    @functools.wraps(histc)
+    def wrapper(input, *args, **kwargs):
+        if input.device.type == "cpu" and not input.is_floating_point():
+            return histc(input.float(), *args, **kwargs).to(input.dtype)
+        return histc(input, *args, **kwargs)
+
+    wrapper.__wrapped_histc__ = histc
+    return wrapper

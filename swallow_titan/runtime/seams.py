@@ -8,7 +8,9 @@ torchtitan's (``reimplemented``), or attributes torchtitan's ``__init__``
 sets that we read or change (``attributes``). ``SEAMS`` lists them all;
 ``seam_problems()`` checks each against the installed packages, and
 ``tests/test_seams.py`` fails with that list when a torchtitan or torch
-upgrade renames, removes or changes one. For a re-implemented method the
+upgrade renames, removes or changes one; ``call_site_problems()`` checks that
+every keyword our code passes to a seam is among the ``params`` checked (a
+renamed keyword would otherwise fail at run time only). For a re-implemented method the
 check pins a hash of torchtitan's source: when it changes, compare the new
 torchtitan method with ours (named in ``used_in``), port what matters, and
 update the hash.
@@ -26,9 +28,12 @@ itself and needs no patch). The CPU shims they install live in
 
 from __future__ import annotations
 
+import ast
 import contextlib
+import functools
 import hashlib
 import importlib
+import importlib.util
 import inspect
 import re
 import sys
@@ -60,7 +65,9 @@ class Seam:
     """Our module (and function) that relies on it."""
     why: str
     params: tuple[str, ...] | None = None
-    """The parameter names we rely on (a callable), checked when given."""
+    """The parameter names we rely on (a callable), checked when given: the
+    signature starts with them, in this order. Every keyword our code passes
+    to ``target`` must be among them (see :func:`call_site_problems`)."""
     source_sha256: str | None = None
     """First 16 hex digits of sha256(inspect.getsource(target)), for "reimplemented"."""
     attributes: tuple[str, ...] = field(default=())
@@ -86,6 +93,61 @@ SEAMS: tuple[Seam, ...] = (
         "get_device_properties, reset_peak_memory_stats, empty_cache, memory_stats, "
         "max_memory_allocated, current_device); torchtitan.distributed.utils and "
         "components.metrics copy it by name at import, after the patch.",
+    ),
+    Seam(
+        "torch.histc",
+        "patch",
+        "swallow_titan.runtime.seams.select_device",
+        "On CPU wrapped by device.integer_histc_on_cpu: torchtitan's MoE router and "
+        "reorderer (torchtitan.models.moe.moe) histogram int64 expert indices, which "
+        "only CUDA's histc takes.",
+    ),
+    Seam(
+        "torchtitan.models.moe.utils.generate_permute_indices",
+        "patch",
+        "swallow_titan.runtime.seams.use_cpu_expert_permutation",
+        "Expert parallelism on CPU: torchtitan's _permute calls it without use_cpu "
+        "(a Triton GPU kernel); it is replaced by itself with use_cpu=True.",
+        params=(
+            "tokens_per_expert_group",
+            "experts_per_rank",
+            "num_ranks",
+            "max_len",
+            "alignment",
+            "use_cpu",
+        ),
+    ),
+    # ------------------------------------------------------------ Qwen3 / MoE
+    Seam(
+        "torchtitan.models.qwen3.get_train_spec",
+        "private",
+        "swallow_titan.model.family.QWEN3",
+        "Upstream PR #3666: 0.2.2's qwen3 spec builds plain optimizers, so the MoE "
+        "expert-bias hook is never registered; our Qwen3 family uses "
+        "build_optimizers_with_moe_load_balancing. Pinned: when upstream's spec "
+        "changes, check whether the fix landed and drop ours.",
+        source_sha256="a15b16299b24cd61",
+    ),
+    Seam(
+        "torchtitan.distributed.NoParallel._prepare_output_fn",
+        "private",
+        "swallow_titan.model.parallelize.sum_router_gradients_over_tp",
+        "Upstream issue #2387 / PR #2416: the router gate's output is made local "
+        "without Partial grad placements, so its TP gradient is never summed; our "
+        "hook sums it. Pinned: when this changes, check (tests/moe_tp_checks.py "
+        "says so) whether the fix landed and drop ours.",
+        source_sha256="2a50c745a0baa6a3",
+    ),
+    Seam(
+        "torchtitan.models.moe.moe.MoE.forward",
+        "private",
+        "swallow_titan.components.moe_metrics.ExpertLoadMeter, "
+        "swallow_titan.model.qwen3.SwallowQwen3Model",
+        "We read MoE.tokens_per_expert / load_balance_coeff / expert_bias and hook "
+        "router.gate's output (the logits, for the auxiliary loss) as this forward "
+        "uses them. Pinned: re-check those names and that the gate's output is "
+        "still the raw logits when it changes.",
+        source_sha256="cd182b383f69db58",
     ),
     Seam(
         "torchtitan.tools.utils.device_type",
@@ -512,6 +574,24 @@ SEAMS: tuple[Seam, ...] = (
         "swallow_titan.simulate.simulate",
         "The store the fake process group is initialised with (any rank, any size).",
     ),
+    # ------------------------------------------------------ GPU smoke (benchmarks)
+    Seam(
+        "torchtitan.distributed.utils.set_determinism",
+        "private",
+        "benchmarks.gpu_e2e.recipe_path",
+        "With debug.deterministic, torchtitan recompiles FlexAttention without "
+        "max-autotune; the GPU smoke turns it on (warnings only) so that cold "
+        "compilation fits its time budget. The pinned source hash tells when that "
+        "behaviour may have changed.",
+        params=("parallel_dims", "device", "debug_config", "distinct_seed_mesh_dims"),
+        source_sha256="0d4253aca27f0ae4",
+    ),
+    Seam(
+        "torchtitan.models.attention.FlexAttentionWrapper._compiled_flex_attn",
+        "private",
+        "tests/test_gpu_run.py",
+        "The compiled flex_attention whose compiler options show max-autotune on or off.",
+    ),
     # ------------------------------------------------- lm-eval (the [eval] extra)
     Seam(
         "lm_eval.tasks._yaml_loader.load_yaml",
@@ -519,7 +599,7 @@ SEAMS: tuple[Seam, ...] = (
         "swallow_titan.eval.tasks.unreadable_yaml",
         "lm-eval's task index skips a YAML file it cannot parse without a word; "
         "parsing each file with lm-eval's own loader (its !function tags) names it.",
-        params=("path",),
+        params=("path", "resolve_func"),
     ),
     Seam(
         "lm_eval.tasks._index.Entry",
@@ -557,7 +637,7 @@ DEVICE_SEAMS: tuple[DeviceSeam, ...] = (
         "swallow_titan/runtime/seams.py: select_device",
         "replaces torch._utils._get_available_device_type (reports 'cpu') before "
         "torchtitan is imported, so torchtitan's device_type is 'cpu', and installs "
-        "CpuDeviceModule",
+        "CpuDeviceModule and integer_histc_on_cpu",
         "nothing replaced: torchtitan's device_type is 'cuda'",
         shim=True,
     ),
@@ -567,6 +647,25 @@ DEVICE_SEAMS: tuple[DeviceSeam, ...] = (
         "device-name calls (peak RSS as memory)",
         "torchtitan's device_module stays torch.cuda",
         shim=True,
+    ),
+    DeviceSeam(
+        "swallow_titan/runtime/device.py: integer_histc_on_cpu",
+        "torch.histc takes integer tensors (cast to float; MoE expert counts)",
+        "torch.histc unchanged (CUDA histograms take integers)",
+        shim=True,
+    ),
+    DeviceSeam(
+        "swallow_titan/model/parallelize.py: parallelize_swallow_qwen3",
+        "expert parallelism permutes tokens with torchtitan's CPU index fill "
+        "(seams.use_cpu_expert_permutation)",
+        "torchtitan's Triton index-fill kernel",
+        shim=True,
+    ),
+    DeviceSeam(
+        "swallow_titan/model/qwen3.py: SwallowQwen3ModelArgs",
+        "MoE experts run torchtitan's per-expert loop in the model dtype",
+        "torch._grouped_mm in bf16 unless [moe] grouped_mm = false",
+        shim=False,
     ),
     DeviceSeam(
         "swallow_titan/runtime/device.py: default_ngpu",
@@ -606,9 +705,10 @@ DEVICE_SEAMS: tuple[DeviceSeam, ...] = (
     ),
     DeviceSeam(
         "swallow_titan/components/preflight.py: _check_checkpoint_device, _check_float8, "
-        "_check_kernels_device",
+        "_check_kernels_device, _check_qwen3",
         "refuses pinned-memory async checkpoints, float8 without emulate (or emulated "
-        "with a compiled model), Triton kernels without TRITON_INTERPRET=1",
+        "with a compiled model), Triton kernels without TRITON_INTERPRET=1, Qwen3 "
+        "tensor parallelism (no DTensor rule for CPU SDPA)",
         "no device restriction",
         shim=False,
     ),
@@ -720,6 +820,75 @@ def seam_problems(
     return problems
 
 
+def _used_in_modules(used_in: str) -> list[str]:
+    """Source files of the modules a ``used_in`` names (``a.b.func / c.d``)."""
+    files = []
+    for name in re.findall(r"[A-Za-z_][\w.]*", used_in):
+        parts = name.split(".")
+        for cut in range(len(parts), 0, -1):
+            try:
+                spec = importlib.util.find_spec(".".join(parts[:cut]))
+            except (ImportError, ValueError):
+                spec = None
+            if spec is not None and spec.origin and spec.origin.endswith(".py"):
+                files.append(spec.origin)
+                break
+    return files
+
+
+def passed_keywords(seam: Seam) -> dict[str, set[str]]:
+    """The keywords our code passes to ``seam.target``, by ``file:line``.
+
+    Calls are found by name in the modules ``seam.used_in`` names: a function
+    as ``f(...)`` or ``module.f(...)``, a method as ``self.f(...)``,
+    ``super().f(...)`` or ``Class.f(...)``; ``**kwargs`` cannot be seen.
+    """
+    owner, name = seam.target.rsplit(".", 1)
+    try:
+        # A method is called on self, super() or its class, never on another object.
+        receivers = {"self", "super", owner.rsplit(".", 1)[-1]} if inspect.isclass(
+            resolve(owner)) else None
+    except (ImportError, AttributeError):
+        receivers = None
+    found: dict[str, set[str]] = {}
+    for path in _used_in_modules(seam.used_in):
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read(), path)
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Call):
+                continue
+            func = node.func
+            called = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+            if called != name:
+                continue
+            if receivers is not None:
+                value = func.value if isinstance(func, ast.Attribute) else None
+                receiver = value.func if isinstance(value, ast.Call) else value
+                if getattr(receiver, "id", None) not in receivers:
+                    continue
+            keywords = {k.arg for k in node.keywords if k.arg is not None}
+            if keywords:
+                found[f"{path}:{node.lineno}"] = keywords
+    return found
+
+
+def call_site_problems(seams: tuple[Seam, ...] = SEAMS) -> list[str]:
+    """Keywords our code passes to a seam that its entry does not list (so
+    :func:`seam_problems` would not notice their rename), one line per call."""
+    problems = []
+    for seam in seams:
+        if seam.kind not in ("private", "override", "patch") or seam.params is None:
+            continue
+        for where, keywords in passed_keywords(seam).items():
+            unlisted = sorted(keywords - set(seam.params))
+            if unlisted:
+                problems.append(
+                    f"{seam.target} ({seam.kind}): {where} passes {', '.join(unlisted)}, "
+                    f"which its seam's params {seam.params} do not list"
+                )
+    return problems
+
+
 # ------------------------------------------------------------ the patches
 
 
@@ -733,7 +902,11 @@ def select_device() -> str:
     Idempotent. Raises if torchtitan was imported earlier on a CPU-only machine,
     because its device choice can no longer be changed then.
     """
-    from swallow_titan.runtime.device import CpuDeviceModule, gpu_available
+    from swallow_titan.runtime.device import (
+        CpuDeviceModule,
+        gpu_available,
+        integer_histc_on_cpu,
+    )
 
     if gpu_available():
         return torch._utils._get_available_device_type()
@@ -751,6 +924,8 @@ def select_device() -> str:
     # Modules importing `device_module` by name do so later, and get this one.
     if not isinstance(titan_utils.device_module, CpuDeviceModule):
         titan_utils.device_module = CpuDeviceModule()
+    if not hasattr(torch.histc, "__wrapped_histc__"):
+        torch.histc = integer_histc_on_cpu(torch.histc)
     return "cpu"
 
 
@@ -783,6 +958,21 @@ def dtensor_propagation_in_own_fake_mode() -> Iterator[None]:
         yield
     finally:
         sharding_prop.detect_fake_mode = original
+
+
+def use_cpu_expert_permutation() -> None:
+    """Make torchtitan's expert-parallel token permutation run on CPU.
+
+    ``torchtitan.models.moe.utils._permute`` calls ``generate_permute_indices``
+    without ``use_cpu``, which launches a Triton GPU kernel; torchtitan ships
+    the exact CPU implementation behind ``use_cpu=True``. Called by the Qwen3
+    parallelisation when expert parallelism runs without a GPU. Idempotent.
+    """
+    import torchtitan.models.moe.utils as moe_utils
+
+    current = moe_utils.generate_permute_indices
+    if not isinstance(current, functools.partial):
+        moe_utils.generate_permute_indices = functools.partial(current, use_cpu=True)
 
 
 def use_cpu_profiler_in_stock_trainer() -> None:

@@ -85,11 +85,26 @@ def save_random_llama(
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**config)).to(dtype)
-    model.save_pretrained(folder, max_shard_size=max_shard_size)
+    model = LlamaForCausalLM(LlamaConfig(**config))
+    return _save(model, folder, dtype, max_shard_size, tokenizer)
+
+
+def _save(model, folder: Path, dtype: torch.dtype, max_shard_size: str, tokenizer: Path | None) -> Path:
+    """Save a transformers model in ``dtype`` (sharded), with the tokenizer file beside it."""
+    model.to(dtype).save_pretrained(folder, max_shard_size=max_shard_size)
     if tokenizer is not None:
         shutil.copyfile(tokenizer, folder / tokenizer.name)
     return folder
+
+
+def safetensors_of(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of an HF folder's safetensors files, by name."""
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors
 
 
 def rewrite_config(folder: Path, **changes) -> None:
@@ -179,3 +194,67 @@ def transformers4_python() -> str:
     except OSError:  # another session finished first
         shutil.rmtree(staging, ignore_errors=True)
     return str(python)
+
+
+# The registered Qwen3 `tiny` flavor as an HF config: head_dim 32 with hidden
+# 128 and 8 heads (q is 256 wide: head_dim decoupled from hidden / heads), GQA,
+# tied embeddings, theta 1e6, vocab 4096 = the shipped tokenizer.
+QWEN3_TINY_CONFIG = dict(
+    vocab_size=4096,
+    hidden_size=128,
+    intermediate_size=384,
+    num_hidden_layers=3,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    head_dim=32,
+    rms_norm_eps=1e-6,
+    max_position_embeddings=4096,
+    rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+    tie_word_embeddings=True,
+    bos_token_id=3840,
+    eos_token_id=3841,
+)
+
+# The registered `tiny_moe` flavor as an HF Qwen3-MoE config: 8 experts of
+# width 64, 2 per token with renormalised weights, untied embeddings.
+QWEN3_MOE_TINY_CONFIG = dict(
+    {k: v for k, v in QWEN3_TINY_CONFIG.items() if k != "tie_word_embeddings"},
+    tie_word_embeddings=False,
+    num_experts=8,
+    num_experts_per_tok=2,
+    moe_intermediate_size=64,
+    norm_topk_prob=True,
+    decoder_sparse_step=1,
+    mlp_only_layers=[],
+    router_aux_loss_coef=0.001,
+)
+
+
+def save_random_qwen3(
+    folder: Path,
+    config: dict,
+    *,
+    dtype: torch.dtype = torch.float32,
+    max_shard_size: str = "200KB",
+    seed: int = 0,
+    tokenizer: Path | None = TINY_TOKENIZER,
+) -> Path:
+    """A random ``Qwen3ForCausalLM`` (or ``Qwen3MoeForCausalLM`` when ``config``
+    has experts) saved by transformers (sharded, with index).
+
+    transformers initialises every RMSNorm weight to 1, which would hide a
+    mapping that swaps two norms (q_norm / k_norm, input / post-attention):
+    they are drawn from 1 + 0.2 N(0, 1) instead.
+    """
+    from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(seed)
+    if "num_experts" in config:
+        model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**config))
+    else:
+        model = Qwen3ForCausalLM(Qwen3Config(**config))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+    return _save(model, folder, dtype, max_shard_size, tokenizer)
