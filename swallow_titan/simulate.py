@@ -754,6 +754,11 @@ def measure(config, opts: SimulationOptions, source: str, layers: int | None) ->
     itself is left as it was."""
     start = time.monotonic()
     config = copy.deepcopy(config)
+    if config.model.name != MODEL_NAME:
+        raise ConfigError(
+            f"{source}: model.name: swallow_titan.simulate covers the Llama family "
+            f"({MODEL_NAME!r}) only, got {config.model.name!r}"
+        )
     # Stand-ins first: validation and [eval] are off, so their sizes are not checked.
     stand_ins = apply_stand_ins(config)
     if opts.real:
