@@ -53,6 +53,7 @@ from __future__ import annotations
 import warnings
 
 import torch
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 import torch.distributed as dist
 import triton
 import triton.language as tl
@@ -564,7 +565,10 @@ def _flce_dtensor(
                 "(vocabulary parallel) the hidden states must be replicated on its "
                 f"mesh, got {hidden.placements}"
             )
-        _, offset = compute_local_shape_and_global_offset(weight.shape, mesh, w_pl)
+        # DTensor computes the offset from index tensors; under a fake mode
+        # (swallow_titan.simulate) they must stay real for the offset to be an int.
+        with unset_fake_temporarily():
+            _, offset = compute_local_shape_and_global_offset(weight.shape, mesh, w_pl)
         loss, z = _flce_local(
             # Each rank's hidden gradient covers its vocabulary shard only.
             hidden.to_local(grad_placements=[Partial()]),

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -24,7 +25,12 @@ from torchtitan.components.lr_scheduler import build_lr_schedulers
 
 from kernels.cross_entropy import default_chunk_tokens
 
-from swallow_titan.config.checks import Layout, global_batch_sequences, grad_accum_steps
+from swallow_titan.config.checks import (
+    Layout,
+    global_batch_sequences,
+    grad_accum_steps,
+    resolve_layout,
+)
 from swallow_titan.config.errors import ExitCode
 from swallow_titan.config.manager import ConfigError, load_job_config
 from swallow_titan.config.paths import RunPaths
@@ -41,9 +47,12 @@ GIB = 1024**3
 # Bytes of activations kept per token per layer in bf16 for a Llama block,
 # as multiples of the model width, by activation-checkpointing mode. Without
 # AC a block keeps about 16 x dim for attention (norm, q/k/v, output, the
-# residual) and 10 x ffn_dim for the SwiGLU MLP; selective op-level AC keeps
-# about half (every other matmul output); full AC keeps only the block input.
-_ACT_FACTORS = {"none": 1.0, "selective": 0.5, "memory_budget": 0.5, "full": 0.0}
+# residual) and 10 x ffn_dim for the SwiGLU MLP; full AC keeps only the block
+# input. Selective op-level AC is calibrated against `python -m
+# swallow_titan.simulate` (docs/simulate.md): the 8B recipe at 8 x 8 keeps
+# 905,969,678 bytes per block for 2 x 8,192 tokens (55,296 bytes = 13.5 x dim
+# per token: 2 x dim bf16 for the block input plus 0.186 of the full block).
+_ACT_FACTORS = {"none": 1.0, "selective": 0.186, "memory_budget": 0.186, "full": 0.0}
 
 
 @dataclass
@@ -157,8 +166,9 @@ def estimate_memory(
         gemm_dtype = torch.bfloat16 if bytes_compute == 2 else torch.float32
         chunk = min(tokens, default_chunk_tokens(int(vocab_local), gemm_dtype))
         logits = chunk * vocab_local * (4 + bytes_compute)
-        # Plus the fp32 weight-gradient accumulator of the output layer.
-        logits += vocab_local * args.dim * 4
+        # Plus what its forward keeps for backward: the fp32 weight-gradient
+        # accumulator of the output layer and the fp32 gradient of its input.
+        logits += vocab_local * args.dim * 4 + tokens * args.dim * 4
     else:
         logits = tokens * vocab_local * (bytes_compute + 4 + 4)
     return MemoryEstimate(
@@ -209,6 +219,82 @@ def _averaging_line(plan: dict) -> str:
     )
 
 
+@dataclass(frozen=True)
+class StateBytes:
+    """One rank's parameter, gradient and optimizer-state storage, in bytes."""
+
+    params: int
+    grads: int
+    optimizer: int
+
+
+# Which dimension of each weight torchtitan's llama3 tensor-parallel plan
+# shards (column-wise: the output rows, dim 0; row-wise: the input columns,
+# dim 1; the embedding's vocabulary rows); norms are replicated.
+_TP_SHARD_DIM = {
+    "tok_embeddings.weight": 0,
+    "output.weight": 0,
+    "attention.wq.weight": 0,
+    "attention.wk.weight": 0,
+    "attention.wv.weight": 0,
+    "attention.wo.weight": 1,
+    "feed_forward.w1.weight": 0,
+    "feed_forward.w3.weight": 0,
+    "feed_forward.w2.weight": 1,
+}
+
+
+def _chunk(size: int, parts: int, index: int) -> int:
+    """Length of ``torch.chunk(size, parts)[index]`` (0 past the last chunk):
+    how DTensor's Shard and FSDP2 split a dimension."""
+    full = -(-size // parts)
+    return max(0, min(size, full * (index + 1)) - full * index)
+
+
+def sharded_state_bytes(config, world_size: int, rank: int, source: str = "<config>") -> StateBytes:
+    """What ``rank`` holds of the parameters, gradients and AdamW state, by arithmetic.
+
+    Each weight is first split by tensor parallel (:data:`_TP_SHARD_DIM`, DTensor's
+    ``torch.chunk`` split), then FSDP2 splits the TP-local tensor's dim 0 over
+    ``dp_shard x cp`` ranks and stores every shard padded to ``ceil(rows /
+    shards)`` rows, so parameters and their gradients (reduce-scattered into the
+    same padded layout) cost the padded size. AdamW's two moments are created
+    like the unpadded local shard, plus one 4-byte step count per tensor.
+    HSDP's replicas hold the same as their shard group. Pipeline parallel is not
+    modelled (the whole model is one stage).
+    """
+    from swallow_titan.model.transformer import SwallowTransformer
+
+    layout = resolve_layout(config, world_size, source)
+    args = model_args(config, source)
+    with torch.device("meta"):
+        model = SwallowTransformer(args)
+    tp_rank = rank % layout.tp
+    fsdp = layout.fsdp_shards
+    fsdp_rank = (rank // layout.tp) % fsdp
+    p_bytes = 4 if config.training.dtype == "float32" else 2
+    padded = unpadded = tensors = 0
+    for name, param in model.named_parameters():
+        shape = list(param.shape)
+        if layout.tp > 1:
+            dim = next((d for suffix, d in _TP_SHARD_DIM.items() if name.endswith(suffix)), None)
+            if dim is not None:
+                shape[dim] = _chunk(shape[dim], layout.tp, tp_rank)
+        rest = math.prod(shape[1:])
+        if fsdp > 1:
+            padded += -(-shape[0] // fsdp) * rest
+            unpadded += _chunk(shape[0], fsdp, fsdp_rank) * rest
+        else:
+            padded += shape[0] * rest
+            unpadded += shape[0] * rest
+        tensors += 1
+    return StateBytes(
+        params=padded * p_bytes,
+        grads=padded * p_bytes,
+        optimizer=2 * unpadded * p_bytes + 4 * tensors,
+    )
+
+
 def _ffn_dim(args: Any) -> int:
     hidden = int(2 * 4 * args.dim / 3)
     if args.ffn_dim_multiplier is not None:
@@ -244,8 +330,19 @@ def output_paths(config) -> dict[str, str]:
     }
 
 
-def build_plan(config, ngpu: int, nnodes: int, source: str) -> dict:
-    """The plan as one JSON-able dict (raises ConfigError on structural errors)."""
+def build_plan(
+    config,
+    ngpu: int,
+    nnodes: int,
+    source: str,
+    gpu: str = "h200",
+    simulated: dict | None = None,
+) -> dict:
+    """The plan as one JSON-able dict (raises ConfigError on structural errors).
+
+    ``simulated`` is a :func:`swallow_titan.simulate.simulate` result as JSON;
+    when given, the memory figure is the simulation's peak, else the formula's.
+    """
     world_size = ngpu * nnodes
     layout = check_structure(config, world_size, source)
     args = model_args(config, source)
@@ -338,7 +435,8 @@ def build_plan(config, ngpu: int, nnodes: int, source: str) -> dict:
         "eval": _eval_plan(config, global_seqs * seq_len),
         "averaging": _averaging_plan(config),
         "guard": _guard_plan(config, global_seqs * seq_len),
-        "memory_gib": {**asdict(memory), "total": memory.total},
+        "memory_gib": _memory_entry(memory, simulated),
+        "gpu": _gpu_entry(gpu, simulated, memory),
         "outputs": output_paths(config),
         "problems": file_problems(config, source)
         + [f"{source}: {s['problem']}" for s in sources if s["problem"]],
@@ -387,6 +485,28 @@ def _guard_lines(plan: dict) -> list[str]:
             f"after {plan['max_rollbacks']} the next spike stops the run (exit status 6)"
         )
     return lines
+
+
+def _memory_entry(memory: MemoryEstimate, simulated: dict | None) -> dict:
+    entry = {**asdict(memory), "total": memory.total, "source": "formula"}
+    if simulated is not None:
+        entry["source"] = "simulated"
+        entry["formula_total"] = memory.total
+        entry["total"] = simulated["peak_bytes"] / GIB
+        entry["simulated_parts"] = {k: v / GIB for k, v in simulated["peak_parts"].items() if v}
+    return entry
+
+
+def _gpu_entry(gpu: str, simulated: dict | None, memory: MemoryEstimate) -> dict:
+    from swallow_titan.simulate import GPUS
+
+    spec = GPUS[gpu]
+    total = simulated["peak_bytes"] / GIB if simulated else memory.total
+    return {
+        "name": spec.name,
+        "memory_gib": spec.memory_bytes / GIB,
+        "fits": total <= spec.memory_bytes / GIB,
+    }
 
 
 def _eval_plan(config, tokens_per_step: int) -> dict:
@@ -492,18 +612,44 @@ def format_plan(plan: dict) -> str:
         *_eval_lines(plan["eval"]),
         _averaging_line(plan["averaging"]),
         *_guard_lines(plan["guard"]),
-        f"  memory/GPU    ~{m['total']:.1f} GiB: params {m['parameters']:.1f}, grads "
-        f"{m['gradients']:.1f}, optimizer {m['optimizer']:.1f}, gathered params "
-        f"{m['gathered_params']:.1f}, activations {m['activations']:.1f}, logits "
-        f"{m['logits']:.1f}"
-        + (f", averages {m['averaging']:.1f}" if m["averaging"] else "")
-        + " (estimate)",
+        _memory_line(m),
+        *_gpu_lines(plan["gpu"]),
         *output_lines(plan["outputs"]),
     ]
     if plan["problems"]:
         lines.append("problems (the run will not start until they are fixed):")
         lines.extend(f"  - {p}" for p in plan["problems"])
     return "\n".join(lines)
+
+
+def _memory_line(m: dict) -> str:
+    if m["source"] == "simulated":
+        parts = ", ".join(
+            f"{k} {v:.1f}" for k, v in sorted(m["simulated_parts"].items(), key=lambda kv: -kv[1])
+        )
+        return (
+            f"  memory/GPU    {m['total']:.1f} GiB peak (simulated, rank 0, "
+            f"python -m swallow_titan.simulate): {parts}; the formula says "
+            f"~{m['formula_total']:.1f}"
+            + (f"; [averaging] adds {m['averaging']:.1f} (not simulated)" if m["averaging"] else "")
+        )
+    return (
+        f"  memory/GPU    ~{m['total']:.1f} GiB (formula; --simulate measures it): params "
+        f"{m['parameters']:.1f}, grads {m['gradients']:.1f}, optimizer {m['optimizer']:.1f}, "
+        f"gathered params {m['gathered_params']:.1f}, activations {m['activations']:.1f}, "
+        f"logits {m['logits']:.1f}"
+        + (f", averages {m['averaging']:.1f}" if m["averaging"] else "")
+    )
+
+
+def _gpu_lines(gpu: dict) -> list[str]:
+    if gpu["fits"]:
+        return [f"  gpu           fits {gpu['name']} ({gpu['memory_gib']:.1f} GiB)"]
+    return [
+        f"  gpu           WARNING: exceeds {gpu['name']} ({gpu['memory_gib']:.1f} GiB): "
+        "lower training.local_batch_size (more gradient accumulation), use "
+        "activation_checkpoint.mode = \"full\", or more GPUs"
+    ]
 
 
 def _tokens(n: int) -> str:
@@ -531,6 +677,16 @@ def main(argv: list[str] | None = None) -> int:
     add_process_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument(
+        "--gpu", choices=("h100", "h200"), default="h200",
+        help="GPU whose memory the plan checks against (default h200)",
+    )
+    parser.add_argument(
+        "--simulate",
+        action="store_true",
+        help="measure memory with python -m swallow_titan.simulate (1 and 2 blocks, "
+        "extrapolated; a few CPU minutes) instead of the formula",
+    )
+    parser.add_argument(
         "--outputs",
         action="store_true",
         help="print only where logs and checkpoints go (used by run_train.sh)",
@@ -538,7 +694,13 @@ def main(argv: list[str] | None = None) -> int:
     args, overrides = parser.parse_known_args(argv)
     try:
         config = load_job_config(args.config, overrides)
-        plan = build_plan(config, args.ngpu, args.nnodes, args.config)
+        simulated = None
+        if args.simulate:
+            from swallow_titan.simulate import SimulationOptions, simulate
+
+            opts = SimulationOptions(ngpu=args.ngpu, nnodes=args.nnodes, gpu=args.gpu, layers=(1, 2))
+            simulated = simulate(config, opts, args.config).to_json()
+        plan = build_plan(config, args.ngpu, args.nnodes, args.config, args.gpu, simulated)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return ExitCode.BAD_INPUT

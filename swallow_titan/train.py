@@ -22,7 +22,7 @@ from torchtitan.tools.logging import init_logger, logger
 
 import swallow_titan.train_spec  # noqa: F401  (registers the "swallow" TrainSpec)
 from swallow_titan.checkpoint.manager import CheckpointError
-from swallow_titan.config.errors import ConfigError, ExitCode
+from swallow_titan.config.errors import ConfigError, ExitCode, config_error
 from swallow_titan.config.manager import SwallowConfigManager
 from swallow_titan.eval import eval_problems
 from swallow_titan.components.final_export import export_at_end
@@ -39,6 +39,7 @@ def parse_config(argv: list[str]):
     manager = SwallowConfigManager()
     config = manager.parse_args(argv)
     source = manager.config_file or "<command line>"
+    refuse_fake_backend(config, source)
     check_job_config(config, job_world_size(), source)
     # [eval]'s tasks are built here, datasets loaded, before any step (not in
     # the plan: that can take minutes and a network).
@@ -46,6 +47,25 @@ def parse_config(argv: list[str]):
     if problems:
         raise ConfigError("\n".join(problems))
     return config
+
+
+def refuse_fake_backend(config, source: str) -> None:
+    """``comm.mode`` other than "default" is refused before anything starts.
+
+    torchtitan's fake backend runs real-size tensors through collectives that
+    move nothing, then fails in the checkpoint save; a dry run at the real world
+    size is what ``swallow_titan.simulate`` does (fake tensors, memory and
+    collectives measured), so the message points there.
+    """
+    mode = config.comm.mode
+    if mode != "default":
+        raise config_error(
+            source,
+            "comm.mode",
+            f"{mode!r} is not a training mode. To dry-run this config at its real size "
+            f"use: python -m swallow_titan.simulate {source} --ngpu N --nnodes M "
+            "(fake process group and fake tensors: memory, collectives, step time)",
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -351,12 +351,16 @@ class SwallowTrainer(Trainer):
 
     def _agree(self, *flags: torch.Tensor | bool) -> list[bool]:
         """Each flag, OR-ed over all ranks: one all-reduce, one host sync."""
+        return [bool(v) for v in self._max_over_ranks(flags).tolist()]
+
+    def _max_over_ranks(self, flags: tuple[torch.Tensor | bool, ...]) -> torch.Tensor:
+        """The flags as int32, all-reduced with MAX (on the device, no sync)."""
         values = torch.stack(
             [torch.as_tensor(f, device=self.device).reshape(()) for f in flags]
         ).to(torch.int32)
         if dist.is_initialized():
             dist.all_reduce(values, op=dist.ReduceOp.MAX)
-        return [bool(v) for v in values.tolist()]
+        return values
 
     def _log_step(
         self,

@@ -41,6 +41,17 @@ LLAMA31_8B_HUB = {
 }
 
 
+# Published Llama-3.3-70B-Instruct config.json values (Hub).
+LLAMA33_70B_HUB = {
+    **LLAMA31_8B_HUB,
+    "hidden_size": 8192,
+    "intermediate_size": 28672,
+    "num_hidden_layers": 80,
+    "num_attention_heads": 64,
+    "num_key_value_heads": 8,
+}
+
+
 def transformers5_spelling(config: dict) -> dict:
     config = copy.deepcopy(config)
     rope = config.pop("rope_scaling")
@@ -62,6 +73,11 @@ def assert_config_is_flavor(config: dict, flavor: str) -> None:
 
 def test_hub_llama31_8b_config_is_the_8B_flavor():
     assert_config_is_flavor(LLAMA31_8B_HUB, "8B")
+
+
+def test_hub_llama33_70b_config_is_the_70B_flavor():
+    assert_config_is_flavor(LLAMA33_70B_HUB, "70B")
+    assert_config_is_flavor(transformers5_spelling(LLAMA33_70B_HUB), "70B")
 
 
 def test_transformers5_spelling_of_llama31_8b_is_the_8B_flavor():

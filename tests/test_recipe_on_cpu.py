@@ -107,3 +107,21 @@ def test_recipe_trains_with_only_sizes_paths_and_device_options_changed(tmp_path
     # [averaging]: the recipe's EMA is validated and exported beside the final weights.
     assert re.search(r"validate ema step:\s+3\s+loss:", run.output)
     assert (tmp_path / "run" / "hf" / "step-3-ema" / "config.json").is_file()
+
+
+def test_70b_recipe_trains_with_only_sizes_paths_and_device_options_changed(tmp_path):
+    """train_configs/swallow_70b.toml's options (FSDP x TP, float8, both kernels,
+    selective AC, ...) with the tiny flavor on 2 processes: TP 8 x FSDP 16 becomes
+    TP 2 (and so no FSDP) over the 2 processes (sizes); everything else is the
+    recipe's. FSDP with float8 is covered by the 8B recipe's 2-process run."""
+    config = recipe_with_local_data(tmp_path, RECIPE.parent / "swallow_70b.toml")
+    run = run_training(
+        tmp_path / "run", *SIZES_AND_PATHS, *DEVICE_BOUND,
+        "--parallelism.tensor_parallel_degree", "2",
+        nproc=2, config=config, fast=False, env={"TRITON_INTERPRET": "1"},
+    ).check()
+    assert sorted(run.losses) == [1, 2, 3]
+    assert all(math.isfinite(v) for v in run.losses.values())
+    assert "Float8 tensorwise scaled training active" in run.output
+    assert "Tensor Parallelism to the model" in run.output
+    assert (tmp_path / "run" / "checkpoint" / "step-3").is_dir()

@@ -69,6 +69,16 @@ TINY_VOCAB_SIZE = 4096
 FLAVORS: dict[str, SwallowModelArgs] = {
     # Exactly Llama-3.1-8B.
     "8B": _llama31(),
+    # Exactly Llama-3.3-70B (Instruct): 80 layers, width 8192, GQA 64/8, FFN
+    # 28672 = 4096 * ceil(1.3 * (2/3 * 4 * 8192) / 4096), the same llama3 RoPE.
+    "70B": _llama31(
+        dim=8192,
+        n_layers=80,
+        n_heads=64,
+        n_kv_heads=8,
+        ffn_dim_multiplier=1.3,
+        multiple_of=4096,
+    ),
     # Full width, 6 of the 32 layers (2.36B parameters), for one-GPU benchmarks
     # of 8B's exact kernels. The plan's estimate at seq 8192, local batch 1,
     # selective AC: 4 layers 44.5 GiB, 6 layers 52.9 GiB, 8 layers 61.2 GiB; 6

@@ -29,6 +29,7 @@ itself and needs no patch). The CPU shims they install live in
 from __future__ import annotations
 
 import ast
+import contextlib
 import functools
 import hashlib
 import importlib
@@ -37,6 +38,7 @@ import inspect
 import re
 import sys
 from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -507,16 +509,19 @@ SEAMS: tuple[Seam, ...] = (
     Seam(
         "torchtitan.protocols.train_spec._extra_train_specs",
         "private",
-        "swallow_titan.train_spec, benchmarks/stock_torchtitan.py",
-        "Registering twice raises; importing train_spec again must not.",
+        "swallow_titan.train_spec, benchmarks/stock_torchtitan.py, "
+        "swallow_titan.simulate._register_simulated_spec",
+        "Registering twice raises; importing train_spec again must not (and the "
+        "simulation re-registers its spec in each run of a process).",
     ),
     # ------------------------------------------------------------- torch (kernels)
     Seam(
         "torch.distributed.distributed_c10d._resolve_process_group",
         "private",
-        "kernels.cross_entropy",
+        "kernels.cross_entropy, swallow_titan.simulate._group_ranks",
         "The fused loss's custom op gets a process group by name (ops take no "
-        "groups); a C++ builtin, so only its presence is checked.",
+        "groups); the simulation maps a functional collective's group name to its "
+        "ranks. A C++ builtin, so only its presence is checked.",
     ),
     Seam(
         "torch.distributed.tensor._utils.compute_local_shape_and_global_offset",
@@ -531,6 +536,53 @@ SEAMS: tuple[Seam, ...] = (
         "swallow_titan.model.parallelize.force_sum_reduction",
         "gloo lacks PREMUL_SUM; with a divide factor of 1 SUM is the same arithmetic.",
         params=("self", "enable"),
+    ),
+    # --------------------------------------------------------- torch (simulate)
+    Seam(
+        "torch.distributed.tensor._sharding_prop.detect_fake_mode",
+        "patch",
+        "swallow_titan.runtime.seams.dtensor_propagation_in_own_fake_mode",
+        "DTensor's sharding propagation runs each new op once on global-shape fake "
+        "tensors in the active fake mode; under the simulation's fake mode those "
+        "look like real allocations to the memory tracker (the 16 bytes/param "
+        "fused-AdamW 'peak'). While simulating, it gets a fake mode of its own.",
+        params=("inputs",),
+    ),
+    Seam(
+        "torch.distributed.tensor._sharding_prop.ShardingPropagator._propagate_tensor_meta_non_cached",
+        "private",
+        "swallow_titan.runtime.seams.dtensor_propagation_in_own_fake_mode",
+        "The propagation step that calls detect_fake_mode() (checked by "
+        "tests/test_simulate.py::test_optimizer_peak_is_propagation_not_materialisation).",
+        params=("self", "op_schema"),
+    ),
+    Seam(
+        "torch.distributed._tools.fsdp2_mem_tracker.FSDPMemTracker",
+        "private",
+        "swallow_titan.simulate",
+        "Per-rank memory by kind under fake tensors (torch's private tools package).",
+        params=("mod", "optm"),
+    ),
+    Seam(
+        "torch.distributed._tools.mem_tracker.MemTracker.__init__",
+        "attributes",
+        "swallow_titan.simulate._largest_modules",
+        "Per-module peaks (each entry's mod_fqn and local_peak) for the largest modules.",
+        attributes=("memory_tracking",),
+    ),
+    Seam(
+        "torch._subclasses.fake_tensor.unset_fake_temporarily",
+        "private",
+        "swallow_titan.simulate.SimulatedTrainer.init_distributed, kernels.cross_entropy",
+        "Device meshes are built from real tensors (rank coordinates), outside the fake "
+        "mode; the fused loss's vocabulary offset likewise.",
+        params=(),
+    ),
+    Seam(
+        "torch.testing._internal.distributed.fake_pg.FakeStore",
+        "private",
+        "swallow_titan.simulate.simulate",
+        "The store the fake process group is initialised with (any rank, any size).",
     ),
     # ------------------------------------------------------ GPU smoke (benchmarks)
     Seam(
@@ -668,6 +720,15 @@ DEVICE_SEAMS: tuple[DeviceSeam, ...] = (
         "with a compiled model), Triton kernels without TRITON_INTERPRET=1, Qwen3 "
         "tensor parallelism (no DTensor rule for CPU SDPA)",
         "no device restriction",
+        shim=False,
+    ),
+    DeviceSeam(
+        "swallow_titan/simulate.py: SimulatedTrainer, apply_stand_ins",
+        "simulates on fake CPU tensors (torch without CUDA cannot run backward on "
+        "fake CUDA tensors); SDPA on the CPU flash kernel stands in for FlexAttention, "
+        "float8 is emulated; the trainer's 'cpu:<rank>' device becomes 'cpu'",
+        "simulates on fake CUDA tensors (the GPU's kernels' shapes); the same "
+        "attention and float8 stand-ins",
         shim=False,
     ),
     DeviceSeam(
@@ -876,6 +937,37 @@ def select_device() -> str:
     if not hasattr(torch.histc, "__wrapped_histc__"):
         torch.histc = integer_histc_on_cpu(torch.histc)
     return "cpu"
+
+
+@contextlib.contextmanager
+def dtensor_propagation_in_own_fake_mode() -> Iterator[None]:
+    """While active, DTensor's sharding propagation uses a fake mode of its own.
+
+    DTensor derives an op's output shape by running it once on fake tensors of
+    the *global* shape, in ``detect_fake_mode() or FakeTensorMode()``. In a real
+    run there is no active fake mode, so that costs nothing; in a simulation the
+    active one is the simulation's, and the memory tracker (which skips only ops
+    of *other* fake modes) counts those global-shape tensors as this rank's. A
+    foreach or fused optimizer op over all parameters then "allocates" every
+    parameter, gradient and moment at full size at once: 16 bytes per parameter
+    for fused AdamW. Nothing is materialised on a GPU; this patch makes the
+    simulation see it that way too.
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    import torch.distributed.tensor._sharding_prop as sharding_prop
+
+    original = sharding_prop.detect_fake_mode
+    own = FakeTensorMode(allow_non_fake_inputs=True)
+
+    def propagation_mode(inputs: Any = None) -> Any:
+        del inputs
+        return own
+
+    sharding_prop.detect_fake_mode = propagation_mode
+    try:
+        yield
+    finally:
+        sharding_prop.detect_fake_mode = original
 
 
 def use_cpu_expert_permutation() -> None:
