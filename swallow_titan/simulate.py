@@ -263,6 +263,11 @@ def apply_stand_ins(config) -> list[str]:
     if config.debug.seed is None:
         # Rank 0 would broadcast a seed read from its generator: a value.
         config.debug.seed = 0
+    if config.guard.on_spike == "rollback":
+        # A rollback reloads a checkpoint, and the simulation writes none; the
+        # detection's all-reduce still runs (fake values are never a spike).
+        config.guard.on_spike = "log"
+        notes.append("guard: spike rollback -> log (no checkpoint to roll back to)")
     config.checkpoint.enable = False
     config.validation.enable = False
     config.eval.enable = False
@@ -319,6 +324,11 @@ class SimulatedTrainer(SwallowTrainer):
     def _agree(self, *flags: torch.Tensor | bool) -> list[bool]:
         self._max_over_ranks(flags)  # the collective a real step issues
         return [False] * len(flags)
+
+    def _judge_spike(self, loss, grad_norm, microbatches) -> None:
+        if self.spikes.enabled:
+            self._spike_values(loss, grad_norm)  # the collectives a real step issues
+        return None  # fake tensors hold no values: never a spike
 
 
 # ---------------------------------------------------------------- collectives

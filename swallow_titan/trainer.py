@@ -240,14 +240,7 @@ class SwallowTrainer(Trainer):
         """
         if not self.spikes.enabled:
             return None
-        dims = self.parallel_dims
-        mesh = dims.get_optional_mesh("loss") if dims.dp_cp_enabled else None
-        global_loss = dist_utils.dist_sum(loss, mesh)
-        values = torch.tensor([global_loss, float(grad_norm)], dtype=torch.float64)
-        if dist.is_initialized():
-            values = values.to(self.device)
-            dist.all_reduce(values, op=dist.ReduceOp.MAX)
-        loss_value, norm_value = values.tolist()
+        loss_value, norm_value = self._spike_values(loss, grad_norm).tolist()
         event = self.spikes.judge(self.step, {"loss": loss_value, "grad_norm": norm_value})
         if event is None:
             return None
@@ -260,6 +253,20 @@ class SwallowTrainer(Trainer):
             )
             self.spikes.skip_instead(event)
         return event
+
+    def _spike_values(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
+        """``[global loss, grad norm]`` in float64, the same on every rank: the
+        collectives of the spike check (read by the caller)."""
+        dims = self.parallel_dims
+        if dims.dp_cp_enabled:
+            loss = loss.detach().clone()
+            dist.all_reduce(loss, group=dims.get_mesh("loss").get_group())
+        values = torch.stack([loss.reshape(()), grad_norm.reshape(())]).to(
+            self.device, torch.float64
+        )
+        if dist.is_initialized():
+            dist.all_reduce(values, op=dist.ReduceOp.MAX)
+        return values
 
     def _domain_losses(self, microbatches: list[Batch]) -> dict[str, float]:
         """Training loss per ``[[data.sources]]`` domain of this step's batch, with
