@@ -54,7 +54,7 @@ class TritonRMSNorm(nn.RMSNorm):
         return rms_norm(x, self.weight, eps, residual=residual)
 
 
-def _share_norm(norm: nn.RMSNorm, cls: type[nn.RMSNorm]) -> nn.RMSNorm:
+def share_norm(norm: nn.RMSNorm, cls: type[nn.RMSNorm]) -> nn.RMSNorm:
     """A ``cls`` holding ``norm``'s own weight Parameter (not a copy) and eps."""
     if norm.weight is None:
         raise ValueError("Triton RMSNorm needs an elementwise weight (elementwise_affine=True)")
@@ -90,7 +90,7 @@ def use_triton_qk_norms(attention: nn.Module) -> None:
             raise TypeError(
                 f"use_triton_qk_norms: {name} is a {type(norm).__name__}, expected nn.RMSNorm"
             )
-        setattr(attention, name, _share_norm(norm, TritonQKNorm))
+        setattr(attention, name, share_norm(norm, TritonQKNorm))
 
 
 class FusedNormBlock(TransformerBlock):
