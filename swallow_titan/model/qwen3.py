@@ -18,7 +18,6 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
-from torch.distributed.tensor import DTensor
 from torchtitan.models.moe import MoEArgs
 from torchtitan.models.qwen3 import Qwen3Model, Qwen3ModelArgs, qwen3_args
 from torchtitan.models.qwen3.model.model import TransformerBlock
@@ -34,6 +33,8 @@ from swallow_titan.model.args import TINY_VOCAB_SIZE
 from swallow_titan.model.transformer import (
     FusedLossOutput,
     TritonRMSNorm,
+    attend_then_fused_norm,
+    loss_from_labels,
     share_norm,
     use_triton_qk_norms,
 )
@@ -199,11 +200,7 @@ class FusedNormQwen3Block(TransformerBlock):
         attention_masks,
         positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        attn = self.attention(self.attention_norm(x), rope_cache, attention_masks, positions)
-        normed, h = self.ffn_norm(attn, residual=x)
-        if isinstance(h, DTensor):
-            # Under sequence parallel the rest of the block works on local shards.
-            h = h.to_local()
+        normed, h = attend_then_fused_norm(self, x, rope_cache, attention_masks, positions)
         return h + (self.moe(normed) if self.moe_enabled else self.feed_forward(normed))
 
 
@@ -265,16 +262,7 @@ class SwallowQwen3Model(Qwen3Model):
         """torchtitan's forward, or with ``labels`` the fused output layer's loss."""
         if labels is None:
             return super().forward(tokens, attention_masks, positions)
-        if not isinstance(self.output, FusedLossOutput):
-            raise ValueError(
-                "SwallowQwen3Model got labels but its output layer computes logits; "
-                'labels are only passed with [kernels] loss = "fused_linear_ce"'
-            )
-        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
-        for layer in self.layers.values():
-            h = layer(h, self.rope_cache, attention_masks, positions)
-        h = self.norm(h) if self.norm is not None else h
-        return self.output(h, labels=labels)
+        return loss_from_labels(self, tokens, self.rope_cache, attention_masks, positions, labels)
 
     def forward(
         self,
