@@ -139,14 +139,21 @@ def training_summary(checkpoint: DCPCheckpoint | AveragedCheckpoint, record: Run
         s.get("name")
         for s in (((record.job_config or {}).get("validation") or {}).get("sets") or [])
     ]
+    # Weights averaged in the loop were validated as val/<kind>/...: their card reports those.
+    kind = (record.averaged_in_loop or {}).get("kind")
+    val = f"val/{kind}" if kind else "val"
     return TrainingSummary(
         step=trained_step,
         tokens_trained=tokens,
         source_tokens=source_tokens,
         training_loss=last_logged_value(tb, TRAINING_LOSS_TAGS, trained_step) if tb else None,
-        validation_loss=last_logged_value(tb, VALIDATION_LOSS_TAGS, trained_step) if tb else None,
+        validation_loss=(
+            last_logged_value(tb, (f"{val}/loss",) if kind else VALIDATION_LOSS_TAGS, trained_step)
+            if tb
+            else None
+        ),
         validation_loss_by_set={
-            name: last_logged_value(tb, (f"val/{name}/loss",), trained_step) if tb else None
+            name: last_logged_value(tb, (f"{val}/{name}/loss",), trained_step) if tb else None
             for name in set_names
             if name
         },
