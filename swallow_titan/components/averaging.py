@@ -18,7 +18,8 @@ placements, updated elementwise, so no communication):
 
 Both are in every checkpoint (entry ``averaging``), so a resume continues
 them exactly. Validation runs on each complete average after the raw
-weights' (``val/ema/...``, ``val/tail/...``), and after the last step each is
+weights' (``val/ema/...``, ``val/tail/...``), ``[eval]`` after the last
+step before them (``eval/ema/...``, ``eval/tail/...``), and then each is
 written as a model-weights DCP checkpoint ``<checkpoint folder>/<kind>-step-N``
 with the run record saying which average it holds and with what settings
 (so its export's model card says so), and exported beside the last weights
@@ -165,6 +166,16 @@ class WeightAveraging:
             "tail_steps": self.tail_steps,
             "first_step": self.tail_end - length + 1,
         }
+
+    def evaluate(self, evaluator: Any, step: int) -> None:
+        """``[eval]`` of each complete average, logged as ``eval/<kind>/<task>/<metric>``.
+
+        Collective like the evaluation itself: every rank holds the same
+        complete averages (same steps), so all swap in and evaluate together.
+        """
+        for kind, average in self.complete().items():
+            with self.swapped_in(average):
+                evaluator.evaluate(step, prefix=f"eval/{kind}")
 
     def save_final(self, step: int) -> list[str]:
         """Write each complete average as a model-weights DCP checkpoint; collective.

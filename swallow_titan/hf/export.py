@@ -41,6 +41,7 @@ from swallow_titan.hf.model_card import TrainingSummary, render_model_card
 from swallow_titan.hf.progress import Progress
 from swallow_titan.hf.run_record import RunRecord, find_run_record
 from swallow_titan.hf.training_log import (
+    EVAL_PREFIX,
     TRAINING_LOSS_TAGS,
     VALIDATION_LOSS_TAGS,
     last_evaluation,
@@ -117,6 +118,7 @@ def training_summary(checkpoint: DCPCheckpoint | AveragedCheckpoint, record: Run
     """Steps, tokens, per-source tokens and final losses for the model card."""
     from swallow_titan.data.dataloader import source_token_counts
 
+    from swallow_titan.components.averaging import AVERAGE_KINDS
     from swallow_titan.components.guard import SPIKES_ENTRY, spike_events
 
     train_state = checkpoint.read_entry("train_state") or {}
@@ -157,7 +159,16 @@ def training_summary(checkpoint: DCPCheckpoint | AveragedCheckpoint, record: Run
             for name in set_names
             if name
         },
-        evaluation=last_evaluation(tb, trained_step) if tb else None,
+        evaluation=(
+            last_evaluation(
+                tb,
+                trained_step,
+                prefix=f"eval/{kind}/" if kind else EVAL_PREFIX,
+                exclude=() if kind else tuple(f"{EVAL_PREFIX}{k}/" for k in AVERAGE_KINDS),
+            )
+            if tb
+            else None
+        ),
         spike_events=spike_events(spikes) if spikes is not None else None,
     )
 
