@@ -550,8 +550,10 @@ def _eval_plan(config, tokens_per_step: int) -> dict:
         "batch_size": e.batch_size,
     }
     if e.enable and e.freq >= 1:
+        a = config.averaging
         plan["cost"] = estimate_eval_cost(
-            tasks, e.limit, config.training.steps, e.freq, tokens_per_step
+            tasks, e.limit, config.training.steps, e.freq, tokens_per_step,
+            averages=int(a.ema_decay > 0) + int(a.tail_steps > 0),
         )
     return plan
 
@@ -564,7 +566,10 @@ def _eval_lines(plan: dict) -> list[str]:
     shown = "all" if limit <= 0 else (f"{limit:g} of each" if limit < 1 else f"{int(limit):,} per task")
     lines = [
         f"  eval          lm-eval every {plan['freq']:,} steps and at the end "
-        f"({cost['evaluations']} evaluations), examples: {shown}, few-shot: "
+        f"({cost['evaluations']} evaluations"
+        + (f", + {cost['average_evaluations']} of the [averaging] weights at the end"
+           if cost["average_evaluations"] else "")
+        + f"), examples: {shown}, few-shot: "
         + ("each task's" if plan["num_fewshot"] < 0 else str(plan["num_fewshot"])),
         "                tasks: " + ", ".join(plan["tasks"]),
         f"                cost ~{cost['share_of_training_pct']:.2f}% of training time "

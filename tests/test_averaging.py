@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import weakref
 from pathlib import Path
@@ -39,6 +40,7 @@ AVERAGING = [
     "--validation.local_batch_size", "4",
     "--hf.export_at_end", "true",
     "--hf.export_dtype", "float32",
+    "--metrics.enable_tensorboard", "true",  # the model cards' losses
 ]
 # fp32 rounding: each product and each sum is rounded once (relative 2^-24);
 # n terms give at most 2n roundings of the running sum's magnitude.
@@ -234,7 +236,7 @@ def test_hf_average_loads_in_transformers_and_its_card_lists_the_steps(run, tmp_
     assert torch.equal(model.model.embed_tokens.weight.detach(), expected["tok_embeddings.weight"])
     assert torch.equal(model.model.norm.weight.detach(), expected["norm.weight"])
     card = (out / "README.md").read_text()
-    assert "### Checkpoint average" in card
+    assert "### Averaged weights" in card
     assert f"| `3` | 0.25 | `{paths[0]}` |" in card
     assert f"| `4` | 0.75 | `{paths[1]}` |" in card
     assert "Steps trained: `4`" in card
@@ -318,6 +320,35 @@ def test_the_averages_are_exported_beside_the_last_weights(run):
         expected = in_loop(run, STEPS, kind, names)
         assert torch.equal(tensors["model.norm.weight"], expected["norm.weight"]), kind
         assert (folder / "README.md").is_file()
+
+
+def test_the_exported_averages_cards_say_which_average_they_hold(run):
+    from support.runs import run_log
+
+    last = {}
+    for record in run_log(run):
+        if record["step"] == STEPS:
+            last.update(record)
+    cards = {
+        kind: (run / "hf" / f"step-{STEPS}{suffix}" / "README.md").read_text()
+        for kind, suffix in (("raw", ""), ("ema", "-ema"), ("tail", "-tail"))
+    }
+    assert "Averaged weights" not in cards["raw"] and "moving average" not in cards["raw"]
+    ema = cards["ema"]
+    assert "### Averaged weights" in ema and "exponential moving average (EMA)" in ema
+    assert f"`[averaging] ema_decay = {EMA_DECAY:g}`" in ema
+    assert f"`ema = ema * {EMA_DECAY:g} + w * {1 - EMA_DECAY:g}`" in ema
+    tail = cards["tail"]
+    assert "### Averaged weights" in tail and "**tail average**" in tail
+    assert f"steps `{STEPS - TAIL_STEPS + 1}`-`{STEPS}` (`[averaging] tail_steps = {TAIL_STEPS}`)" in tail
+    assert "exponential" not in tail
+    # Each card's validation loss is its own weights' (val/<kind>/loss), not the raw one.
+    for kind in ("raw", "ema", "tail"):
+        tag = "val/loss" if kind == "raw" else f"val/{kind}/loss"
+        found = re.search(r"Final validation loss: ([0-9.]+) \(step (\d+), `([^`]+)`\)", cards[kind])
+        assert found and (int(found[2]), found[3]) == (STEPS, tag), kind
+        # TensorBoard keeps fp32, the card prints 4 decimals.
+        assert abs(float(found[1]) - last[tag]) <= 5e-5 + 1e-6 * abs(last[tag]), kind
 
 
 @pytest.mark.distributed

@@ -183,7 +183,13 @@ def test_the_plan_shows_the_eval_tasks_and_a_cost_within_two_percent():
     assert cost["unestimated_tasks"] == []
     assert cost["evaluations"] == config.training.steps // config.eval.freq + 1
     assert 0.1 < cost["share_of_training_pct"] <= 2.0
+    # The recipe's EMA is evaluated once more, after the last step, and the share counts it.
+    assert config.averaging.ema_decay > 0 and cost["average_evaluations"] == 1
+    assert cost["share_of_training_pct"] == pytest.approx(
+        100 * (cost["evaluations"] + 1) * cost["per_evaluation_training_steps"] / config.training.steps
+    )
     text = format_plan(plan)
+    assert "+ 1 of the [averaging] weights at the end" in text
     assert "ja_leaderboard_jcommonsenseqa" in text and "% of training time" in text
 
 

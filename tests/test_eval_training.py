@@ -3,7 +3,8 @@
 The runs are tensor parallel over 2 processes (gloo), so the adapter reads
 vocabulary-sharded logits (DTensors) and every collective of evaluation has to
 line up across ranks; a run without [eval] of the same layout is the
-reference for the losses.
+reference for the losses. The run with [eval] keeps an EMA of the weights
+([averaging]), evaluated beside them.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ EVAL = [
     "--eval.limit", str(LIMIT),
     "--eval.batch_size", "3",
 ]
+EMA_DECAY = 0.5
 RUN = [
     "--training.steps", str(STEPS),
     "--parallelism.tensor_parallel_degree", "2",
@@ -54,19 +56,25 @@ RUN = [
 def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("eval_runs")
     with_eval = run_training(
-        base / "with", *RUN, *EVAL, "--metrics.enable_tensorboard", "true", nproc=2
+        base / "with", *RUN, *EVAL, "--metrics.enable_tensorboard", "true",
+        "--averaging.ema_decay", str(EMA_DECAY), nproc=2,
     ).check()
     without = run_training(base / "without", *RUN, nproc=2).check()
     return base / "with", with_eval, without
 
 
-def eval_lines(result: RunResult) -> dict[int, dict[str, float]]:
-    """step -> {"<task>/<metric>": value} of the evaluations in the run log."""
+def eval_lines(result: RunResult, prefix: str = "eval/") -> dict[int, dict[str, float]]:
+    """step -> {"<task>/<metric>": value} of the evaluations in the run log.
+
+    ``prefix`` "eval/" is the trained weights' (the EMA's, eval/ema/..., left
+    out), "eval/ema/" the EMA's.
+    """
     logged = {}
     for record in result.history:
         scores = {
-            tag.removeprefix("eval/"): value for tag, value in record.items()
-            if tag.startswith("eval/") and tag != "eval/time_s"
+            tag.removeprefix(prefix): value for tag, value in record.items()
+            if tag.startswith(prefix) and tag != f"{prefix}time_s"
+            and (prefix != "eval/" or not tag.startswith("eval/ema/"))
         }
         if scores:
             logged[record["step"]] = scores
@@ -87,6 +95,36 @@ def test_evaluation_runs_every_freq_steps_and_after_the_last_step(runs):
     assert set(lines[STEPS]) == {
         f"{MC_TASK}/acc", f"{MC_TASK}/acc_norm", f"{QA_TASK}/exact_match_strip"
     }
+
+
+def test_the_ema_is_evaluated_beside_the_trained_weights_after_the_last_step(runs):
+    from support.tensorboard import scalars
+
+    folder, with_eval, _ = runs
+    raw, ema = eval_lines(with_eval), eval_lines(with_eval, "eval/ema/")
+    assert sorted(raw) == [FREQ, STEPS] and sorted(ema) == [STEPS]
+    assert set(ema[STEPS]) == set(raw[STEPS])
+    assert all(0.0 <= v <= 1.0 for v in ema[STEPS].values())
+    assert sorted(scalars(folder, "eval/ema/time_s")) == [STEPS]
+    logged = scalars(folder, f"eval/ema/{MC_TASK}/acc")
+    assert logged[STEPS] == pytest.approx(ema[STEPS][f"{MC_TASK}/acc"], rel=1e-6)
+
+
+def test_the_exported_emas_card_has_the_emas_evaluation(runs, tmp_path):
+    from swallow_titan.hf.export import export_hf
+
+    folder, with_eval, _ = runs
+    export_hf(folder / "checkpoint" / f"ema-step-{STEPS}", tmp_path / "ema", dtype="float32")
+    card = (tmp_path / "ema" / "README.md").read_text(encoding="utf-8")
+    assert f"`[averaging] ema_decay = {EMA_DECAY:g}`" in card
+    assert f"in-loop at step {STEPS}" in card
+    ema = eval_lines(with_eval, "eval/ema/")[STEPS]
+    rows = [line for line in card.splitlines() if line.startswith(f"| {MC_TASK} |")
+            or line.startswith(f"| {QA_TASK} |")]
+    assert len(rows) == len(ema)  # the EMA's rows only, not the trained weights' too
+    for tag, value in ema.items():
+        task, metric = tag.rsplit("/", 1)
+        assert f"| {task} | {metric} | {value:.4f} |" in card
 
 
 def test_eval_scalars_are_in_tensorboard(runs):
@@ -250,6 +288,9 @@ def test_the_exported_model_card_has_the_last_evaluation_table(runs, tmp_path):
     export_hf(folder / "checkpoint", tmp_path / "hf", dtype="float32")
     card = (tmp_path / "hf" / "README.md").read_text(encoding="utf-8")
     assert f"in-loop at step {STEPS}" in card
-    for tag, value in eval_lines(with_eval)[STEPS].items():
+    raw = eval_lines(with_eval)[STEPS]
+    rows = [line for line in card.splitlines() if line.startswith((f"| {MC_TASK} |", f"| {QA_TASK} |"))]
+    assert len(rows) == len(raw)  # the EMA's evaluation (eval/ema/...) is not the trained weights'
+    for tag, value in raw.items():
         task, metric = tag.rsplit("/", 1)
         assert f"| {task} | {metric} | {value:.4f} |" in card

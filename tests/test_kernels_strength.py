@@ -10,38 +10,17 @@ normalise exactly the residual it returns.
 from __future__ import annotations
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from kernels import rms_norm
 from kernels.rmsnorm import rms_norm_reference
 from support import TINY_CONFIG
-from support.model import build_model
+from support.model import build_model, kernel_ops_of_train_step
 from support.overrides import KERNELS_ON
 from swallow_titan.components.preflight import check_job_config
 from swallow_titan.config.manager import ConfigError, load_job_config
 from swallow_titan.model.transformer import FusedLossOutput, FusedNormBlock, TritonRMSNorm
 
 EPS32 = torch.finfo(torch.float32).eps
-
-
-class OpsCalled(TorchDispatchMode):
-    """Records the name of every op dispatched while active."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.names: set[str] = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.add(str(func.overloadpacket))
-        return func(*args, **(kwargs or {}))
-
-
-def _train_step_ops(model: torch.nn.Module, with_labels: bool) -> set[str]:
-    ids = torch.randint(0, 4096, (1, 16), generator=torch.Generator().manual_seed(0))
-    with OpsCalled() as ops:
-        out = model(ids, labels=ids) if with_labels else model(ids)
-        (out[0] if with_labels else out.float().logsumexp(-1).sum()).backward()
-    return {name for name in ops.names if name.startswith("swallow.")}
 
 
 def test_kernels_from_the_toml_reach_the_model_and_their_ops_run():
@@ -51,7 +30,7 @@ def test_kernels_from_the_toml_reach_the_model_and_their_ops_run():
     assert all(type(m) is TritonRMSNorm for m in norms)
     assert all(type(block) is FusedNormBlock for block in model.layers.values())
     assert type(model.output) is FusedLossOutput
-    called = _train_step_ops(model, with_labels=True)
+    called = set(kernel_ops_of_train_step(model, with_labels=True))
     assert {"swallow.rms_norm", "swallow.rms_norm_residual", "swallow.rms_norm_backward"} <= called
     assert any("cross_entropy" in name for name in called), called
 
@@ -59,7 +38,7 @@ def test_kernels_from_the_toml_reach_the_model_and_their_ops_run():
 def test_with_kernels_off_no_triton_op_runs():
     model, _ = build_model("--model.flavor", "tiny")
     assert not any(isinstance(m, TritonRMSNorm) for m in model.modules())
-    assert _train_step_ops(model, with_labels=False) == set()
+    assert not kernel_ops_of_train_step(model, with_labels=False)
 
 
 def test_rmsnorm_backward_when_each_program_loops_over_several_row_blocks():

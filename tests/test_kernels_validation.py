@@ -19,7 +19,7 @@ from swallow_titan.components.validation import PerDomainValidator
 class _Sets:
     """Receives the per-set losses that the validator logs."""
 
-    def log_validation_sets(self, step, losses, seconds):
+    def log_validation_sets(self, step, losses, seconds, prefix="val"):
         self.losses = losses
 
 

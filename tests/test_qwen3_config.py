@@ -52,7 +52,6 @@ def test_the_model_name_chooses_the_family_and_its_flavors():
     [
         (["--model.name", "qwen3"], "model.name", "'swallow_qwen3'"),
         ([*QWEN3_RUN, "--model.flavor", "70B"], "model.flavor", "'30B-A3B'"),
-        ([*QWEN3_RUN, "--kernels.loss", "fused_linear_ce"], "kernels", "Llama family only"),
         ([*QWEN3_RUN, "--parallelism.expert_parallel_degree", "2"], "parallelism.expert_parallel_degree",
          "is dense"),
     ],

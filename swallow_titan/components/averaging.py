@@ -18,9 +18,12 @@ placements, updated elementwise, so no communication):
 
 Both are in every checkpoint (entry ``averaging``), so a resume continues
 them exactly. Validation runs on each complete average after the raw
-weights' (``val/ema/...``, ``val/tail/...``), and after the last step each is
+weights' (``val/ema/...``, ``val/tail/...``), ``[eval]`` after the last
+step before them (``eval/ema/...``, ``eval/tail/...``), and then each is
 written as a model-weights DCP checkpoint ``<checkpoint folder>/<kind>-step-N``
-(and exported beside the last weights with ``hf.export_at_end``).
+with the run record saying which average it holds and with what settings
+(so its export's model card says so), and exported beside the last weights
+with ``hf.export_at_end``.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -38,7 +42,9 @@ from torchtitan.tools.logging import logger
 
 from swallow_titan.checkpoint.average import accumulate
 from swallow_titan.config.paths import RunPaths, step_folder_name
+from swallow_titan.hf.run_record import read_run_record
 from swallow_titan.model.state import model_state, set_model_state
+from swallow_titan.runtime.ranks import process_rank
 
 # Checkpoint entry of the averages.
 AVERAGING = "averaging"
@@ -149,12 +155,41 @@ class WeightAveraging:
             with self.swapped_in(average):
                 validator.validate(model_parts, step, prefix=f"val/{kind}")
 
+    def description(self, kind: str, step: int) -> dict[str, Any]:
+        """Which average ``kind`` holds at ``step`` and with what settings (run record, model card)."""
+        if kind == EMA:
+            return {"kind": EMA, "step": step, "ema_decay": self.ema_decay}
+        length = self._window_length(self.tail_end)
+        return {
+            "kind": TAIL,
+            "step": step,
+            "tail_steps": self.tail_steps,
+            "first_step": self.tail_end - length + 1,
+        }
+
+    def evaluate(self, evaluator: Any, step: int) -> None:
+        """``[eval]`` of each complete average, logged as ``eval/<kind>/<task>/<metric>``.
+
+        Collective like the evaluation itself: every rank holds the same
+        complete averages (same steps), so all swap in and evaluate together.
+        """
+        for kind, average in self.complete().items():
+            with self.swapped_in(average):
+                evaluator.evaluate(step, prefix=f"eval/{kind}")
+
     def save_final(self, step: int) -> list[str]:
-        """Write each complete average as a model-weights DCP checkpoint; collective."""
+        """Write each complete average as a model-weights DCP checkpoint; collective.
+
+        Beside the tensors, rank 0 writes the run's record with the average's
+        description (``averaged_in_loop``): an export reads it from there.
+        """
         written = []
+        run_record = read_run_record(RunPaths.of(self.config).checkpoints)
         for kind, average in self.complete().items():
             path = averaged_folder(self.config, kind, step)
             dcp.save(dict(average), checkpoint_id=path)
+            if run_record is not None and process_rank() == 0:
+                replace(run_record, averaged_in_loop=self.description(kind, step)).write(path)
             logger.info(f"[averaging] {kind} weights of step {step} written to {path}")
             written.append(path)
         return written

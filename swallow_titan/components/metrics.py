@@ -509,9 +509,13 @@ class SwallowMetricsProcessor(MetricsProcessor):
 
     # --------------------------------------------------------- evaluation logs
 
-    def log_eval(self, step: int, scalars: dict[str, float], seconds: float) -> None:
-        """Downstream evaluation ([eval]): eval/<task>/<metric> scalars and one console line."""
-        values = {**scalars, "eval/time_s": seconds}
+    def log_eval(
+        self, step: int, scalars: dict[str, float], seconds: float, prefix: str = "eval"
+    ) -> None:
+        """Downstream evaluation ([eval]): ``<prefix>/<task>/<metric>`` scalars, the
+        duration as ``<prefix>/time_s`` and one console line (``prefix`` "eval/ema" for an
+        average's)."""
+        values = {**scalars, f"{prefix}/time_s": seconds}
         self._emit(values, step)
         parts = "  ".join(
             f"{tag.removeprefix('eval/')}: {value:.4f}" for tag, value in scalars.items()

@@ -211,7 +211,8 @@ class Guard:
 class Averaging:
     """``[averaging]``: averaged weights kept beside the trained ones (fp32, sharded
     like the parameters: one extra copy of this rank's shards per kind), in every
-    checkpoint, validated as val/ema/... and val/tail/..., written after the last step."""
+    checkpoint, validated as val/ema/... and val/tail/... (and with [eval] evaluated
+    after the last step as eval/ema/... and eval/tail/...), written after the last step."""
 
     ema_decay: float = 0.0
     """Exponential moving average of the weights, ``ema = ema * d + w * (1 - d)``

@@ -112,9 +112,14 @@ def evaluation_count(steps: int, freq: int) -> int:
 
 
 def estimate_eval_cost(
-    tasks: list[str], limit: float, steps: int, freq: int, tokens_per_step: int
+    tasks: list[str], limit: float, steps: int, freq: int, tokens_per_step: int,
+    averages: int = 0,
 ) -> dict:
-    """The estimate as a JSON-able dict (see the module docstring for the model)."""
+    """The estimate as a JSON-able dict (see the module docstring for the model).
+
+    ``averages``: the ``[averaging]`` averages kept; each is evaluated once
+    more, at the last step's evaluation.
+    """
     per_task = {}
     unknown = []
     train_equivalent = 0.0  # eval work in training tokens (training's FLOP rate)
@@ -135,9 +140,10 @@ def estimate_eval_cost(
         train_equivalent += equivalent
     evaluations = evaluation_count(steps, freq)
     training_tokens = steps * tokens_per_step
-    share = evaluations * train_equivalent / training_tokens if training_tokens else 0.0
+    share = (evaluations + averages) * train_equivalent / training_tokens if training_tokens else 0.0
     return {
         "evaluations": evaluations,
+        "average_evaluations": averages,
         "per_evaluation_training_steps": train_equivalent / tokens_per_step if tokens_per_step else 0.0,
         "share_of_training_pct": 100 * share,
         "tasks": per_task,

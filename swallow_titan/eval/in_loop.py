@@ -152,11 +152,13 @@ class InLoopEvaluator:
         path = RunPaths.of(self.trainer.job_config).metrics_log
         return not any(r["step"] == step and EVAL_TIME_TAG in r for r in read_run_log(path))
 
-    def evaluate(self, step: int) -> dict[str, Any] | None:
-        """Evaluate now; returns simple_evaluate's ``results``, or None if it failed (logged).
+    def evaluate(self, step: int, prefix: str = "eval") -> dict[str, Any] | None:
+        """Evaluate the model's weights now, logged as ``<prefix>/<task>/<metric>``.
 
+        Returns simple_evaluate's ``results``, or None if it failed (logged).
         A failure on any rank ends the evaluation on every rank; rank 0 logs
-        each failed rank's error.
+        each failed rank's error. ``prefix`` "eval/ema" names an average's
+        evaluation (:meth:`WeightAveraging.evaluate` swaps it in).
         """
         begin = time.perf_counter()
         debug = self.trainer.job_config.debug
@@ -168,7 +170,7 @@ class InLoopEvaluator:
             with eval_mode(self.trainer.model_parts, self.rng):
                 return run_simple_evaluate(self.lm, self.config)
 
-        logger.info(f"[eval] evaluating step {step}")
+        logger.info(f"[eval] evaluating step {step}" + (f" ({prefix})" if prefix != "eval" else ""))
         result, errors = run_together(run, self.trainer.device)
         self.lm.inject_failure = None
         if errors:  # an evaluation must never stop training
@@ -179,5 +181,9 @@ class InLoopEvaluator:
             return None
         results = _from_rank0(result["results"] if result is not None else None)
         seconds = time.perf_counter() - begin
-        self.trainer.metrics_processor.log_eval(step, flatten_results(results), seconds)
+        scalars = {
+            f"{prefix}/{tag.removeprefix('eval/')}": value
+            for tag, value in flatten_results(results).items()
+        }
+        self.trainer.metrics_processor.log_eval(step, scalars, seconds, prefix)
         return results

@@ -41,6 +41,7 @@ from swallow_titan.hf.model_card import TrainingSummary, render_model_card
 from swallow_titan.hf.progress import Progress
 from swallow_titan.hf.run_record import RunRecord, find_run_record
 from swallow_titan.hf.training_log import (
+    EVAL_PREFIX,
     TRAINING_LOSS_TAGS,
     VALIDATION_LOSS_TAGS,
     last_evaluation,
@@ -117,6 +118,7 @@ def training_summary(checkpoint: DCPCheckpoint | AveragedCheckpoint, record: Run
     """Steps, tokens, per-source tokens and final losses for the model card."""
     from swallow_titan.data.dataloader import source_token_counts
 
+    from swallow_titan.components.averaging import AVERAGE_KINDS
     from swallow_titan.components.guard import SPIKES_ENTRY, spike_events
 
     train_state = checkpoint.read_entry("train_state") or {}
@@ -139,18 +141,34 @@ def training_summary(checkpoint: DCPCheckpoint | AveragedCheckpoint, record: Run
         s.get("name")
         for s in (((record.job_config or {}).get("validation") or {}).get("sets") or [])
     ]
+    # Weights averaged in the loop were validated as val/<kind>/...: their card reports those.
+    kind = (record.averaged_in_loop or {}).get("kind")
+    val = f"val/{kind}" if kind else "val"
     return TrainingSummary(
         step=trained_step,
         tokens_trained=tokens,
         source_tokens=source_tokens,
         training_loss=last_logged_value(tb, TRAINING_LOSS_TAGS, trained_step) if tb else None,
-        validation_loss=last_logged_value(tb, VALIDATION_LOSS_TAGS, trained_step) if tb else None,
+        validation_loss=(
+            last_logged_value(tb, (f"{val}/loss",) if kind else VALIDATION_LOSS_TAGS, trained_step)
+            if tb
+            else None
+        ),
         validation_loss_by_set={
-            name: last_logged_value(tb, (f"val/{name}/loss",), trained_step) if tb else None
+            name: last_logged_value(tb, (f"{val}/{name}/loss",), trained_step) if tb else None
             for name in set_names
             if name
         },
-        evaluation=last_evaluation(tb, trained_step) if tb else None,
+        evaluation=(
+            last_evaluation(
+                tb,
+                trained_step,
+                prefix=f"eval/{kind}/" if kind else EVAL_PREFIX,
+                exclude=() if kind else tuple(f"{EVAL_PREFIX}{k}/" for k in AVERAGE_KINDS),
+            )
+            if tb
+            else None
+        ),
         spike_events=spike_events(spikes) if spikes is not None else None,
     )
 

@@ -209,25 +209,52 @@ def _evaluation(evaluation: tuple[int, dict[str, float]] | None) -> list[str]:
     return [*lines, ""]
 
 
-def _average(averaged_from: list[dict[str, Any]] | None) -> list[str]:
-    """The checkpoints an averaged model was made of (nothing for a plain checkpoint)."""
-    if not averaged_from:
+def _averaged_weights(record: RunRecord) -> list[str]:
+    """Which average the weights are, and how it was made (nothing for plain weights).
+
+    An offline average (``python -m swallow_titan.average``) lists its
+    checkpoints; an average kept while training (``[averaging]``) states its
+    kind and settings.
+    """
+    if not record.averaged_from and not record.averaged_in_loop:
         return []
-    lines = [
-        "### Checkpoint average",
-        "",
-        f"These weights are the weighted mean of {len(averaged_from)} checkpoints "
+    lines = ["### Averaged weights", ""]
+    if record.averaged_in_loop:
+        return [*lines, _in_loop_average(record.averaged_in_loop), ""]
+    lines += [
+        f"These weights are the weighted mean of {len(record.averaged_from)} checkpoints "
         "(`python -m swallow_titan.average`, fp32 accumulation):",
         "",
         "| step | weight | checkpoint |",
         "|---|---|---|",
     ]
-    for entry in averaged_from:
+    for entry in record.averaged_from:
         lines.append(
             f"| {_value(entry.get('step'))} | {entry.get('weight', 0.0):.6g} | "
             f"`{entry.get('checkpoint')}` |"
         )
     return [*lines, ""]
+
+
+def _in_loop_average(average: dict[str, Any]) -> str:
+    """One paragraph on an ``[averaging]`` average: EMA with its decay, or tail with its window."""
+    step = average.get("step")
+    if average.get("kind") == "ema":
+        d = average["ema_decay"]
+        return (
+            f"These weights are the **exponential moving average (EMA)** of the trained weights, "
+            f"kept in fp32 during training up to step {_value(step)}: after every step "
+            f"`ema = ema * {d:g} + w * {1 - d:g}` (`[averaging] ema_decay = {d:g}`, which spans "
+            f"about {1 / (1 - d):,.0f} steps). They are not the weights of the last step, which "
+            "are exported beside them."
+        )
+    first, k = average.get("first_step"), average.get("tail_steps")
+    return (
+        f"These weights are the **tail average**: the uniform mean, accumulated in fp32 during "
+        f"training, of the weights after each of steps {_value(first)}-{_value(step)} "
+        f"(`[averaging] tail_steps = {k}`). They are not the weights of the last step, which "
+        "are exported beside them."
+    )
 
 
 def _spikes(events: list[dict[str, Any]] | None) -> list[str]:
@@ -304,7 +331,7 @@ def render_model_card(
         ),
         "",
     ]
-    lines += _average(record.averaged_from)
+    lines += _averaged_weights(record)
     lines += _evaluation(summary.evaluation)
     lines += _spikes(summary.spike_events)
     lines += [

@@ -53,6 +53,12 @@ class RunRecord:
     """For an average of checkpoints (``python -m swallow_titan.average``): each
     input's ``checkpoint``, ``step`` and normalised ``weight``."""
 
+    averaged_in_loop: dict[str, Any] | None = None
+    """For an average kept while training (``[averaging]``, the ``ema-step-N`` /
+    ``tail-step-N`` folders): ``kind`` ("ema" or "tail"), the ``step`` it was
+    written at and its settings (``ema_decay``; ``tail_steps`` and the window's
+    ``first_step``). See ``WeightAveraging.description``."""
+
     format_version: int = field(default=FORMAT_VERSION)
 
     def write(self, folder: str | Path) -> Path:

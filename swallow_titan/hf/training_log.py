@@ -76,14 +76,22 @@ def last_logged_value(
 
 
 def last_evaluation(
-    tensorboard_folder: str | Path, max_step: int | None = None
+    tensorboard_folder: str | Path,
+    max_step: int | None = None,
+    prefix: str = EVAL_PREFIX,
+    exclude: tuple[str, ...] = (),
 ) -> tuple[int, dict[str, float]] | None:
     """The latest ``[eval]`` at a step <= ``max_step``: (step, {"<task>/<metric>": value}).
 
-    Read from the ``eval/<task>/<metric>`` scalars (``eval/time_s`` left out).
+    Read from the ``<prefix><task>/<metric>`` scalars (``<prefix>time_s`` left
+    out), without tags starting with one of ``exclude`` (e.g. an average's,
+    ``eval/ema/...``, for the trained weights' evaluation).
     """
     points = _points(
-        tensorboard_folder, lambda tag: tag.startswith(EVAL_PREFIX) and tag != EVAL_TIME_TAG
+        tensorboard_folder,
+        lambda tag: tag.startswith(prefix)
+        and tag != f"{prefix}time_s"
+        and not tag.startswith(exclude),
     )
     steps = [p[0] for ps in points.values() for p in ps if max_step is None or p[0] <= max_step]
     if not steps:
@@ -93,5 +101,5 @@ def last_evaluation(
     for tag, ps in sorted(points.items()):
         at_step = [p for p in ps if p[0] == step]
         if at_step:
-            values[tag.removeprefix(EVAL_PREFIX)] = float(max(at_step)[2])
+            values[tag.removeprefix(prefix)] = float(max(at_step)[2])
     return step, values

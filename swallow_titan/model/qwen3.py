@@ -20,14 +20,24 @@ import torch
 import torch.nn.functional as F
 from torchtitan.models.moe import MoEArgs
 from torchtitan.models.qwen3 import Qwen3Model, Qwen3ModelArgs, qwen3_args
+from torchtitan.models.qwen3.model.model import TransformerBlock
+from torchtitan.tools.logging import logger
 from torchtitan.tools.utils import device_type
 
 from swallow_titan.config.checks import global_batch_sequences, resolve_layout
-from swallow_titan.config.sections import AUX_LOSS, AUX_LOSS_FREE
+from swallow_titan.config.sections import AUX_LOSS, AUX_LOSS_FREE, FUSED_LOSS, TRITON_NORM
 from swallow_titan.runtime.ranks import job_world_size
 
 # The vocabulary of the tiny tokenizer in assets/tokenizer (see model.args).
 from swallow_titan.model.args import TINY_VOCAB_SIZE
+from swallow_titan.model.transformer import (
+    FusedLossOutput,
+    TritonRMSNorm,
+    attend_then_fused_norm,
+    loss_from_labels,
+    share_norm,
+    use_triton_qk_norms,
+)
 
 
 # torch._grouped_mm computes in bf16 and needs 16-byte-aligned groups (CUDA);
@@ -47,10 +57,22 @@ class SwallowQwen3ModelArgs(Qwen3ModelArgs):
     """``router_aux_loss_coef`` x local batch / global batch: the weight of one
     micro-batch's auxiliary loss in the step's gradient (see SwallowQwen3Model)."""
 
+    rmsnorm_impl: str = "torch"
+    """"torch" or "triton": as ``SwallowModelArgs.rmsnorm_impl``, plus the q/k norms."""
+
+    loss_impl: str = "torch"
+    """"torch" or "fused_linear_ce": as ``SwallowModelArgs.loss_impl``."""
+
+    z_loss: float = 0.0
+    """z-loss coefficient the fused output layer applies."""
+
     def update_from_config(self, job_config, **kwargs) -> None:
         super().update_from_config(job_config, **kwargs)
         self.attn_type = job_config.model.attn_type
         self.attn_mask_type = job_config.model.attn_mask_type
+        self.rmsnorm_impl = job_config.kernels.rmsnorm
+        self.loss_impl = job_config.kernels.loss
+        self.z_loss = job_config.kernels.z_loss
         if not self.moe_enabled:
             return
         moe = job_config.moe
@@ -154,6 +176,34 @@ def load_balancing_loss(router_logits: list[torch.Tensor], top_k: int) -> torch.
     return num_experts * (slots * probs.mean(dim=0)).sum()
 
 
+class FusedNormQwen3Block(TransformerBlock):
+    """torchtitan's qwen3 block with Triton norms and ``h = x + attn; norm(h)`` fused.
+
+    The block's norms are :class:`TritonRMSNorm` modules holding the block's
+    own weight Parameters, and the attention's q/k norms run the per-head
+    Triton kernel (:func:`use_triton_qk_norms`); names, initialisation and
+    checkpoints are torchtitan's. Only ``forward`` differs: the mid-block
+    residual add happens inside ``ffn_norm``'s kernel, as in Llama's
+    ``FusedNormBlock``; the feed-forward is the dense SwiGLU or the MoE layer.
+    """
+
+    def __init__(self, layer_id: int, model_args: Qwen3ModelArgs):
+        super().__init__(layer_id, model_args)
+        self.attention_norm = share_norm(self.attention_norm, TritonRMSNorm)
+        self.ffn_norm = share_norm(self.ffn_norm, TritonRMSNorm)
+        use_triton_qk_norms(self.attention)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope_cache: torch.Tensor,
+        attention_masks,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        normed, h = attend_then_fused_norm(self, x, rope_cache, attention_masks, positions)
+        return h + (self.moe(normed) if self.moe_enabled else self.feed_forward(normed))
+
+
 class SwallowQwen3Model(Qwen3Model):
     """torchtitan's ``Qwen3Model``, plus Qwen3-MoE's auxiliary load-balancing loss.
 
@@ -169,11 +219,32 @@ class SwallowQwen3Model(Qwen3Model):
     accumulation and FSDP's summed reduction then add up to the coefficient
     times the mean auxiliary loss, as HF's Qwen3-MoE trains.
     :meth:`take_aux_loss` returns the mean auxiliary loss since the last call,
-    for the run log. Otherwise the model is exactly torchtitan's.
+    for the run log.
+
+    ``[kernels]`` apply as for Llama (``SwallowTransformer``): with
+    ``rmsnorm = "triton"`` the blocks are :class:`FusedNormQwen3Block` (block
+    norms fused with the residual add, q/k norms per head) and the final norm a
+    :class:`TritonRMSNorm`; with ``loss = "fused_linear_ce"`` the output layer
+    is a :class:`FusedLossOutput` holding the output layer's own weight, so
+    tied embeddings stay tied, and a forward given ``labels`` returns its
+    ``[loss_sum, z_loss_sum]``. Otherwise the model is exactly torchtitan's.
     """
 
     def __init__(self, model_args: Qwen3ModelArgs):
         super().__init__(model_args)
+        rmsnorm_impl = getattr(model_args, "rmsnorm_impl", "torch")
+        loss_impl = getattr(model_args, "loss_impl", "torch")
+        if rmsnorm_impl == TRITON_NORM:
+            # New blocks, as SwallowTransformer does; init_weights runs later.
+            self.layers = torch.nn.ModuleDict(
+                {str(i): FusedNormQwen3Block(i, model_args) for i in range(model_args.n_layers)}
+            )
+            self.norm = share_norm(self.norm, TritonRMSNorm)
+        if loss_impl == FUSED_LOSS:
+            # Holds self.output's weight, which with tied embeddings is the embedding's.
+            self.output = FusedLossOutput.sharing(self.output, z_loss=model_args.z_loss)
+        if rmsnorm_impl == TRITON_NORM or loss_impl == FUSED_LOSS:
+            logger.info(f"Triton kernels: rmsnorm = {rmsnorm_impl!r}, loss = {loss_impl!r}")
         self._router_logits: list[torch.Tensor] | None = None  # a list while collecting
         self._aux_sum = 0.0
         self._aux_count = 0
@@ -187,13 +258,26 @@ class SwallowQwen3Model(Qwen3Model):
         if self._router_logits is not None:
             self._router_logits.append(logits)
 
-    def forward(self, tokens: torch.Tensor, attention_masks=None, positions=None) -> torch.Tensor:
-        """torchtitan's forward; in training with the auxiliary loss on, its gradient rides on the output."""
-        if not (self._aux_enabled and self.training and torch.is_grad_enabled()):
+    def _forward(self, tokens: torch.Tensor, attention_masks, positions, labels) -> torch.Tensor:
+        """torchtitan's forward, or with ``labels`` the fused output layer's loss."""
+        if labels is None:
             return super().forward(tokens, attention_masks, positions)
+        return loss_from_labels(self, tokens, self.rope_cache, attention_masks, positions, labels)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        attention_masks=None,
+        positions: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits (with ``labels``: the fused loss, see :class:`FusedLossOutput`); in
+        training with the auxiliary loss on, its gradient rides on the output."""
+        if not (self._aux_enabled and self.training and torch.is_grad_enabled()):
+            return self._forward(tokens, attention_masks, positions, labels)
         self._router_logits = []
         try:
-            output = super().forward(tokens, attention_masks, positions)
+            output = self._forward(tokens, attention_masks, positions, labels)
             logits = self._router_logits
         finally:
             self._router_logits = None

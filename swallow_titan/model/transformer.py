@@ -54,7 +54,7 @@ class TritonRMSNorm(nn.RMSNorm):
         return rms_norm(x, self.weight, eps, residual=residual)
 
 
-def _share_norm(norm: nn.RMSNorm, cls: type[nn.RMSNorm]) -> nn.RMSNorm:
+def share_norm(norm: nn.RMSNorm, cls: type[nn.RMSNorm]) -> nn.RMSNorm:
     """A ``cls`` holding ``norm``'s own weight Parameter (not a copy) and eps."""
     if norm.weight is None:
         raise ValueError("Triton RMSNorm needs an elementwise weight (elementwise_affine=True)")
@@ -90,7 +90,7 @@ def use_triton_qk_norms(attention: nn.Module) -> None:
             raise TypeError(
                 f"use_triton_qk_norms: {name} is a {type(norm).__name__}, expected nn.RMSNorm"
             )
-        setattr(attention, name, _share_norm(norm, TritonQKNorm))
+        setattr(attention, name, share_norm(norm, TritonQKNorm))
 
 
 class FusedNormBlock(TransformerBlock):
@@ -108,12 +108,47 @@ class FusedNormBlock(TransformerBlock):
         attention_masks,
         positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        attn = self.attention(self.attention_norm(x), freqs_cis, attention_masks, positions)
-        normed, h = self.ffn_norm(attn, residual=x)
-        if isinstance(h, DTensor):
-            # Under sequence parallel the rest of the block works on local shards.
-            h = h.to_local()
+        normed, h = attend_then_fused_norm(self, x, freqs_cis, attention_masks, positions)
         return h + self.feed_forward(normed)
+
+
+def attend_then_fused_norm(
+    block: nn.Module, x: torch.Tensor, rope: torch.Tensor, attention_masks, positions
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A block's first half with the mid-block add fused into ``ffn_norm``.
+
+    Returns ``(ffn_norm(h), h)`` for ``h = x + attention(attention_norm(x))``;
+    ``block`` is a torchtitan llama3 or qwen3 block whose ``ffn_norm`` is a
+    :class:`TritonRMSNorm`.
+    """
+    attn = block.attention(block.attention_norm(x), rope, attention_masks, positions)
+    normed, h = block.ffn_norm(attn, residual=x)
+    if isinstance(h, DTensor):
+        # Under sequence parallel the rest of the block works on local shards.
+        h = h.to_local()
+    return normed, h
+
+
+def loss_from_labels(
+    model: nn.Module, tokens: torch.Tensor, rope: torch.Tensor, attention_masks, positions,
+    labels: torch.Tensor,
+) -> torch.Tensor:
+    """torchtitan's forward up to the output layer, then the fused loss on ``labels``.
+
+    ``model`` is a torchtitan llama3 or qwen3 model (``tok_embeddings``,
+    ``layers``, ``norm``, ``output``; ``rope`` is its RoPE buffer); returns the
+    :class:`FusedLossOutput`'s ``[loss_sum, z_loss_sum]``.
+    """
+    if not isinstance(model.output, FusedLossOutput):
+        raise ValueError(
+            f"{type(model).__name__} got labels but its output layer computes logits; "
+            'labels are only passed with [kernels] loss = "fused_linear_ce"'
+        )
+    h = model.tok_embeddings(tokens) if model.tok_embeddings is not None else tokens
+    for layer in model.layers.values():
+        h = layer(h, rope, attention_masks, positions)
+    h = model.norm(h) if model.norm is not None else h
+    return model.output(h, labels=labels)
 
 
 class FusedLossOutput(nn.Linear):
@@ -192,13 +227,4 @@ class SwallowTransformer(Transformer):
         layer's ``[loss_sum, z_loss_sum]`` instead (see :class:`FusedLossOutput`)."""
         if labels is None:
             return super().forward(tokens, attention_masks, positions)
-        if not isinstance(self.output, FusedLossOutput):
-            raise ValueError(
-                "SwallowTransformer got labels but its output layer computes logits; "
-                "labels are only passed with [kernels] loss = \"fused_linear_ce\""
-            )
-        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
-        for layer in self.layers.values():
-            h = layer(h, self.freqs_cis, attention_masks=attention_masks, positions=positions)
-        h = self.norm(h) if self.norm is not None else h
-        return self.output(h, labels=labels)
+        return loss_from_labels(self, tokens, self.freqs_cis, attention_masks, positions, labels)
