@@ -35,7 +35,10 @@ ROWS: list[tuple[str, int, int, list[str], tuple[int, int]]] = [
     ("8x8 FSDP, float8 off", 8, 8, ["--model.converters", ""], (1, 2)),
     ("8x8 FSDP, full AC", 8, 8, ["--activation_checkpoint.mode", "full"], (1, 2)),
     ("8x8 FSDP, local batch 1", 8, 8, ["--training.local_batch_size", "1"], (1, 2)),
-    ("8x8 FSDP, local batch 4", 8, 8, ["--training.local_batch_size", "4"], (1, 2)),
+    # At local batch 4 the peak moves into a block's backward; with 1 and 2
+    # blocks it is not yet there and the extrapolation is wrong (41.8 GiB with
+    # a negative all-gather part); 2-3 and 3-4 agree to the byte.
+    ("8x8 FSDP, local batch 4", 8, 8, ["--training.local_batch_size", "4"], (2, 3)),
 ]
 QUICK = {"8x8 FSDP (recipe)", "8x8 FSDP x TP 2", "8x8 FSDP, local batch 1"}
 

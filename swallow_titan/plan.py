@@ -44,17 +44,17 @@ from swallow_titan.components.preflight import check_structure, file_problems, m
 
 GIB = 1024**3
 
-# Bytes of activations kept per token per layer in bf16 for a Llama block,
-# as multiples of the model width, by activation-checkpointing mode. Without
+# Elements (x model width, in the mixed-precision dtype) that one block keeps
+# per token for backward, by activation-checkpointing mode, at TP 1. Without
 # AC a block keeps about 16 x dim for attention (norm, q/k/v, output, the
-# residual) and 10 x ffn_dim for the SwiGLU MLP; full AC keeps only the block
-# input. Selective op-level AC is calibrated against `python -m
-# swallow_titan.simulate` (docs/simulate.md): the 8B recipe at 8 x 8 keeps
-# 905,969,678 bytes per block for 2 x 8,192 tokens (55,296 bytes = 13.5 x dim
-# per token: 2 x dim bf16 for the block input plus 0.186 of the full block).
-_ACT_FACTORS = {"none": 1.0, "selective": 0.186, "memory_budget": 0.186, "full": 0.0}
-
-
+# residual) and 10 x ffn_dim for the SwiGLU MLP (see _block_kept). Full AC
+# keeps only the block's input: 1 x dim (measured by `python -m
+# swallow_titan.simulate`: 8,192 bytes per token per block for dim 4,096).
+# Selective op-level AC (torchtitan's policy: the outputs of every second
+# matmul and of attention) was measured at 55,296 bytes per token per block
+# for the 8B recipe = 6.75 x dim in bf16: the block input, q, v, the attention
+# output and the first FFN projection (1 + 1 + kv/heads + 1 + ffn/dim).
+_KEPT_FULL_AC = 1.0
 @dataclass
 class MemoryEstimate:
     """Approximate per-GPU memory in GiB (the largest pipeline stage)."""
@@ -134,17 +134,43 @@ def _block_sizes(args: Any, layout: Layout, ep: int) -> tuple[int, int, int]:
     return attention, m.top_k * args.moe_inter_dim, 3 * args.dim * args.moe_inter_dim * m.num_experts // ep
 
 
+def _block_kept(args: Any, ffn: int, mode: str, tp: int) -> float:
+    """Elements per token one block keeps for backward (x the compute dtype's bytes)."""
+    if mode == "full":
+        # The block's input only; sequence parallel shards it over TP.
+        return _KEPT_FULL_AC * args.dim / tp
+    if mode in ("selective", "memory_budget"):
+        heads = args.n_heads
+        head_dim = getattr(args, "head_dim", None) or args.dim // heads
+        kv = args.n_kv_heads or heads
+        # Block input, q, v, the attention output and the first FFN projection.
+        kept = args.dim + 2 * heads * head_dim + kv * head_dim + ffn
+        if tp == 1:
+            return kept
+        # Under TP (with sequence parallel) the simulation measured one more
+        # width per token sharded over TP and one held at full size by every
+        # TP rank (8B recipe: 4.86 x dim at TP 2, 1.94 at TP 8, this gives 4.88
+        # and 1.97). Most likely the reduce-scatter outputs torchtitan's policy
+        # saves and a sequence-gathered norm output; not traced further.
+        return (kept + args.dim) / tp + args.dim
+    # No AC: about 16 x dim for attention and 10 x ffn for the SwiGLU MLP.
+    return (8 * args.dim + 5 * ffn) / tp
+
+
 def estimate_memory(
     args: Any, config, layout: Layout, n_params: int
 ) -> MemoryEstimate:
-    """Rough per-GPU memory of one training step for this layout.
+    """Rough per-GPU memory at the peak of one training step for this layout.
 
     Parameters, gradients and AdamW's two moments are kept in the training
-    dtype and sharded over FSDP, TP and PP; FSDP gathers two blocks at a time
-    in the mixed-precision dtype; activations follow the AC mode; the output
-    layer's logits are materialised in bf16 and fp32 with an fp32 gradient, or,
-    with the fused loss, one chunk of them at a time plus the fp32 output-weight gradient.
-    Each ``[averaging]`` kind (EMA, tail) adds an fp32 copy of the parameter shards.
+    dtype and sharded over FSDP, TP and PP. The peak (measured by ``python -m
+    swallow_titan.simulate``, docs/simulate.md) is at the start of backward, in
+    the output layer: every block's kept activations (by AC mode) are held, no
+    block is being recomputed yet, FSDP holds the gathered output weight, and
+    the loss has its logits' gradients folded into fp32 gradients of the output
+    weight and of its input. Without the fused loss the logits are materialised
+    in bf16 and fp32 with an fp32 gradient. Each ``[averaging]`` kind (EMA,
+    tail) adds an fp32 copy of the parameter shards.
     """
     bytes_param = 4 if config.training.dtype == "float32" else 2
     bytes_compute = 2 if config.training.mixed_precision_param == "bfloat16" else 4
@@ -152,23 +178,25 @@ def estimate_memory(
     per_gpu = n_params / shards
     attention, ffn, ffn_params = _block_sizes(args, layout, config.parallelism.expert_parallel_degree)
     block_params = attention + ffn_params
-    gathered = 2 * block_params / layout.tp * bytes_compute
+    vocab_local = args.vocab_size / layout.tp
+    # FSDP gathers a block (and prefetches the next) in the mixed-precision
+    # dtype; at the peak it holds the output layer's weight instead.
+    gathered = max(2 * block_params / layout.tp, vocab_local * args.dim) * bytes_compute
     tokens = config.training.local_batch_size * config.training.seq_len / layout.cp
     layers = -(-args.n_layers // layout.pp)
-    full_block = (16 * args.dim + 10 * ffn) * bytes_compute / 2 / layout.tp
-    mode = config.activation_checkpoint.mode
-    kept = full_block * _ACT_FACTORS.get(mode, 1.0) + 2 * args.dim * bytes_compute
-    # Plus one block's full activations while it is recomputed in backward.
-    activations = tokens * (layers * kept + full_block)
-    vocab_local = args.vocab_size / layout.tp
+    activations = tokens * layers * _block_kept(args, ffn, config.activation_checkpoint.mode, layout.tp) * bytes_compute
     if config.kernels.loss == FUSED_LOSS:
-        # One chunk of fp32 logits and of logit gradients (kernels/cross_entropy.py).
+        # One chunk of fp32 logits and their gradients (kernels/cross_entropy.py)
+        # at a time, in forward; in backward, at the peak, the output weight's
+        # gradient: the fp32 accumulator the loss kept (4 bytes per element) and
+        # 10 bytes per element of temporaries (it rounded to the gradient's dtype,
+        # and FSDP's fp32 reduce-scatter copy; measured), plus the fp32 gradient
+        # of the loss's input, kept and scaled (2 x 4 bytes per token x dim).
         gemm_dtype = torch.bfloat16 if bytes_compute == 2 else torch.float32
         chunk = min(tokens, default_chunk_tokens(int(vocab_local), gemm_dtype))
-        logits = chunk * vocab_local * (4 + bytes_compute)
-        # Plus what its forward keeps for backward: the fp32 weight-gradient
-        # accumulator of the output layer and the fp32 gradient of its input.
-        logits += vocab_local * args.dim * 4 + tokens * args.dim * 4
+        chunk_bytes = chunk * vocab_local * (4 + bytes_compute)
+        logits = vocab_local * args.dim * 4 + tokens * args.dim * 4
+        logits += max(chunk_bytes, vocab_local * args.dim * 10 + tokens * args.dim * 4)
     else:
         logits = tokens * vocab_local * (bytes_compute + 4 + 4)
     return MemoryEstimate(

@@ -50,3 +50,53 @@ def test_recipe_at_8x8_holds_its_arithmetic_and_fits_an_h200():
     fsdp = {c["op"]: c for c in result.collectives if c["dim"] == "fsdp"}
     assert fsdp["all_gather"]["group_size"] == 64 and fsdp["all_gather"]["nodes"] == 8
     assert fsdp["reduce_scatter"]["count"] > 0
+
+
+# Rank 0's simulated peak in bytes for the rows of docs/simulate.md's table
+# (python -m swallow_titan.simulate train_configs/swallow_8b_v05.toml --ngpu 8
+# --nnodes N with the overrides and --layers shown there). Recorded, not rerun
+# here: the nine simulations take minutes of CPU together, beyond this suite's
+# budget; the recipe row is re-simulated by the test above. 1 x 8 and HSDP are
+# recorded to 0.1 GiB only (the table's figure).
+RECORDED_PEAKS = [
+    ("8x8 FSDP (recipe)", 8, [], 39_945_645_588),
+    ("1x8 FSDP", 1, [], int(50.3 * 1024**3)),
+    ("8x8 HSDP", 8, ["--parallelism.data_parallel_replicate_degree", "8"], int(50.3 * 1024**3)),
+    ("8x8 FSDP x TP 2", 8, ["--parallelism.tensor_parallel_degree", "2"], 27_622_814_260),
+    ("8x8 FSDP x TP 8", 8, ["--parallelism.tensor_parallel_degree", "8"], 11_938_589_284),
+    ("8x8 FSDP, float8 off", 8, ["--model.converters", ""], 39_945_644_276),
+    ("8x8 FSDP, full AC", 8, ["--activation_checkpoint.mode", "full"], 15_249_583_220),
+    ("8x8 FSDP, local batch 1", 8, ["--training.local_batch_size", "1"], 25_181_400_596),
+    ("8x8 FSDP, local batch 4", 8, ["--training.local_batch_size", "4"], 69_847_600_742),
+]
+# The 70B recipe at 16 x 8 (FSDP 16 x TP 8, --layers 2 3): not used to
+# calibrate the formula, so a check of it on another model.
+RECIPE_70B = REPO / "train_configs" / "swallow_70b.toml"
+
+
+@pytest.mark.parametrize("label,nnodes,overrides,simulated", RECORDED_PEAKS, ids=[r[0] for r in RECORDED_PEAKS])
+def test_formula_within_10_percent_of_recorded_simulations(label, nnodes, overrides, simulated):
+    """Issue 19, item 5: plan's formula against the simulator's table rows.
+
+    The simulated figures are the recorded ones above (not re-simulated here);
+    the formula is computed now. The formula's ``[averaging]`` copy is left
+    out: the simulation runs the training step, which does not hold it. A
+    formula that ignored an option (TP's activation split, full AC's block
+    input, the batch-independent output-weight gradient) misses some row by
+    more than 10% (the formula before recalibration did: TP 2, full AC, local
+    batch 1).
+    """
+    config = load_job_config(RECIPE, overrides)
+    memory = build_plan(config, 8, nnodes, str(RECIPE))["memory_gib"]
+    formula = memory["total"] - memory["averaging"]
+    assert abs(formula - simulated / 1024**3) <= 0.10 * simulated / 1024**3
+
+
+def test_formula_within_10_percent_of_the_recorded_70b_simulation():
+    """The 70B recipe's recorded simulated peak (docs/simulate.md), which the
+    formula was not calibrated on: a check on another model size and TP 8."""
+    config = load_job_config(RECIPE_70B)
+    memory = build_plan(config, 8, 16, str(RECIPE_70B))["memory_gib"]
+    formula = memory["total"] - memory["averaging"]
+    simulated = 53_708_364_036 / 1024**3
+    assert abs(formula - simulated) <= 0.10 * simulated
