@@ -66,11 +66,11 @@ from swallow_titan.components.preflight import check_structure
 from swallow_titan.config.checks import Layout, grad_accum_steps
 from swallow_titan.config.errors import ConfigError, ExitCode
 from swallow_titan.config.manager import load_job_config
-from swallow_titan.config.sections import FUSED_LOSS, MODEL_NAME
+from swallow_titan.config.sections import FUSED_LOSS, MODEL_NAME, QWEN3_MODEL_NAME
 from swallow_titan.runtime.device import add_process_arguments
 from swallow_titan.runtime.seams import dtensor_propagation_in_own_fake_mode
-from swallow_titan.model.args import FLAVORS
-from swallow_titan.model.parallelize import parallelize_swallow
+from swallow_titan.model.family import family_of_config, is_moe
+from swallow_titan.model.qwen3 import SwallowQwen3Model
 from swallow_titan.model.transformer import SwallowTransformer
 from swallow_titan.trainer import SwallowTrainer
 
@@ -201,29 +201,52 @@ class SimulatedTransformer(SwallowTransformer):
             self.freqs_cis = self._precompute_freqs_cis()
 
 
-def _parallelize_outside_fake_mode(model: torch.nn.Module, parallel_dims, job_config):
-    """The spec's parallelize_fn, run outside the fake mode: the model is still on
+class SimulatedQwen3Model(SwallowQwen3Model):
+    """SwallowQwen3Model whose ``init_weights`` sets only the RoPE buffer (as
+    :class:`SimulatedTransformer`; the MoE buffers keep their shapes)."""
+
+    def init_weights(self, buffer_device: torch.device | None = None) -> None:
+        with torch.device(buffer_device or self.rope_cache.device):
+            self.rope_cache = self._precompute_rope_cache()
+
+
+# The model class a simulation builds, per family (``[model] name``).
+SIMULATED_MODELS: dict[str, type[torch.nn.Module]] = {
+    MODEL_NAME: SimulatedTransformer,
+    QWEN3_MODEL_NAME: SimulatedQwen3Model,
+}
+
+
+def _parallelize_outside_fake_mode(parallelize_fn):
+    """The family's parallelize_fn, run outside the fake mode: the model is still on
     the meta device there, and the sub-meshes FSDP and TP slice compute their rank
     coordinates from real tensors."""
-    with unset_fake_temporarily():
-        return parallelize_swallow(model, parallel_dims, job_config)
+
+    def parallelize(model: torch.nn.Module, parallel_dims, job_config):
+        with unset_fake_temporarily():
+            return parallelize_fn(model, parallel_dims, job_config)
+
+    return parallelize
 
 
 def _register_simulated_spec(config, source: str, layers: int | None, real: bool) -> None:
     from swallow_titan.components.preflight import model_args
 
+    family = family_of_config(config)
     args = model_args(config, source)
     vocab_size = args.vocab_size
-    flavors = dict(FLAVORS)
+    flavors = dict(family.flavors)
+    # A copy: the trainer updates its flavor's arguments in place (Qwen3's MoE
+    # arguments included), which must not reach the family's own flavors.
+    flavor = copy.deepcopy(family.flavors[config.model.flavor])
     if layers is not None:
-        flavors[config.model.flavor] = dataclasses.replace(
-            FLAVORS[config.model.flavor], n_layers=layers
-        )
+        flavor.n_layers = layers
+    flavors[config.model.flavor] = flavor
     spec = dataclasses.replace(
-        get_train_spec(MODEL_NAME),
+        get_train_spec(family.model_name),
         model_args=flavors,
-        model_cls=SwallowTransformer if real else SimulatedTransformer,
-        parallelize_fn=_parallelize_outside_fake_mode,
+        model_cls=family.model_cls if real else SIMULATED_MODELS[family.model_name],
+        parallelize_fn=_parallelize_outside_fake_mode(family.parallelize_fn),
         build_dataloader_fn=_build_random_tokens,
         build_tokenizer_fn=lambda job_config: StandInTokenizer(vocab_size),
         build_validator_fn=None,
@@ -295,6 +318,7 @@ class SimulatedTrainer(SwallowTrainer):
         self.device = torch.device(self.device.type)
         # torchtitan logs step 1 whatever log_freq says; logging reads values.
         self.metrics_processor.should_log = lambda step: False
+        self.module_peaks: list[dict[str, Any]] = []
 
     def init_distributed(self):
         """torchtitan's, with every mesh built outside the fake mode (a mesh's rank
@@ -310,10 +334,15 @@ class SimulatedTrainer(SwallowTrainer):
         if recorder is not None:
             recorder.start_microbatch()
         tracker = getattr(self, "tracker", None)
-        if tracker is not None and not isinstance(tracker, FSDPMemTracker):
-            # Without FSDP torch's plain MemTracker refuses a module that runs
-            # twice; module peaks then cover the last microbatch (the overall
-            # peak is kept).
+        if tracker is not None and (
+            not isinstance(tracker, FSDPMemTracker)
+            or _root_module(self) in tracker.memory_tracking
+        ):
+            # torch's plain MemTracker refuses a module that runs twice, and so
+            # does FSDPMemTracker when the root module is an FSDP group with
+            # parameters of its own (Qwen3's final norm); the module peaks seen so
+            # far are kept aside (the overall peak is the tracker's).
+            self.module_peaks = _largest_modules(tracker, None, self.module_peaks)
             tracker.reset_mod_stats()
         try:
             return super().forward_backward_step(**kwargs)
@@ -671,13 +700,17 @@ def state_bytes(trainer: SwallowTrainer) -> dict[str, int]:
     }
 
 
-def _largest_modules(tracker: MemTracker, top: int) -> list[dict[str, Any]]:
-    rows = []
+def _largest_modules(
+    tracker: MemTracker, top: int | None, earlier: list[dict[str, Any]] = ()
+) -> list[dict[str, Any]]:
+    """Each module's peak while it ran, largest first (``top`` of them), also over
+    ``earlier`` rows (kept from before a ``reset_mod_stats``)."""
+    peaks = {row["module"]: row["peak_bytes"] for row in earlier}
     for mod_stats in tracker.memory_tracking.values():
-        peaks = list(mod_stats.local_peak.values())
-        if not peaks:
-            continue
-        rows.append({"module": mod_stats.mod_fqn, "peak_bytes": int(max(peaks))})
+        local = list(mod_stats.local_peak.values())
+        if local:
+            peaks[mod_stats.mod_fqn] = max(peaks.get(mod_stats.mod_fqn, 0), int(max(local)))
+    rows = [{"module": m, "peak_bytes": p} for m, p in peaks.items()]
     rows.sort(key=lambda r: -r["peak_bytes"])
     return rows[:top]
 
@@ -764,10 +797,10 @@ def measure(config, opts: SimulationOptions, source: str, layers: int | None) ->
     itself is left as it was."""
     start = time.monotonic()
     config = copy.deepcopy(config)
-    if config.model.name != MODEL_NAME:
+    if config.model.name not in SIMULATED_MODELS:
         raise ConfigError(
-            f"{source}: model.name: swallow_titan.simulate covers the Llama family "
-            f"({MODEL_NAME!r}) only, got {config.model.name!r}"
+            f"{source}: model.name: swallow_titan.simulate covers "
+            f"{sorted(SIMULATED_MODELS)}, got {config.model.name!r}"
         )
     # Stand-ins first: validation and [eval] are off, so their sizes are not checked.
     stand_ins = apply_stand_ins(config)
@@ -832,7 +865,7 @@ def measure(config, opts: SimulationOptions, source: str, layers: int | None) ->
                         key = getattr(k, "value", str(k))
                         parts[key] = parts.get(key, 0) + int(v)
                 peak = parts.pop("Total", 0)
-                modules = _largest_modules(tracker, 12)
+                modules = _largest_modules(tracker, 12, trainer.module_peaks)
                 n_params = sum(p.numel() for m in trainer.model_parts for p in m.parameters())
         finally:
             if trainer is not None:
