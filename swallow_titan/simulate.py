@@ -62,13 +62,16 @@ from torchtitan.tools.logging import init_logger, logger
 
 import swallow_titan.train_spec  # noqa: F401  (registers the "swallow" TrainSpec)
 from swallow_titan.data.dataloader import LabelsInInputs
-from swallow_titan.components.preflight import check_structure
+from swallow_titan.components.preflight import check_structure, model_args
 from swallow_titan.config.checks import Layout, grad_accum_steps
 from swallow_titan.config.errors import ConfigError, ExitCode
 from swallow_titan.config.manager import load_job_config
 from swallow_titan.config.sections import FUSED_LOSS, MODEL_NAME, QWEN3_MODEL_NAME
 from swallow_titan.runtime.device import add_process_arguments
-from swallow_titan.runtime.seams import dtensor_propagation_in_own_fake_mode
+from swallow_titan.runtime.seams import (
+    disable_dispatch_modes,
+    dtensor_propagation_in_own_fake_mode,
+)
 from swallow_titan.model.family import family_of_config, is_moe
 from swallow_titan.model.qwen3 import SwallowQwen3Model
 from swallow_titan.model.transformer import SwallowTransformer
@@ -360,6 +363,124 @@ class SimulatedTrainer(SwallowTrainer):
         return None  # fake tensors hold no values: never a spike
 
 
+# ---------------------------------------------------------------- MoE routing
+
+ROUTING_ASSUMPTION = (
+    "MoE routing: balanced (debug.moe_force_load_balance, torchtitan's round-robin: "
+    "token slot i of a rank's tokens x top_k goes to expert i mod E, so every expert "
+    "gets tokens x top_k / E of them and every rank sends each EP rank as many)"
+)
+
+# Where the simulation keeps a fake tensor's known value (a real CPU tensor).
+_KNOWN = "_swallow_known_value"
+
+
+def balanced_counts(slots: int, num_experts: int) -> torch.Tensor:
+    """Tokens per expert of round-robin routing over ``slots`` token slots (int64).
+
+    The simulation's routing assumption. How many tokens each expert gets
+    decides the sizes of the experts' matmuls and of expert parallelism's
+    all-to-alls, and is data, which a fake tensor cannot know. The simulation
+    routes as ``debug.moe_force_load_balance`` makes torchtitan's router do
+    (token slot ``i`` goes to expert ``i mod E``: the same ops as learned
+    routing, with known counts); a ``--real`` run routes the same way, so its
+    memory and collectives can be compared with the simulation's.
+    """
+    return torch.bincount(torch.arange(slots) % num_experts, minlength=num_experts)
+
+
+def _known(t: Any) -> torch.Tensor | None:
+    return getattr(t, _KNOWN, None) if isinstance(t, torch.Tensor) else None
+
+
+class KnownExpertCounts(TorchDispatchMode):
+    """Carries the known values of the MoE token counts through fake tensors.
+
+    The routers' and token reorderers' counts get the value of
+    :func:`balanced_counts` (forward hooks, :meth:`watch`); every op whose
+    tensor inputs all have known values (or are real) is also computed on the
+    values, outside every mode, so the counts reach expert parallelism's split
+    sizes, its token permutation and the experts' loop with values, and
+    ``.tolist()`` / ``.item()`` on them return numbers instead of unbacked
+    symbols. The fake op itself still runs (the memory tracker and the
+    collective recorder see it). An all-to-all of known counts assumes every rank
+    routes as this one (true of balanced routing: every rank has as many tokens).
+    """
+
+    def watch(self, model: torch.nn.Module) -> int:
+        """Give the counts of every MoE layer's router and reorderer known values;
+        returns how many modules are watched."""
+        from torchtitan.models.moe.moe import TokenChoiceTopKRouter, TokenReorderer
+
+        watched = 0
+        for module in model.modules():
+            if isinstance(module, (TokenChoiceTopKRouter, TokenReorderer)):
+                module.register_forward_hook(self._know_counts)
+                watched += 1
+        return watched
+
+    @staticmethod
+    def _know_counts(module, inputs, outputs):
+        from torchtitan.models.moe.moe import TokenReorderer
+
+        if isinstance(module, TokenReorderer):
+            slots = inputs[1].numel()  # the selected experts, [tokens, top_k]
+        else:
+            slots = inputs[0].shape[0] * module.top_k  # the router's x, [tokens, dim]
+        counts = outputs[2]
+        with disable_dispatch_modes():  # neither fake nor this rank's memory
+            value = balanced_counts(slots, module.num_experts).to(counts.dtype)
+        setattr(counts, _KNOWN, value)
+        return outputs
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        flat, _ = torch.utils._pytree.tree_flatten((args, kwargs))
+        tensors = [a for a in flat if isinstance(a, torch.Tensor)]
+        known = [_known(t) for t in tensors]
+        if not any(v is not None for v in known):
+            return func(*args, **kwargs)
+        if func is torch.ops.aten._local_scalar_dense.default:
+            with disable_dispatch_modes():  # else the fake mode makes it a symbol
+                return _known(args[0]).item()
+        out = func(*args, **kwargs)
+        from torch._subclasses.fake_tensor import FakeTensor
+
+        if any(v is None and isinstance(t, FakeTensor) for t, v in zip(tensors, known)):
+            # A value meets a fake tensor: the result has no known value (an
+            # in-place op on a known tensor makes its value unknown).
+            for o in torch.utils._pytree.tree_leaves(out):
+                if isinstance(o, torch.Tensor) and hasattr(o, _KNOWN):
+                    delattr(o, _KNOWN)
+            return out
+        value = self._compute(func, args, kwargs)
+        outs = [o for o in torch.utils._pytree.tree_leaves(out) if isinstance(o, torch.Tensor)]
+        values = [v for v in torch.utils._pytree.tree_leaves(value) if isinstance(v, torch.Tensor)]
+        for o, v in zip(outs, values):
+            setattr(o, _KNOWN, v)
+        return out
+
+    @staticmethod
+    def _compute(func, args, kwargs):
+        def value_of(a):
+            return _known(a) if _known(a) is not None else a
+
+        args, kwargs = torch.utils._pytree.tree_map(value_of, (args, kwargs))
+        with disable_dispatch_modes():
+            if func.namespace == "_c10d_functional":
+                if func._opname == "wait_tensor":
+                    return args[0]
+                if func._opname == "all_to_all_single":
+                    # Every rank sends its j-th split to rank j; each rank holds the
+                    # same counts, so rank j receives its own j-th split from every rank.
+                    inp, _, input_splits, group = args
+                    ranks = _group_ranks(group)
+                    mine = inp.split(list(input_splits))[ranks.index(dist.get_rank())]
+                    return torch.cat([mine] * len(ranks))
+                raise NotImplementedError(f"simulate: {func} on known MoE counts")
+            return func(*args, **kwargs)
+
+
 # ---------------------------------------------------------------- collectives
 
 
@@ -509,7 +630,7 @@ def mesh_group_names(parallel_dims) -> dict[str, str]:
     """Process-group name -> mesh dimension name(s), for every mesh the trainer uses."""
     names: dict[str, str] = {}
     candidates = ["dp_replicate", "fsdp", "dp_shard", "tp", "cp", "pp", "batch", "loss",
-                  "dp_cp", "dp", "dp_shard_cp"]
+                  "dp_cp", "dp", "dp_shard_cp", "ep", "efsdp", "etp"]
     for dim in candidates:
         try:
             mesh = parallel_dims.get_optional_mesh(dim)
@@ -804,6 +925,14 @@ def measure(config, opts: SimulationOptions, source: str, layers: int | None) ->
         )
     # Stand-ins first: validation and [eval] are off, so their sizes are not checked.
     stand_ins = apply_stand_ins(config)
+    moe = is_moe(model_args(config, source))
+    if moe:
+        # Routing decides the experts' matmul sizes and EP's all-to-all sizes, and is
+        # data a fake tensor cannot know: the simulation (and a --real check of it)
+        # routes by torchtitan's round-robin instead; KnownExpertCounts gives fake
+        # tensors its counts.
+        config.debug.moe_force_load_balance = True
+        stand_ins.append(ROUTING_ASSUMPTION)
     if opts.real:
         stand_ins = [n for n in stand_ins if not n.startswith("device")]
         stand_ins.append("real tensors on CPU (a check of the simulation)")
@@ -836,6 +965,11 @@ def measure(config, opts: SimulationOptions, source: str, layers: int | None) ->
             with tensors:
                 trainer = SimulatedTrainer(config)
                 model = _root_module(trainer)
+                counts = KnownExpertCounts()
+                if moe and not opts.real:
+                    counts.watch(model)
+                else:
+                    counts = contextlib.nullcontext()
                 optimizer = trainer.optimizers.optimizers[0]
                 if isinstance(model, FSDPModule):
                     tracker = FSDPMemTracker(mod=model, optm=optimizer)
@@ -852,7 +986,7 @@ def measure(config, opts: SimulationOptions, source: str, layers: int | None) ->
                         # Collectives of the last step only (the first also builds
                         # the optimizer state).
                         recorder.clear()
-                        with recorder:
+                        with recorder, counts:
                             trainer.train_step(data)
                 state = state_bytes(trainer)
                 simulated_accum = trainer.gradient_accumulation_steps
