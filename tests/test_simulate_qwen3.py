@@ -139,3 +139,21 @@ def test_formula_within_3_percent_of_recorded_simulations(recipe, overrides, sim
     memory = build_plan(config, 8, 8, str(path))["memory_gib"]
     formula = memory["total"] - memory["averaging"]
     assert abs(formula - simulated / 1024**3) <= 0.03 * simulated / 1024**3
+
+
+def test_selective_op_ac_with_expert_parallelism_is_refused_naming_the_fields():
+    """The 30B-A3B recipe's AC (selective, per op) with EP fails in backward in
+    torchtitan 0.2.2 -- in a real run too -- and the simulation says so as a
+    config error instead of a replay-mismatch traceback."""
+    from swallow_titan.config.errors import ConfigError
+
+    config = _config(
+        "tiny_moe", "--training.global_batch_size", "8",
+        "--parallelism.expert_parallel_degree", "2",
+        "--activation_checkpoint.mode", "selective",
+        "--activation_checkpoint.selective_ac_option", "op",
+    )
+    with pytest.raises(ConfigError) as e:
+        simulate(config, SimulationOptions(ngpu=4), str(TINY_CONFIG))
+    message = str(e.value)
+    assert "activation_checkpoint.mode" in message and "expert_parallel_degree = 2" in message
