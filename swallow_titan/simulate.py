@@ -5,8 +5,9 @@
         [--section.key value ...]
 
 Builds swallow-titan's own trainer (:class:`~swallow_titan.trainer.SwallowTrainer`:
-the ``swallow`` TrainSpec's model, flavor, converters, parallelize, loss,
-optimizer and LR schedule) on a fake process group of ``ngpu x nnodes`` ranks
+the TrainSpec of the config's family -- Llama's ``swallow`` or Qwen3's
+``swallow_qwen3``, dense or MoE -- with its model, flavor, converters,
+parallelize, loss, optimizer and LR schedule) on a fake process group of ``ngpu x nnodes`` ranks
 (torch's ``fake`` backend: collectives return at once and move no data) under
 ``FakeTensorMode`` (tensors carry shape, dtype and device but no storage), and
 runs ``SwallowTrainer.train_step`` -- every microbatch of gradient accumulation,
@@ -26,6 +27,10 @@ What is not the GPU's (listed in the output as stand-ins):
 - float8 is torchao's emulated float8 (``emulate = true``): the same float8
   casts, scales and FSDP float8 all-gather; the matmul upcasts instead of
   calling ``_scaled_mm``.
+- MoE routing is balanced round-robin (``debug.moe_force_load_balance``): the
+  experts' token counts are data a fake tensor cannot know; see
+  :func:`balanced_counts` and :class:`KnownExpertCounts`. The experts run
+  torchtitan's per-expert loop (no grouped GEMM on CPU).
 - Data are random token ids (no files are read); the tokenizer is a stand-in
   that only knows the end-of-text id. Checkpoints, validation, [eval], logging
   and TensorBoard are off: they do not run inside a training step.
