@@ -54,7 +54,7 @@ from typing import Any, Iterator
 import swallow_titan  # noqa: F401  (device selection before torchtitan loads)
 import torch
 import torch.distributed as dist
-from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
 from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 from torch.distributed._tools.mem_tracker import MemTracker
 from torch.distributed.fsdp import FSDPModule
@@ -398,6 +398,14 @@ def _known(t: Any) -> torch.Tensor | None:
     return getattr(t, _KNOWN, None) if isinstance(t, torch.Tensor) else None
 
 
+def _with_values(value: Any) -> Any:
+    """``value`` (an op argument) with every tensor of known value replaced by it."""
+    if isinstance(value, (list, tuple)):
+        return type(value)(_with_values(v) for v in value)
+    known = _known(value)
+    return value if known is None else known
+
+
 class KnownExpertCounts(TorchDispatchMode):
     """Carries the known values of the MoE token counts through fake tensors.
 
@@ -440,8 +448,7 @@ class KnownExpertCounts(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        flat, _ = torch.utils._pytree.tree_flatten((args, kwargs))
-        tensors = [a for a in flat if isinstance(a, torch.Tensor)]
+        tensors = _tensors([*args, *kwargs.values()])
         known = [_known(t) for t in tensors]
         if not any(v is not None for v in known):
             return func(*args, **kwargs)
@@ -449,28 +456,22 @@ class KnownExpertCounts(TorchDispatchMode):
             with disable_dispatch_modes():  # else the fake mode makes it a symbol
                 return _known(args[0]).item()
         out = func(*args, **kwargs)
-        from torch._subclasses.fake_tensor import FakeTensor
-
         if any(v is None and isinstance(t, FakeTensor) for t, v in zip(tensors, known)):
             # A value meets a fake tensor: the result has no known value (an
             # in-place op on a known tensor makes its value unknown).
-            for o in torch.utils._pytree.tree_leaves(out):
-                if isinstance(o, torch.Tensor) and hasattr(o, _KNOWN):
+            for o in _tensors(out):
+                if hasattr(o, _KNOWN):
                     delattr(o, _KNOWN)
             return out
         value = self._compute(func, args, kwargs)
-        outs = [o for o in torch.utils._pytree.tree_leaves(out) if isinstance(o, torch.Tensor)]
-        values = [v for v in torch.utils._pytree.tree_leaves(value) if isinstance(v, torch.Tensor)]
-        for o, v in zip(outs, values):
+        for o, v in zip(_tensors(out), _tensors(value)):
             setattr(o, _KNOWN, v)
         return out
 
     @staticmethod
     def _compute(func, args, kwargs):
-        def value_of(a):
-            return _known(a) if _known(a) is not None else a
-
-        args, kwargs = torch.utils._pytree.tree_map(value_of, (args, kwargs))
+        args = _with_values(args)
+        kwargs = {k: _with_values(v) for k, v in kwargs.items()}
         with disable_dispatch_modes():
             if func.namespace == "_c10d_functional":
                 if func._opname == "wait_tensor":
@@ -998,7 +999,8 @@ def measure(config, opts: SimulationOptions, source: str, layers: int | None) ->
                 model = _root_module(trainer)
                 counts = KnownExpertCounts()
                 if moe and not opts.real:
-                    counts.watch(model)
+                    if not counts.watch(model):
+                        raise RuntimeError("simulate: an MoE model without torchtitan's router")
                 else:
                     counts = contextlib.nullcontext()
                 optimizer = trainer.optimizers.optimizers[0]

@@ -579,6 +579,13 @@ SEAMS: tuple[Seam, ...] = (
         params=(),
     ),
     Seam(
+        "torch._subclasses.fake_tensor.FakeTensor",
+        "private",
+        "swallow_titan.simulate.KnownExpertCounts",
+        "Which op inputs are fake (no value): an op that mixes a known MoE token count "
+        "with a fake tensor gets no known value.",
+    ),
+    Seam(
         "torch.utils._python_dispatch._disable_current_modes",
         "private",
         "swallow_titan.runtime.seams.disable_dispatch_modes",
