@@ -600,6 +600,10 @@ class CollectiveRecorder(TorchDispatchMode):
         size = len(ranks)
         nodes = len({r // self.ngpu for r in ranks})
         dim = self.group_dims.get(group, f"group of {size}")
+        if kind == "all_to_all" and group == self.group_dims.get(EP_GROUP):
+            # Only expert parallelism sends all-to-alls; its group may also be
+            # another dimension's (EP over all of FSDP's ranks).
+            dim = "ep"
         if kind == "reduce_scatter":
             buffer = args[1] if func.namespace == "c10d" else args[0]
         elif kind == "all_gather":
@@ -633,7 +637,8 @@ def _group_ranks(group_name: str | None) -> list[int]:
 
 
 def mesh_group_names(parallel_dims) -> dict[str, str]:
-    """Process-group name -> mesh dimension name(s), for every mesh the trainer uses."""
+    """Process-group name -> mesh dimension name(s), for every mesh the trainer uses
+    (and, under :data:`EP_GROUP`, expert parallelism's group name)."""
     names: dict[str, str] = {}
     candidates = ["dp_replicate", "fsdp", "dp_shard", "tp", "cp", "pp", "batch", "loss",
                   "dp_cp", "dp", "dp_shard_cp", "ep", "efsdp", "etp"]
@@ -648,7 +653,14 @@ def mesh_group_names(parallel_dims) -> dict[str, str]:
             label = mesh.mesh_dim_names[d] if mesh.mesh_dim_names else dim
             names.setdefault(mesh.get_group(d).group_name, label)
     names.setdefault(dist.group.WORLD.group_name, "world")
+    ep = parallel_dims.get_optional_mesh("ep") if parallel_dims.ep_enabled else None
+    if ep is not None:
+        names[EP_GROUP] = ep.get_group().group_name
     return names
+
+
+# mesh_group_names' key for the name of expert parallelism's group.
+EP_GROUP = "<ep>"
 
 
 def collective_seconds(
