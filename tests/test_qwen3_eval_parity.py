@@ -41,7 +41,7 @@ import torch
 
 from support import REPO
 from support.eval import EVAL_TASKS, MC_TASK, QA_TASK
-from support.hf import QWEN3_TINY_CONFIG, save_random_qwen3
+from support.hf import QWEN3_MOE_TINY_CONFIG, QWEN3_TINY_CONFIG, save_random_qwen3
 from support.vocab import qwen3_tokenizer_dir
 
 lm_eval = pytest.importorskip("lm_eval")
@@ -53,6 +53,9 @@ pytestmark = [
 ]
 
 MAX_LENGTH = 256
+# Examples per task, on both sides: the 151,936-row output layer is most of the time.
+LIMIT = 4
+MOE_LIMIT = 3
 TOLERANCE = 1e-4  # see the module docstring
 QWEN3_VOCAB = 151_936  # Qwen3's embedding rows: 151,669 tokens, the rest padding
 ENDOFTEXT = 151_643
@@ -69,36 +72,59 @@ def qwen3_base_folder(folder: Path, config: dict) -> Path:
     return folder
 
 
-def run_lm_eval_cli(export: Path, out: Path, monkeypatch) -> tuple[dict, dict[str, dict[int, dict]]]:
+def run_lm_eval_cli(
+    export: Path, out: Path, tasks: list[str], limit: int
+) -> tuple[dict, dict[str, dict[int, dict]]]:
     """``lm_eval --model hf`` on ``export``: its results file and samples by task and doc."""
     from lm_eval.__main__ import cli_evaluate
 
-    monkeypatch.setattr(sys, "argv", [
-        "lm_eval", "--model", "hf",
-        "--model_args", f"pretrained={export},dtype=float32,max_length={MAX_LENGTH}",
-        "--tasks", f"{MC_TASK},{QA_TASK}", "--include_path", str(EVAL_TASKS),
-        "--device", "cpu", "--batch_size", "4", "--log_samples", "--output_path", str(out),
-    ])
-    cli_evaluate()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sys, "argv", [
+            "lm_eval", "--model", "hf",
+            "--model_args", f"pretrained={export},dtype=float32,max_length={MAX_LENGTH}",
+            "--tasks", ",".join(tasks), "--include_path", str(EVAL_TASKS), "--device", "cpu", "--batch_size", "4", "--limit", str(limit),
+            "--log_samples", "--output_path", str(out),
+        ])
+        cli_evaluate()
     (results_file,) = out.rglob("results_*.json")
     samples = {}
-    for task in (MC_TASK, QA_TASK):
+    for task in tasks:
         (path,) = out.rglob(f"samples_{task}_*.jsonl")
         rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
         samples[task] = {row["doc_id"]: row for row in rows}
     return json.loads(results_file.read_text(encoding="utf-8")), samples
 
 
-def run_evaluate_cli(checkpoint: Path) -> tuple[dict, dict[str, dict[int, dict]]]:
+def run_lm_eval_hf(
+    export: Path, out: Path, tasks: list[str], limit: int
+) -> tuple[dict, dict[str, dict[int, dict]]]:
+    """lm-eval's ``hf`` model (``HFLM``) on ``export`` through ``simple_evaluate``: the
+    command line's model and evaluation, without indexing lm-eval's own ~10,000 tasks."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    result = simple_evaluate(
+        model=HFLM(pretrained=str(export), dtype="float32", device="cpu", batch_size=4,
+                   max_length=MAX_LENGTH),
+        tasks=tasks, limit=limit, bootstrap_iters=0, log_samples=True,
+        task_manager=TaskManager(include_path=str(EVAL_TASKS), include_defaults=False),
+    )
+    return result, {t: {s["doc_id"]: s for s in rows} for t, rows in result["samples"].items()}
+
+
+def run_evaluate_cli(
+    checkpoint: Path, tasks: list[str], limit: int
+) -> tuple[dict, dict[str, dict[int, dict]]]:
     """``python -m swallow_titan.evaluate`` on ``checkpoint``: results and samples by task and doc."""
     from swallow_titan.evaluate import main
 
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         code = main([
-            str(checkpoint), "--tasks", f"{MC_TASK},{QA_TASK}", "--include-path", str(EVAL_TASKS),
+            str(checkpoint), "--tasks", ",".join(tasks), "--include-path", str(EVAL_TASKS),
             "--max-length", str(MAX_LENGTH), "--max-gen-toks", "16", "--batch-size", "5",
-            "--json", "--log-samples",
+            "--limit", str(limit), "--json", "--log-samples",
         ])
     assert code == 0
     report = json.loads(printed.getvalue().strip().splitlines()[-1])
@@ -106,29 +132,47 @@ def run_evaluate_cli(checkpoint: Path) -> tuple[dict, dict[str, dict[int, dict]]
     return report, samples
 
 
-@pytest.fixture(scope="module")
-def dense(tmp_path_factory):
-    """The folders (HF, DCP checkpoint, export) and both commands' results."""
-    return convert_export_and_evaluate(tmp_path_factory.mktemp("qwen3"), QWEN3_TINY_CONFIG)
-
-
-def convert_export_and_evaluate(root: Path, config: dict) -> dict:
+def convert_export_and_evaluate(
+    root: Path, config: dict, tasks: list[str], limit: int, lm_eval_runner
+) -> dict:
+    """HF folder -> ``convert hf-to-dcp`` -> ``export``; lm-eval on the export, ``evaluate``
+    on the checkpoint. Returns the folders and both sides' (results, samples)."""
     from swallow_titan.convert import main as convert
     from swallow_titan.export import main as export
 
     hf = qwen3_base_folder(root / "hf", config)
     assert convert(["hf-to-dcp", str(hf), str(root / "dcp")]) == 0
     assert export([str(root / "dcp"), str(root / "export"), "--dtype", "float32"]) == 0
-    mp = pytest.MonkeyPatch()
-    mp.chdir(REPO)  # the task files' data paths are relative to the repository
-    try:
-        theirs = run_lm_eval_cli(root / "export", root / "lm_eval_out", mp)
-        ours = run_evaluate_cli(root / "dcp")
-    finally:
-        mp.undo()
-    return {"root": root, "hf": hf, "dcp": root / "dcp", "export": root / "export",
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(REPO)  # the task files' data paths are relative to the repository
+        theirs = lm_eval_runner(root / "export", root / "lm_eval_out", tasks, limit)
+        ours = run_evaluate_cli(root / "dcp", tasks, limit)
+    return {"hf": hf, "dcp": root / "dcp", "export": root / "export", "limit": limit,
             "theirs": theirs, "ours": ours}
 
+
+@pytest.fixture(scope="module")
+def dense(tmp_path_factory):
+    """The tied dense model: ``lm_eval --model hf`` (the command line) on its export."""
+    return convert_export_and_evaluate(
+        tmp_path_factory.mktemp("qwen3"), QWEN3_TINY_CONFIG, [MC_TASK, QA_TASK], LIMIT,
+        run_lm_eval_cli,
+    )
+
+
+@pytest.fixture(scope="module")
+def moe(tmp_path_factory):
+    """The untied MoE model (``tiny_moe``'s shape): the multiple-choice task on fewer
+    examples (what MoE changes is the forward pass; generation reads it as for dense)."""
+    return convert_export_and_evaluate(
+        tmp_path_factory.mktemp("qwen3_moe"), QWEN3_MOE_TINY_CONFIG, [MC_TASK], MOE_LIMIT,
+        run_lm_eval_hf,
+    )
+
+
+@pytest.fixture(params=["dense", "moe"])
+def family(request):
+    return request.getfixturevalue(request.param)
 
 
 def as_score(resp: list) -> tuple[float, bool]:
@@ -183,6 +227,16 @@ def test_the_export_is_qwen3_with_tied_embeddings_and_a_base_models_tokenizer(de
     assert (tokenizer.bos_token_id, tokenizer.eos_token_id) == (None, ENDOFTEXT)
 
 
+def test_the_moe_export_is_qwen3_moe_with_its_own_output_layer(moe):
+    export = moe["export"]
+    config = json.loads((export / "config.json").read_text())
+    assert config["model_type"] == "qwen3_moe" and config["tie_word_embeddings"] is False
+    assert (config["num_experts"], config["num_experts_per_tok"]) == (8, 2)
+    weight_map = json.loads((export / "model.safetensors.index.json").read_text())["weight_map"]
+    assert "lm_head.weight" in weight_map
+    assert "model.layers.0.mlp.experts.7.down_proj.weight" in weight_map
+
+
 def test_both_sides_frame_text_as_qwen_does(dense, short):
     """No BOS; ``<|endoftext|>`` stands for an empty context and ends generation; the same
     ids for every request's text; the same text for generated ids, special or not."""
@@ -198,7 +252,7 @@ def test_both_sides_frame_text_as_qwen_does(dense, short):
         for args in row["arguments"].values()
         for text in (args["arg_0"], args["arg_0"] + str(args["arg_1"]))
     }
-    assert len(texts) > 50
+    assert len(texts) > 5 * LIMIT
     for text in sorted(texts):
         assert ours.tok_encode(text) == theirs.tok_encode(text) == ours.tokenizer.encode_ordinary(text)
     marked = "<|endoftext|>質問: 日本"  # a context that starts with the prefix token's text
@@ -209,9 +263,9 @@ def test_both_sides_frame_text_as_qwen_does(dense, short):
     assert ours.tok_decode(generated) == theirs.tok_decode(generated) == " 東京 abc<think> x"
 
 
-def test_multiple_choice_loglikelihoods_and_accuracy_agree(dense):
-    (ref, theirs), (mine, ours) = dense["theirs"], dense["ours"]
-    assert sorted(ours[MC_TASK]) == sorted(theirs[MC_TASK]) == list(range(12))
+def test_multiple_choice_loglikelihoods_and_accuracy_agree(family):
+    (ref, theirs), (mine, ours) = family["theirs"], family["ours"]
+    assert sorted(ours[MC_TASK]) == sorted(theirs[MC_TASK]) == list(range(family["limit"]))
     lls = []
     for doc_id, sample in ours[MC_TASK].items():
         reference = [as_score(r[0]) for r in theirs[MC_TASK][doc_id]["resps"]]
@@ -221,28 +275,27 @@ def test_multiple_choice_loglikelihoods_and_accuracy_agree(dense):
             assert abs(ll - ref_ll) <= TOLERANCE, (doc_id, ll, ref_ll)
             assert greedy == ref_greedy
             lls.append(ll)
-    assert len({round(x, 3) for x in lls}) > 10  # real, distinct scores
+    assert len({round(x, 3) for x in lls}) > 2 * family["limit"]  # real, distinct scores
     for metric in ("acc,none", "acc_norm,none"):
         assert mine["results"][MC_TASK][metric] == ref["results"][MC_TASK][metric]
 
 
 def test_greedy_generations_agree(dense):
     (ref, theirs), (mine, ours) = dense["theirs"], dense["ours"]
-    assert sorted(ours[QA_TASK]) == sorted(theirs[QA_TASK]) == list(range(8))
+    assert sorted(ours[QA_TASK]) == sorted(theirs[QA_TASK]) == list(range(LIMIT))
     for doc_id, sample in ours[QA_TASK].items():
         assert sample["resps"] == theirs[QA_TASK][doc_id]["resps"], doc_id
-    assert len({s["resps"][0][0] for s in ours[QA_TASK].values()}) > 4  # it writes, and differently
+    assert len({s["resps"][0][0] for s in ours[QA_TASK].values()}) > LIMIT // 2  # real text
     key = "exact_match,strip"
     assert mine["results"][QA_TASK][key] == ref["results"][QA_TASK][key]
 
 
-def test_both_commands_scored_this_model_without_a_bos(dense):
+def test_both_commands_scored_this_model_without_a_bos(dense, short):
     """transformers on the export, outside lm-eval, gives both commands' scores; with a
     token before the context (a BOS, had either side added one) the scores move by more
     than ten times the tolerance (the random model attends nearly evenly over the ~60
     context tokens, so one more token moves them by ~5e-3)."""
-    model = transformers.AutoModelForCausalLM.from_pretrained(dense["export"]).eval()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(dense["export"])
+    model, tokenizer = short[1].model, short[1].tokenizer  # transformers' own, on the export
     sample = dense["theirs"][1][MC_TASK][0]
     ours = dense["ours"][1][MC_TASK][0]["resps"]
     for k, args in enumerate(sample["arguments"].values()):
@@ -259,7 +312,7 @@ def test_rolling_loglikelihood_agrees_across_windows(short):
     from lm_eval.api.instance import Instance
 
     ours, theirs = short
-    text = (EVAL_TASKS / "data" / "ja_mc_test.jsonl").read_text(encoding="utf-8")
+    text = (EVAL_TASKS / "data" / "ja_mc_test.jsonl").read_text(encoding="utf-8")[:700]
     requests = [
         Instance(request_type="loglikelihood_rolling", doc={}, arguments=(t,), idx=0)
         for t in (text, text[:100])
