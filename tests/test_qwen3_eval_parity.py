@@ -342,3 +342,25 @@ def test_evaluate_reads_the_runs_tokenizer_family_from_its_record(dense, tmp_pat
     source = resolve_source(str(checkpoint), None, None)
     assert (source.tokenizer_kind, source.max_length) == ("qwen", 96)
     assert resolve_source(str(checkpoint), None, str(dense["hf"])).tokenizer_kind == "auto"
+
+
+def test_evaluate_on_the_fp32_export_scores_exactly_what_it_scores_on_the_checkpoint(dense):
+    """The export is an HF folder ``evaluate`` takes too; in fp32 it holds the checkpoint's
+    very numbers, so the scores are equal, not merely close."""
+    from swallow_titan.evaluate import main
+
+    printed = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(printed):
+        mp.chdir(REPO)
+        code = main([
+            str(dense["export"]), "--tasks", MC_TASK, "--include-path", str(EVAL_TASKS),
+            "--max-length", str(MAX_LENGTH), "--max-gen-toks", "16", "--batch-size", "5",
+            "--limit", "2",
+            "--json", "--log-samples",
+        ])
+    assert code == 0
+    samples = json.loads(printed.getvalue().strip().splitlines()[-1])["samples"][MC_TASK]
+    checkpoint = dense["ours"][1][MC_TASK]
+    assert sorted(s["doc_id"] for s in samples) == [0, 1]
+    for sample in samples:
+        assert sample["resps"] == checkpoint[sample["doc_id"]]["resps"]
