@@ -364,3 +364,29 @@ def test_evaluate_on_the_fp32_export_scores_exactly_what_it_scores_on_the_checkp
     assert sorted(s["doc_id"] for s in samples) == [0, 1]
     for sample in samples:
         assert sample["resps"] == checkpoint[sample["doc_id"]]["resps"]
+
+
+@pytest.mark.parametrize("end", ["<|endoftext|>", "<|im_end|>"])
+def test_generation_ends_at_qwens_end_of_generation_tokens(end):
+    """Qwen3's ``eos_token_id`` list ends an answer; ``<think>`` (an added token not
+    marked special) does not, and stays in the text as transformers decodes it."""
+    from lm_eval.api.instance import Instance
+
+    from support.eval import SuccessorModel
+    from support.vocab import qwen3_tokenizer
+    from swallow_titan.eval.adapter import ModelRunner, SwallowLM
+
+    tokenizer = qwen3_tokenizer()
+    model = SuccessorModel(QWEN3_VOCAB)
+    lm = SwallowLM(ModelRunner(forward=model, device=torch.device("cpu")), tokenizer, max_length=64)
+    context = tokenizer.encode("質問: 日本の首都")
+    (word,) = tokenizer.encode(" Tokyo")
+    think, stop = tokenizer.special_tokens["<think>"], tokenizer.special_tokens[end]
+    model.successor[context[-1]], model.successor[word], model.successor[think] = word, think, stop
+    model.successor[stop] = word  # were decoding to go on, more words would follow
+    request = Instance(
+        request_type="generate_until", doc={},
+        arguments=(tokenizer.decode(context), {"until": ["never"], "max_gen_toks": 10}), idx=0,
+    )
+    assert lm.generate_until([request]) == [" Tokyo<think>"]
+    assert len(model.calls) == 3
