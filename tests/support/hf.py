@@ -143,9 +143,9 @@ def assert_loads_cleanly_in_transformers(folder: Path) -> None:
         _, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)
     finally:
         transformers_logger.removeHandler(handler)
-    assert not info["missing_keys"] and not info["unexpected_keys"]
-    assert not info["mismatched_keys"] and not info["error_msgs"]
-    assert stream.getvalue() == ""
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert not info["mismatched_keys"] and not info["error_msgs"], info
+    assert stream.getvalue() == "", stream.getvalue()
 
 
 def token_ids(vocab: int, seq_len: int) -> torch.Tensor:
