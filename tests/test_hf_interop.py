@@ -21,7 +21,9 @@ from support.hf import (
     assert_loads_cleanly_in_transformers,
     assert_same_logits,
     assert_same_tensors,
+    drop_tensor,
     logits_tolerance,
+    safetensors_of,
     save_random_llama,
     token_ids,
     transformers4_python,
@@ -188,9 +190,7 @@ def test_converted_checkpoint_model_card_says_it_was_not_trained_here(export_fp3
 
 def test_missing_tensor_is_named(tmp_path):
     source = save_random_llama(tmp_path / "hf", ODD_CONFIG, max_shard_size="10GB", tokenizer=None)
-    tensors = load_file(source / "model.safetensors")
-    del tensors["model.layers.1.mlp.up_proj.weight"]
-    save_file(tensors, source / "model.safetensors", metadata={"format": "pt"})
+    drop_tensor(source, "model.layers.1.mlp.up_proj.weight")
     with pytest.raises(HFWeightsError, match=r"1 tensors the model needs are missing: model\.layers\.1\.mlp\.up_proj\.weight"):
         convert_hf_to_dcp(source, tmp_path / "dcp")
     assert not (tmp_path / "dcp").exists()
@@ -296,19 +296,12 @@ def test_a_tensor_that_exactly_fills_a_shard_does_not_open_a_new_one():
     assert plan_shards([("a", 50), ("b", 50), ("c", 1)], 100) == [["a", "b"], ["c"]]
 
 
-def _export_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        tensors.update(load_file(file))
-    return tensors
-
-
 def test_bf16_export_is_the_fp32_weights_rounded_and_its_index_counts_bf16_bytes(
     dcp_fp32, export_fp32, tmp_path
 ):
     out = tmp_path / "bf16"
     result = export_hf(dcp_fp32, out, dtype="bfloat16", max_shard_size="100KB")
-    fp32, bf16 = _export_tensors(export_fp32), _export_tensors(out)
+    fp32, bf16 = safetensors_of(export_fp32), safetensors_of(out)
     assert fp32.keys() == bf16.keys()
     for name, tensor in bf16.items():
         assert fp32[name].dtype == torch.float32 and tensor.dtype == torch.bfloat16

@@ -113,6 +113,15 @@ def safetensors_of(folder: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def drop_tensor(folder: Path, name: str) -> None:
+    """Delete one tensor from a single-file HF folder (``model.safetensors``)."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(folder / "model.safetensors")
+    del tensors[name]
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
 def assert_same_tensors(
     one: Path, two: Path, *, atol: float = 0.0, dtype: torch.dtype | None = None
 ) -> None:
