@@ -11,7 +11,7 @@ import torch
 
 from support import REPO
 from support.hf import QWEN3_MOE_TINY_CONFIG, save_random_qwen3
-from support.runs import run_checks_script, run_training, series
+from support.runs import resume_from, run_checks_script, run_training, series
 from swallow_titan.checkpoint.dcp_reader import DCPCheckpoint
 from swallow_titan.model.qwen3 import QWEN3_FLAVORS, SwallowQwen3Model, load_balancing_loss
 
@@ -112,25 +112,47 @@ def test_moe_run_logs_per_layer_expert_load_and_the_auxiliary_loss(one_process):
 
 
 # FSDP alone is the dense layouts' test; here experts are split over the 2 ranks
-# (EP 2) and everything else is FSDP-sharded over them.
-LAYOUTS = {
-    "fsdp2_ep2": ["--parallelism.data_parallel_shard_degree", "2",
-                  "--parallelism.expert_parallel_degree", "2"],
-}
+# (EP 2) and everything else is FSDP-sharded over them. It checkpoints at step 2
+# for the elastic resume below.
+FSDP2_EP2 = ["--parallelism.data_parallel_shard_degree", "2",
+             "--parallelism.expert_parallel_degree", "2"]
+CHECKPOINT_AT_2 = ["--checkpoint.enable", "true", "--checkpoint.interval", "2"]
+
+
+@pytest.fixture(scope="module")
+def fsdp2_ep2(hf_moe, tmp_path_factory):
+    dump = tmp_path_factory.mktemp("moe") / "fsdp2_ep2"
+    return dump, run_training(dump, *MOE_RUN, "--hf.load_path", str(hf_moe),
+                              "--training.steps", "3", *FSDP2_EP2, *CHECKPOINT_AT_2,
+                              nproc=2).check()
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.parametrize("layout", sorted(LAYOUTS))
-def test_moe_layouts_give_the_one_process_losses(layout, hf_moe, one_process, tmp_path):
-    result = run_training(tmp_path / layout, *MOE_RUN, "--hf.load_path", str(hf_moe),
-                          "--training.steps", "3", *LAYOUTS[layout], nproc=2).check()
+def test_fsdp2_ep2_gives_the_one_process_losses(fsdp2_ep2, one_process):
+    _, result = fsdp2_ep2
     assert "Applied FSDP to the model" in result.output
     # Step 1 is the HF model's loss; later steps differ only in the order of
     # gradient sums (the Llama layouts' bound). Routing is discrete, but a
     # flipped expert choice would move the loss by far more than this.
     assert result.losses[1] == pytest.approx(one_process.losses[1], rel=1e-6)
     assert result.losses == pytest.approx(one_process.losses, rel=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_the_ep2_checkpoint_resumes_on_one_process(fsdp2_ep2, hf_moe, one_process, tmp_path):
+    # Elastic resume: each rank saved half of every layer's experts (and their
+    # optimizer moments); one process loads them all and continues the same
+    # global stream (global batch 8 = 2 x 4, now 2 accumulation steps of 4).
+    dump, _ = fsdp2_ep2
+    folder = resume_from(dump / "checkpoint" / "step-2", tmp_path / "one")
+    # Same options as the run (the HF start included): the checkpoint wins.
+    resumed = run_training(folder, *MOE_RUN, "--hf.load_path", str(hf_moe),
+                           "--training.steps", "3", *CHECKPOINT_AT_2).check()
+    assert "Loading the checkpoint" in resumed.output
+    assert sorted(resumed.losses) == [3]
+    assert resumed.losses[3] == pytest.approx(one_process.losses[3], rel=1e-4)
 
 
 @pytest.mark.slow

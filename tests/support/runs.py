@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -187,6 +188,13 @@ def from_seed(seed_checkpoint: Path) -> list[str]:
         "--checkpoint.initial_load_model_only", "true",
         "--checkpoint.load_only", "true",
     ]
+
+
+def resume_from(checkpoint: Path, folder: Path) -> Path:
+    """A fresh run folder whose only checkpoint is ``checkpoint``: a run in it
+    resumes from there (on any number of processes)."""
+    shutil.copytree(checkpoint, folder / "checkpoint" / checkpoint.name)
+    return folder
 
 
 class TrainingProcess:
