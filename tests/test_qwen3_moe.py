@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,7 +11,7 @@ import torch
 
 from support import REPO
 from support.hf import QWEN3_MOE_TINY_CONFIG, save_random_qwen3
-from support.runs import free_port, resume_from, run_training, series
+from support.runs import resume_from, run_checks_script, run_training, series
 from swallow_titan.checkpoint.dcp_reader import DCPCheckpoint
 from swallow_titan.model.qwen3 import QWEN3_FLAVORS, SwallowQwen3Model, load_balancing_loss
 
@@ -82,21 +79,7 @@ def test_the_auxiliary_loss_reaches_the_routers_through_its_gradient_only():
 
 @pytest.mark.distributed
 def test_router_gradient_under_tensor_parallel_equals_one_process():
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run",
-        "--nnodes", "1", "--nproc_per_node", "2",
-        "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-        str(REPO / "tests" / "moe_tp_checks.py"),
-    ]
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
-        "OMP_NUM_THREADS": "1",
-    }
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, output[-6000:]
-    assert output.count("CHECKS PASSED") == 2, output[-6000:]
+    run_checks_script(REPO / "tests" / "moe_tp_checks.py")
 
 
 # ------------------------------------------------------------ training runs

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from support.hf import QWEN3_TINY_CONFIG, assert_same_logits, safetensors_of, save_random_qwen3
+from support.hf import QWEN3_TINY_CONFIG, assert_same_logits, assert_same_tensors, save_random_qwen3
+from support.overrides import FSDP2
 from support.runs import run_training
 from swallow_titan.checkpoint.dcp_reader import DCPCheckpoint
 from swallow_titan.model.family import QWEN3
@@ -95,7 +96,7 @@ def test_two_process_fsdp_run_imports_trains_and_exports_like_one_process(hf_run
     result = run_training(
         tmp_path / "fsdp",
         *hf_run_args(hf_tiny),
-        "--parallelism.data_parallel_shard_degree", "2",
+        *FSDP2,
         nproc=2,
     ).check()
     assert "Applied FSDP to the model" in result.output
@@ -103,8 +104,4 @@ def test_two_process_fsdp_run_imports_trains_and_exports_like_one_process(hf_run
     assert result.losses[1] == pytest.approx(single.losses[1], rel=1e-6)
     # Later steps: only the order of the gradient sums differs (as the Llama layouts).
     assert result.losses == pytest.approx(single.losses, rel=1e-4)
-    one = safetensors_of(hf_run[0] / "hf" / "step-3")
-    two = safetensors_of(tmp_path / "fsdp" / "hf" / "step-3")
-    assert sorted(one) == sorted(two)
-    for name in one:
-        torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-5)
+    assert_same_tensors(hf_run[0] / "hf" / "step-3", tmp_path / "fsdp" / "hf" / "step-3", atol=1e-5)
