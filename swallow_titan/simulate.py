@@ -5,8 +5,9 @@
         [--section.key value ...]
 
 Builds swallow-titan's own trainer (:class:`~swallow_titan.trainer.SwallowTrainer`:
-the ``swallow`` TrainSpec's model, flavor, converters, parallelize, loss,
-optimizer and LR schedule) on a fake process group of ``ngpu x nnodes`` ranks
+the TrainSpec of the config's family -- Llama's ``swallow`` or Qwen3's
+``swallow_qwen3``, dense or MoE -- with its model, flavor, converters,
+parallelize, loss, optimizer and LR schedule) on a fake process group of ``ngpu x nnodes`` ranks
 (torch's ``fake`` backend: collectives return at once and move no data) under
 ``FakeTensorMode`` (tensors carry shape, dtype and device but no storage), and
 runs ``SwallowTrainer.train_step`` -- every microbatch of gradient accumulation,
@@ -26,6 +27,10 @@ What is not the GPU's (listed in the output as stand-ins):
 - float8 is torchao's emulated float8 (``emulate = true``): the same float8
   casts, scales and FSDP float8 all-gather; the matmul upcasts instead of
   calling ``_scaled_mm``.
+- MoE routing is balanced round-robin (``debug.moe_force_load_balance``): the
+  experts' token counts are data a fake tensor cannot know; see
+  :func:`balanced_counts` and :class:`KnownExpertCounts`. The experts run
+  torchtitan's per-expert loop (no grouped GEMM on CPU).
 - Data are random token ids (no files are read); the tokenizer is a stand-in
   that only knows the end-of-text id. Checkpoints, validation, [eval], logging
   and TensorBoard are off: they do not run inside a training step.
@@ -49,7 +54,7 @@ from typing import Any, Iterator
 import swallow_titan  # noqa: F401  (device selection before torchtitan loads)
 import torch
 import torch.distributed as dist
-from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
 from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 from torch.distributed._tools.mem_tracker import MemTracker
 from torch.distributed.fsdp import FSDPModule
@@ -62,15 +67,18 @@ from torchtitan.tools.logging import init_logger, logger
 
 import swallow_titan.train_spec  # noqa: F401  (registers the "swallow" TrainSpec)
 from swallow_titan.data.dataloader import LabelsInInputs
-from swallow_titan.components.preflight import check_structure
+from swallow_titan.components.preflight import check_structure, model_args
 from swallow_titan.config.checks import Layout, grad_accum_steps
 from swallow_titan.config.errors import ConfigError, ExitCode
 from swallow_titan.config.manager import load_job_config
-from swallow_titan.config.sections import FUSED_LOSS, MODEL_NAME
+from swallow_titan.config.sections import FUSED_LOSS, MODEL_NAME, QWEN3_MODEL_NAME
 from swallow_titan.runtime.device import add_process_arguments
-from swallow_titan.runtime.seams import dtensor_propagation_in_own_fake_mode
-from swallow_titan.model.args import FLAVORS
-from swallow_titan.model.parallelize import parallelize_swallow
+from swallow_titan.runtime.seams import (
+    disable_dispatch_modes,
+    dtensor_propagation_in_own_fake_mode,
+)
+from swallow_titan.model.family import family_of_config, is_moe
+from swallow_titan.model.qwen3 import SwallowQwen3Model
 from swallow_titan.model.transformer import SwallowTransformer
 from swallow_titan.trainer import SwallowTrainer
 
@@ -201,29 +209,52 @@ class SimulatedTransformer(SwallowTransformer):
             self.freqs_cis = self._precompute_freqs_cis()
 
 
-def _parallelize_outside_fake_mode(model: torch.nn.Module, parallel_dims, job_config):
-    """The spec's parallelize_fn, run outside the fake mode: the model is still on
+class SimulatedQwen3Model(SwallowQwen3Model):
+    """SwallowQwen3Model whose ``init_weights`` sets only the RoPE buffer (as
+    :class:`SimulatedTransformer`; the MoE buffers keep their shapes)."""
+
+    def init_weights(self, buffer_device: torch.device | None = None) -> None:
+        with torch.device(buffer_device or self.rope_cache.device):
+            self.rope_cache = self._precompute_rope_cache()
+
+
+# The model class a simulation builds, per family (``[model] name``).
+SIMULATED_MODELS: dict[str, type[torch.nn.Module]] = {
+    MODEL_NAME: SimulatedTransformer,
+    QWEN3_MODEL_NAME: SimulatedQwen3Model,
+}
+
+
+def _parallelize_outside_fake_mode(parallelize_fn):
+    """The family's parallelize_fn, run outside the fake mode: the model is still on
     the meta device there, and the sub-meshes FSDP and TP slice compute their rank
     coordinates from real tensors."""
-    with unset_fake_temporarily():
-        return parallelize_swallow(model, parallel_dims, job_config)
+
+    def parallelize(model: torch.nn.Module, parallel_dims, job_config):
+        with unset_fake_temporarily():
+            return parallelize_fn(model, parallel_dims, job_config)
+
+    return parallelize
 
 
 def _register_simulated_spec(config, source: str, layers: int | None, real: bool) -> None:
     from swallow_titan.components.preflight import model_args
 
+    family = family_of_config(config)
     args = model_args(config, source)
     vocab_size = args.vocab_size
-    flavors = dict(FLAVORS)
+    flavors = dict(family.flavors)
+    # A copy: the trainer updates its flavor's arguments in place (Qwen3's MoE
+    # arguments included), which must not reach the family's own flavors.
+    flavor = copy.deepcopy(family.flavors[config.model.flavor])
     if layers is not None:
-        flavors[config.model.flavor] = dataclasses.replace(
-            FLAVORS[config.model.flavor], n_layers=layers
-        )
+        flavor.n_layers = layers
+    flavors[config.model.flavor] = flavor
     spec = dataclasses.replace(
-        get_train_spec(MODEL_NAME),
+        get_train_spec(family.model_name),
         model_args=flavors,
-        model_cls=SwallowTransformer if real else SimulatedTransformer,
-        parallelize_fn=_parallelize_outside_fake_mode,
+        model_cls=family.model_cls if real else SIMULATED_MODELS[family.model_name],
+        parallelize_fn=_parallelize_outside_fake_mode(family.parallelize_fn),
         build_dataloader_fn=_build_random_tokens,
         build_tokenizer_fn=lambda job_config: StandInTokenizer(vocab_size),
         build_validator_fn=None,
@@ -295,6 +326,7 @@ class SimulatedTrainer(SwallowTrainer):
         self.device = torch.device(self.device.type)
         # torchtitan logs step 1 whatever log_freq says; logging reads values.
         self.metrics_processor.should_log = lambda step: False
+        self.module_peaks: list[dict[str, Any]] = []
 
     def init_distributed(self):
         """torchtitan's, with every mesh built outside the fake mode (a mesh's rank
@@ -310,10 +342,15 @@ class SimulatedTrainer(SwallowTrainer):
         if recorder is not None:
             recorder.start_microbatch()
         tracker = getattr(self, "tracker", None)
-        if tracker is not None and not isinstance(tracker, FSDPMemTracker):
-            # Without FSDP torch's plain MemTracker refuses a module that runs
-            # twice; module peaks then cover the last microbatch (the overall
-            # peak is kept).
+        if tracker is not None and (
+            not isinstance(tracker, FSDPMemTracker)
+            or _root_module(self) in tracker.memory_tracking
+        ):
+            # torch's plain MemTracker refuses a module that runs twice, and so
+            # does FSDPMemTracker when the root module is an FSDP group with
+            # parameters of its own (Qwen3's final norm); the module peaks seen so
+            # far are kept aside (the overall peak is the tracker's).
+            self.module_peaks = _largest_modules(tracker, None, self.module_peaks)
             tracker.reset_mod_stats()
         try:
             return super().forward_backward_step(**kwargs)
@@ -329,6 +366,125 @@ class SimulatedTrainer(SwallowTrainer):
         if self.spikes.enabled:
             self._spike_values(loss, grad_norm)  # the collectives a real step issues
         return None  # fake tensors hold no values: never a spike
+
+
+# ---------------------------------------------------------------- MoE routing
+
+ROUTING_ASSUMPTION = (
+    "MoE routing: balanced (debug.moe_force_load_balance, torchtitan's round-robin: "
+    "token slot i of a rank's tokens x top_k goes to expert i mod E, so every expert "
+    "gets tokens x top_k / E of them and every rank sends each EP rank as many)"
+)
+
+# Where the simulation keeps a fake tensor's known value (a real CPU tensor).
+_KNOWN = "_swallow_known_value"
+
+
+def balanced_counts(slots: int, num_experts: int) -> torch.Tensor:
+    """Tokens per expert of round-robin routing over ``slots`` token slots (int64).
+
+    The simulation's routing assumption. How many tokens each expert gets
+    decides the sizes of the experts' matmuls and of expert parallelism's
+    all-to-alls, and is data, which a fake tensor cannot know. The simulation
+    routes as ``debug.moe_force_load_balance`` makes torchtitan's router do
+    (token slot ``i`` goes to expert ``i mod E``: the same ops as learned
+    routing, with known counts); a ``--real`` run routes the same way, so its
+    memory and collectives can be compared with the simulation's.
+    """
+    return torch.bincount(torch.arange(slots) % num_experts, minlength=num_experts)
+
+
+def _known(t: Any) -> torch.Tensor | None:
+    return getattr(t, _KNOWN, None) if isinstance(t, torch.Tensor) else None
+
+
+def _with_values(value: Any) -> Any:
+    """``value`` (an op argument) with every tensor of known value replaced by it."""
+    if isinstance(value, (list, tuple)):
+        return type(value)(_with_values(v) for v in value)
+    known = _known(value)
+    return value if known is None else known
+
+
+class KnownExpertCounts(TorchDispatchMode):
+    """Carries the known values of the MoE token counts through fake tensors.
+
+    The routers' and token reorderers' counts get the value of
+    :func:`balanced_counts` (forward hooks, :meth:`watch`); every op whose
+    tensor inputs all have known values (or are real) is also computed on the
+    values, outside every mode, so the counts reach expert parallelism's split
+    sizes, its token permutation and the experts' loop with values, and
+    ``.tolist()`` / ``.item()`` on them return numbers instead of unbacked
+    symbols. The fake op itself still runs (the memory tracker and the
+    collective recorder see it). An all-to-all of known counts assumes every rank
+    routes as this one (true of balanced routing: every rank has as many tokens).
+    """
+
+    def watch(self, model: torch.nn.Module) -> int:
+        """Give the counts of every MoE layer's router and reorderer known values;
+        returns how many modules are watched."""
+        from torchtitan.models.moe.moe import TokenChoiceTopKRouter, TokenReorderer
+
+        watched = 0
+        for module in model.modules():
+            if isinstance(module, (TokenChoiceTopKRouter, TokenReorderer)):
+                module.register_forward_hook(self._know_counts)
+                watched += 1
+        return watched
+
+    @staticmethod
+    def _know_counts(module, inputs, outputs):
+        from torchtitan.models.moe.moe import TokenReorderer
+
+        if isinstance(module, TokenReorderer):
+            slots = inputs[1].numel()  # the selected experts, [tokens, top_k]
+        else:
+            slots = inputs[0].shape[0] * module.top_k  # the router's x, [tokens, dim]
+        counts = outputs[2]
+        with disable_dispatch_modes():  # neither fake nor this rank's memory
+            value = balanced_counts(slots, module.num_experts).to(counts.dtype)
+        setattr(counts, _KNOWN, value)
+        return outputs
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tensors = _tensors([*args, *kwargs.values()])
+        known = [_known(t) for t in tensors]
+        if not any(v is not None for v in known):
+            return func(*args, **kwargs)
+        if func is torch.ops.aten._local_scalar_dense.default:
+            with disable_dispatch_modes():  # else the fake mode makes it a symbol
+                return _known(args[0]).item()
+        out = func(*args, **kwargs)
+        if any(v is None and isinstance(t, FakeTensor) for t, v in zip(tensors, known)):
+            # A value meets a fake tensor: the result has no known value (an
+            # in-place op on a known tensor makes its value unknown).
+            for o in _tensors(out):
+                if hasattr(o, _KNOWN):
+                    delattr(o, _KNOWN)
+            return out
+        value = self._compute(func, args, kwargs)
+        for o, v in zip(_tensors(out), _tensors(value)):
+            setattr(o, _KNOWN, v)
+        return out
+
+    @staticmethod
+    def _compute(func, args, kwargs):
+        args = _with_values(args)
+        kwargs = {k: _with_values(v) for k, v in kwargs.items()}
+        with disable_dispatch_modes():
+            if func.namespace == "_c10d_functional":
+                if func._opname == "wait_tensor":
+                    return args[0]
+                if func._opname == "all_to_all_single":
+                    # Every rank sends its j-th split to rank j; each rank holds the
+                    # same counts, so rank j receives its own j-th split from every rank.
+                    inp, _, input_splits, group = args
+                    ranks = _group_ranks(group)
+                    mine = inp.split(list(input_splits))[ranks.index(dist.get_rank())]
+                    return torch.cat([mine] * len(ranks))
+                raise NotImplementedError(f"simulate: {func} on known MoE counts")
+            return func(*args, **kwargs)
 
 
 # ---------------------------------------------------------------- collectives
@@ -444,6 +600,10 @@ class CollectiveRecorder(TorchDispatchMode):
         size = len(ranks)
         nodes = len({r // self.ngpu for r in ranks})
         dim = self.group_dims.get(group, f"group of {size}")
+        if kind == "all_to_all" and group == self.group_dims.get(EP_GROUP):
+            # Only expert parallelism sends all-to-alls; its group may also be
+            # another dimension's (EP over all of FSDP's ranks).
+            dim = "ep"
         if kind == "reduce_scatter":
             buffer = args[1] if func.namespace == "c10d" else args[0]
         elif kind == "all_gather":
@@ -477,10 +637,11 @@ def _group_ranks(group_name: str | None) -> list[int]:
 
 
 def mesh_group_names(parallel_dims) -> dict[str, str]:
-    """Process-group name -> mesh dimension name(s), for every mesh the trainer uses."""
+    """Process-group name -> mesh dimension name(s), for every mesh the trainer uses
+    (and, under :data:`EP_GROUP`, expert parallelism's group name)."""
     names: dict[str, str] = {}
     candidates = ["dp_replicate", "fsdp", "dp_shard", "tp", "cp", "pp", "batch", "loss",
-                  "dp_cp", "dp", "dp_shard_cp"]
+                  "dp_cp", "dp", "dp_shard_cp", "ep", "efsdp", "etp"]
     for dim in candidates:
         try:
             mesh = parallel_dims.get_optional_mesh(dim)
@@ -492,7 +653,14 @@ def mesh_group_names(parallel_dims) -> dict[str, str]:
             label = mesh.mesh_dim_names[d] if mesh.mesh_dim_names else dim
             names.setdefault(mesh.get_group(d).group_name, label)
     names.setdefault(dist.group.WORLD.group_name, "world")
+    ep = parallel_dims.get_optional_mesh("ep") if parallel_dims.ep_enabled else None
+    if ep is not None:
+        names[EP_GROUP] = ep.get_group().group_name
     return names
+
+
+# mesh_group_names' key for the name of expert parallelism's group.
+EP_GROUP = "<ep>"
 
 
 def collective_seconds(
@@ -671,13 +839,17 @@ def state_bytes(trainer: SwallowTrainer) -> dict[str, int]:
     }
 
 
-def _largest_modules(tracker: MemTracker, top: int) -> list[dict[str, Any]]:
-    rows = []
+def _largest_modules(
+    tracker: MemTracker, top: int | None, earlier: list[dict[str, Any]] = ()
+) -> list[dict[str, Any]]:
+    """Each module's peak while it ran, largest first (``top`` of them), also over
+    ``earlier`` rows (kept from before a ``reset_mod_stats``)."""
+    peaks = {row["module"]: row["peak_bytes"] for row in earlier}
     for mod_stats in tracker.memory_tracking.values():
-        peaks = list(mod_stats.local_peak.values())
-        if not peaks:
-            continue
-        rows.append({"module": mod_stats.mod_fqn, "peak_bytes": int(max(peaks))})
+        local = list(mod_stats.local_peak.values())
+        if local:
+            peaks[mod_stats.mod_fqn] = max(peaks.get(mod_stats.mod_fqn, 0), int(max(local)))
+    rows = [{"module": m, "peak_bytes": p} for m, p in peaks.items()]
     rows.sort(key=lambda r: -r["peak_bytes"])
     return rows[:top]
 
@@ -759,18 +931,52 @@ def _fake_process_group(opts: SimulationOptions) -> Iterator[None]:
             dist.destroy_process_group()
 
 
+def _explain_replay_mismatch(error: RuntimeError, config, source: str) -> None:
+    """Turn selective AC's replay mismatch under expert parallelism into a config error.
+
+    With ``selective_ac_option = "op"`` and expert parallelism, the experts'
+    own FSDP group all-gathers inside a block's recomputation but not inside
+    its forward, and torch's selective checkpointing refuses the backward
+    (upstream torchtitan issue #3427). A real run fails the same way (a
+    2-process gloo run of the tiny MoE does), so this is the config's problem,
+    not the simulation's.
+    """
+    ac = config.activation_checkpoint
+    if (
+        "not found in storage" in str(error)
+        and config.parallelism.expert_parallel_degree > 1
+        and ac.mode == "selective"
+    ):
+        raise ConfigError(
+            f"{source}: activation_checkpoint.mode = 'selective' (selective_ac_option = "
+            f"{ac.selective_ac_option!r}) with parallelism.expert_parallel_degree = "
+            f"{config.parallelism.expert_parallel_degree}: the backward fails (selective "
+            "checkpointing cannot replay the experts' FSDP all-gather; torchtitan issue "
+            "#3427; a real run fails the same way). Use activation_checkpoint.mode = 'full' "
+            "or expert_parallel_degree = 1"
+        ) from error
+
+
 def measure(config, opts: SimulationOptions, source: str, layers: int | None) -> SimulationResult:
     """One simulation of ``config`` (with ``layers`` blocks when given); ``config``
     itself is left as it was."""
     start = time.monotonic()
     config = copy.deepcopy(config)
-    if config.model.name != MODEL_NAME:
+    if config.model.name not in SIMULATED_MODELS:
         raise ConfigError(
-            f"{source}: model.name: swallow_titan.simulate covers the Llama family "
-            f"({MODEL_NAME!r}) only, got {config.model.name!r}"
+            f"{source}: model.name: swallow_titan.simulate covers "
+            f"{sorted(SIMULATED_MODELS)}, got {config.model.name!r}"
         )
     # Stand-ins first: validation and [eval] are off, so their sizes are not checked.
     stand_ins = apply_stand_ins(config)
+    moe = is_moe(model_args(config, source))
+    if moe:
+        # Routing decides the experts' matmul sizes and EP's all-to-all sizes, and is
+        # data a fake tensor cannot know: the simulation (and a --real check of it)
+        # routes by torchtitan's round-robin instead; KnownExpertCounts gives fake
+        # tensors its counts.
+        config.debug.moe_force_load_balance = True
+        stand_ins.append(ROUTING_ASSUMPTION)
     if opts.real:
         stand_ins = [n for n in stand_ins if not n.startswith("device")]
         stand_ins.append("real tensors on CPU (a check of the simulation)")
@@ -803,6 +1009,12 @@ def measure(config, opts: SimulationOptions, source: str, layers: int | None) ->
             with tensors:
                 trainer = SimulatedTrainer(config)
                 model = _root_module(trainer)
+                counts = KnownExpertCounts()
+                if moe and not opts.real:
+                    if not counts.watch(model):
+                        raise RuntimeError("simulate: an MoE model without torchtitan's router")
+                else:
+                    counts = contextlib.nullcontext()
                 optimizer = trainer.optimizers.optimizers[0]
                 if isinstance(model, FSDPModule):
                     tracker = FSDPMemTracker(mod=model, optm=optimizer)
@@ -819,8 +1031,12 @@ def measure(config, opts: SimulationOptions, source: str, layers: int | None) ->
                         # Collectives of the last step only (the first also builds
                         # the optimizer state).
                         recorder.clear()
-                        with recorder:
-                            trainer.train_step(data)
+                        with recorder, counts:
+                            try:
+                                trainer.train_step(data)
+                            except RuntimeError as e:
+                                _explain_replay_mismatch(e, config, source)
+                                raise
                 state = state_bytes(trainer)
                 simulated_accum = trainer.gradient_accumulation_steps
                 loader = trainer.dataloader
@@ -832,7 +1048,7 @@ def measure(config, opts: SimulationOptions, source: str, layers: int | None) ->
                         key = getattr(k, "value", str(k))
                         parts[key] = parts.get(key, 0) + int(v)
                 peak = parts.pop("Total", 0)
-                modules = _largest_modules(tracker, 12)
+                modules = _largest_modules(tracker, 12, trainer.module_peaks)
                 n_params = sum(p.numel() for m in trainer.model_parts for p in m.parameters())
         finally:
             if trainer is not None:

@@ -93,8 +93,19 @@ def test_fake_tensors_measure_what_real_tensors_use():
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_two_rank_simulation_equals_rank0_of_a_real_gloo_run(tmp_path):
-    overrides = ["--training.global_batch_size", "8"]
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["--training.global_batch_size", "8"],
+        # Qwen3 MoE with expert parallelism over both ranks: the all-to-alls'
+        # split sizes come from a real all-to-all of the counts here and from
+        # the simulation's assumption (every rank routes as this one) there.
+        ["--training.global_batch_size", "8", "--model.name", "swallow_qwen3",
+         "--model.flavor", "tiny_moe", "--parallelism.expert_parallel_degree", "2"],
+    ],
+    ids=["llama", "qwen3-moe-ep2"],
+)
+def test_two_rank_simulation_equals_rank0_of_a_real_gloo_run(tmp_path, overrides):
     simulated, _ = _simulate(2, 1, 0, *overrides)
     out = tmp_path / "real.json"
     cmd = [
@@ -119,6 +130,8 @@ def test_two_rank_simulation_equals_rank0_of_a_real_gloo_run(tmp_path):
     assert [(c["op"], c["dim"], c["count"], c["bytes"]) for c in simulated.collectives] == [
         (c["op"], c["dim"], c["count"], c["bytes"]) for c in real["collectives"]
     ]
+    if "--parallelism.expert_parallel_degree" in overrides:
+        assert any(c["op"] == "all_to_all" and c["dim"] == "ep" for c in real["collectives"])
 
 
 def test_two_microbatches_stand_for_all():

@@ -579,6 +579,34 @@ SEAMS: tuple[Seam, ...] = (
         params=(),
     ),
     Seam(
+        "torch._subclasses.fake_tensor.FakeTensor",
+        "private",
+        "swallow_titan.simulate.KnownExpertCounts",
+        "Which op inputs are fake (no value): an op that mixes a known MoE token count "
+        "with a fake tensor gets no known value.",
+    ),
+    Seam(
+        "torch.utils._python_dispatch._disable_current_modes",
+        "private",
+        "swallow_titan.runtime.seams.disable_dispatch_modes",
+        "The simulation computes the known values of MoE token counts outside every "
+        "dispatch mode (fake tensors, memory tracker, collective recorder), so that "
+        "they are neither fake nor counted as the rank's memory.",
+        params=(),
+    ),
+    Seam(
+        "torchtitan.models.moe.moe.TokenChoiceTopKRouter._debug_force_load_balance_routing",
+        "private",
+        "swallow_titan.simulate.balanced_counts",
+        "The simulation's MoE routing assumption: debug.moe_force_load_balance makes "
+        "the router call this, which routes token slot i to expert i mod E (exactly "
+        "balanced), in fake and real runs alike; simulate.balanced_counts gives fake "
+        "tensors the same counts. The pinned source hash tells when that routing may "
+        "have changed.",
+        params=("self", "scores"),
+        source_sha256="60950dcacc1d55ff",
+    ),
+    Seam(
         "torch.testing._internal.distributed.fake_pg.FakeStore",
         "private",
         "swallow_titan.simulate.simulate",
@@ -968,6 +996,16 @@ def dtensor_propagation_in_own_fake_mode() -> Iterator[None]:
         yield
     finally:
         sharding_prop.detect_fake_mode = original
+
+
+@contextlib.contextmanager
+def disable_dispatch_modes() -> Iterator[None]:
+    """While active, no torch dispatch mode (fake tensors, trackers) sees an op:
+    the simulation computes real values of MoE token counts in it."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    with _disable_current_modes():
+        yield
 
 
 def use_cpu_expert_permutation() -> None:
