@@ -204,11 +204,11 @@ def test_expert_bias_moves_and_resume_is_exact_with_moe_state(hf_moe, expert_bia
 def test_expert_bias_under_tensor_parallel_moves_as_in_one_process(hf_moe, expert_bias_run, tmp_path):
     full_dir, full = expert_bias_run
     result = run_training(tmp_path / "tp2", *BIAS_RUN, "--hf.load_path", str(hf_moe),
-                          "--training.steps", "3", *TP2, nproc=2).check()
+                          "--training.steps", "2", *TP2, nproc=2).check()
     assert "Tensor Parallelism to the model" in result.output
-    # The same bound as the layouts above; steps 2 and 3 route with the moved bias.
+    # The same bound as the layouts above; step 2 routes with the moved bias.
     assert result.losses[1] == pytest.approx(full.losses[1], rel=1e-6)
-    assert result.losses == pytest.approx({s: full.losses[s] for s in (1, 2, 3)}, rel=1e-4)
+    assert result.losses == pytest.approx({s: full.losses[s] for s in (1, 2)}, rel=1e-4)
     # Both TP ranks count the same tokens per expert: the update is one process's.
     tp = DCPCheckpoint(tmp_path / "tp2" / "checkpoint" / "step-2").read_tensors(BIAS_NAMES)
     one = DCPCheckpoint(full_dir / "checkpoint" / "step-2").read_tensors(BIAS_NAMES)

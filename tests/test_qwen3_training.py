@@ -125,9 +125,12 @@ def test_two_process_tensor_parallel_run_trains_and_exports_like_one_process(hf_
     assert result.losses[1] == pytest.approx(single.losses[1], rel=1e-6)
     # The bound of the other layouts: only the order of the sums differs.
     assert result.losses == pytest.approx(single.losses, rel=1e-4)
-    # The tied embedding stayed tied and the export gathers the TP shards.
+    # The tied embedding stayed tied and the export gathers the TP shards. Per
+    # tensor, as the losses: the order of the sums differs (Adam can move a
+    # weight whose gradient is rounding noise by ~lr, so no element-wise bound);
+    # a misplaced or missing shard would be off by the tensor's own size.
     one = safetensors_of(hf_run[0] / "hf" / "step-3")
     two = safetensors_of(tmp_path / "tp" / "hf" / "step-3")
     assert sorted(one) == sorted(two)
     for name in one:
-        torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-5)
+        assert (two[name] - one[name]).norm() <= 1e-4 * one[name].norm(), name
