@@ -91,46 +91,36 @@ def test_export_at_end_gives_the_logits_of_the_trained_checkpoint(hf_run):
     assert "`Qwen3ForCausalLM`" in card and "tied embeddings" in card and "- qwen3" in card
 
 
+# FSDP over 2 processes (2 ranks x local 4), or TP over 2 with both ranks
+# reading the one process's micro-batches (local 4, 2 per step); both with
+# per-document positions (the tiny config's data.reset_position_ids).
+LAYOUTS = {
+    "fsdp2": ("Applied FSDP to the model", ["--parallelism.data_parallel_shard_degree", "2"]),
+    "tp2": ("Tensor Parallelism to the model", TP2),
+}
+
+
 @pytest.mark.distributed
-def test_two_process_fsdp_run_imports_trains_and_exports_like_one_process(hf_run, hf_tiny, tmp_path):
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_two_process_run_imports_trains_and_exports_like_one_process(layout, hf_run, hf_tiny, tmp_path):
+    applied, overrides = LAYOUTS[layout]
     _, single = hf_run
-    result = run_training(
-        tmp_path / "fsdp",
-        *hf_run_args(hf_tiny),
-        "--parallelism.data_parallel_shard_degree", "2",
-        nproc=2,
-    ).check()
-    assert "Applied FSDP to the model" in result.output
+    result = run_training(tmp_path / layout, *hf_run_args(hf_tiny), *overrides, nproc=2).check()
+    assert applied in result.output
+    if layout == "tp2":
+        # Attention ran on head-sharded DTensors, through our CPU flash-attention
+        # rule (without it torch refuses the kernel: tests/qwen3_tp_checks.py).
+        assert CPU_ATTENTION_SHARDING_MESSAGE in result.output
     # Step 1's loss is the HF model's: the sharded load gives the same model.
     assert result.losses[1] == pytest.approx(single.losses[1], rel=1e-6)
     # Later steps: only the order of the gradient sums differs (as the Llama layouts).
     assert result.losses == pytest.approx(single.losses, rel=1e-4)
+    # The export gathers the shards (with TP, the tied embedding stayed tied).
+    # Per tensor, as the losses: Adam can move a weight whose gradient is
+    # rounding noise by up to ~lr, so there is no element-wise bound; a
+    # misplaced or missing shard would be off by the tensor's own size.
     one = safetensors_of(hf_run[0] / "hf" / "step-3")
-    two = safetensors_of(tmp_path / "fsdp" / "hf" / "step-3")
-    assert sorted(one) == sorted(two)
-    for name in one:
-        torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-5)
-
-
-@pytest.mark.distributed
-def test_two_process_tensor_parallel_run_trains_and_exports_like_one_process(hf_run, hf_tiny, tmp_path):
-    # Both TP ranks read the one process's micro-batches (local 4, 2 per step),
-    # with per-document positions (the tiny config's data.reset_position_ids).
-    _, single = hf_run
-    result = run_training(tmp_path / "tp", *hf_run_args(hf_tiny), *TP2, nproc=2).check()
-    assert "Tensor Parallelism to the model" in result.output
-    # Attention ran on head-sharded DTensors, through our CPU flash-attention rule
-    # (without it: tests/qwen3_tp_checks.py shows torch refuses the kernel).
-    assert CPU_ATTENTION_SHARDING_MESSAGE in result.output
-    assert result.losses[1] == pytest.approx(single.losses[1], rel=1e-6)
-    # The bound of the other layouts: only the order of the sums differs.
-    assert result.losses == pytest.approx(single.losses, rel=1e-4)
-    # The tied embedding stayed tied and the export gathers the TP shards. Per
-    # tensor, as the losses: the order of the sums differs (Adam can move a
-    # weight whose gradient is rounding noise by ~lr, so no element-wise bound);
-    # a misplaced or missing shard would be off by the tensor's own size.
-    one = safetensors_of(hf_run[0] / "hf" / "step-3")
-    two = safetensors_of(tmp_path / "tp" / "hf" / "step-3")
+    two = safetensors_of(tmp_path / layout / "hf" / "step-3")
     assert sorted(one) == sorted(two)
     for name in one:
         assert (two[name] - one[name]).norm() <= 1e-4 * one[name].norm(), name
