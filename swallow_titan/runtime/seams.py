@@ -122,9 +122,9 @@ SEAMS: tuple[Seam, ...] = (
         "torch.distributed.tensor.experimental.register_sharding",
         "private",
         "swallow_titan.runtime.seams.use_cpu_attention_sharding",
-        "Experimental DTensor API (torch 2.5 on; torch 2.11 on the GPU machines has "
-        "it too, unused there): registers our rule for the CPU flash-attention ops "
-        "below, which torch has no rule for, so Qwen3 tensor parallelism runs on CPU.",
+        "Experimental DTensor API (in torch since 2.5 with this call; used on CPU "
+        "only): registers our rule for the CPU flash-attention ops below, which "
+        "torch has no rule for, so Qwen3 tensor parallelism runs on CPU.",
         params=("op",),
     ),
     Seam(
@@ -143,6 +143,14 @@ SEAMS: tuple[Seam, ...] = (
         "Its backward, read the same way; it returns (grad_query, grad_key, grad_value).",
         params=("grad_out", "query", "key", "value", "out", "logsumexp", "dropout_p",
                 "is_causal", "attn_mask", "scale"),
+    ),
+    Seam(
+        "torchtitan.models.qwen3.model.model.Attention.forward",
+        "private",
+        "swallow_titan.model.parallelize.replicate_positions_over_tp",
+        "Our pre-hook replaces the 4th positional argument, positions, which "
+        "torchtitan's TP plan leaves a plain tensor beside a DTensor RoPE cache.",
+        params=("self", "x", "rope_cache", "attention_masks", "positions"),
     ),
     Seam(
         "torchtitan.models.qwen3.get_train_spec",
