@@ -164,20 +164,6 @@ def _check_sources(config, source: str) -> None:
 
 def _check_qwen3(config, args: Any, layout: Layout, source: str) -> None:
     """What the Qwen3 family does not (yet) do that Llama does."""
-    k = config.kernels
-    if (k.rmsnorm == TRITON_NORM or k.loss == FUSED_LOSS) and layout.tp > 1:
-        # The Triton q/k norms on head-sharded DTensors under torchtitan's qwen3
-        # TP plan and the fused loss on its (tied) vocabulary-sharded output
-        # are not verified: no test compares them with the kernels off (a run
-        # under Triton's interpreter takes minutes on CPU), and none has run on a GPU.
-        raise config_error(
-            source,
-            "kernels",
-            f"rmsnorm = {k.rmsnorm!r}, loss = {k.loss!r} with tensor_parallel_degree "
-            f"{layout.tp}: the Triton kernels serve Qwen3 without tensor parallel only "
-            '(not yet verified with it); use rmsnorm = "torch" and loss = "torch", or '
-            "tensor_parallel_degree = 1",
-        )
     if layout.pp > 1:
         raise config_error(
             source,
