@@ -380,75 +380,6 @@ def _combine_over_group(
     return torch.logsumexp(torch.stack(shards), dim=0)
 
 
-def _forward(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    ignore_index: int,
-    z_loss: float,
-    grad_hidden: bool,
-    grad_weight: bool,
-    chunk_tokens: int,
-    vocab_start: int,
-    group_name: str,
-    gemm_dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    n, h_dim = hidden.shape
-    vocab = weight.shape[0]
-    if weight.dim() != 2 or weight.shape[1] != h_dim:
-        raise ValueError(
-            f"fused_linear_cross_entropy: weight {tuple(weight.shape)} does not match "
-            f"hidden size {h_dim}"
-        )
-    check_device(hidden, weight, targets)
-    group = dist.distributed_c10d._resolve_process_group(group_name) if group_name else None
-    h = hidden.to(gemm_dtype)
-    w = weight.to(gemm_dtype)
-    chunk = chunk_tokens or default_chunk_tokens(vocab, gemm_dtype)
-    do_grad = grad_hidden or grad_weight
-
-    lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
-    target_logit = torch.empty(n, dtype=torch.float32, device=hidden.device)
-    dh = torch.empty((n, h_dim) if grad_hidden else (0,), dtype=gemm_dtype, device=h.device)
-    # fp32 across chunks whatever the GEMM dtype; rounded once, in backward.
-    dw = torch.zeros(
-        (vocab, h_dim) if grad_weight else (0,), dtype=torch.float32, device=h.device
-    )
-    for start in range(0, n, chunk):
-        end = min(n, start + chunk)
-        h_c, t_c = h[start:end], targets[start:end]
-        lse_c, tl_c = lse[start:end], target_logit[start:end]
-        logits = _chunk_logits(h_c, w)
-        dlogits = torch.empty_like(logits, dtype=gemm_dtype) if do_grad else logits
-        if group is None:
-            _launch_rows(
-                logits, dlogits, t_c, lse_c, tl_c, vocab_start, ignore_index, z_loss,
-                do_lse=True, do_grad=do_grad,
-            )
-        else:
-            _launch_rows(
-                logits, dlogits, t_c, lse_c, tl_c, vocab_start, ignore_index, z_loss,
-                do_lse=True, do_grad=False,
-            )
-            lse_c.copy_(_combine_over_group(lse_c, tl_c, group))
-            if do_grad:
-                _launch_rows(
-                    logits, dlogits, t_c, lse_c, tl_c, vocab_start, ignore_index,
-                    z_loss, do_lse=False, do_grad=True,
-                )
-        del logits
-        if grad_hidden:
-            torch.mm(dlogits, w, out=dh[start:end])
-        if grad_weight:
-            _add_weight_grad(dw, dlogits, h_c)
-        del dlogits
-
-    counted = targets != ignore_index
-    ce = torch.where(counted, lse - target_logit, 0.0).sum()
-    z = z_loss * torch.where(counted, lse * lse, 0.0).sum()
-    return ce + z, z, dh, dw
-
-
 # ---------------------------------------------------------------------------
 # Custom op
 
@@ -470,12 +401,62 @@ def _flce_op(
     """Returns (loss, z_term, d loss/d hidden, d loss/d weight); the gradients are
     empty when not requested and are scaled by the upstream gradient in backward.
     The hidden gradient is in ``gemm_dtype``, the weight gradient in fp32."""
+    # The dtypes are chosen by gemm_dtype, not by autocast.
     with torch.autocast(hidden.device.type, enabled=False):
-        # The dtypes are chosen by gemm_dtype, not by autocast.
-        return _forward(
-            hidden, weight, targets, ignore_index, z_loss, grad_hidden, grad_weight,
-            chunk_tokens, vocab_start, group_name, gemm_dtype,
+        n, h_dim = hidden.shape
+        vocab = weight.shape[0]
+        if weight.dim() != 2 or weight.shape[1] != h_dim:
+            raise ValueError(
+                f"fused_linear_cross_entropy: weight {tuple(weight.shape)} does not match "
+                f"hidden size {h_dim}"
+            )
+        check_device(hidden, weight, targets)
+        group = dist.distributed_c10d._resolve_process_group(group_name) if group_name else None
+        h = hidden.to(gemm_dtype)
+        w = weight.to(gemm_dtype)
+        chunk = chunk_tokens or default_chunk_tokens(vocab, gemm_dtype)
+        do_grad = grad_hidden or grad_weight
+
+        lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        target_logit = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        dh = torch.empty((n, h_dim) if grad_hidden else (0,), dtype=gemm_dtype, device=h.device)
+        # fp32 across chunks whatever the GEMM dtype; rounded once, in backward.
+        dw = torch.zeros(
+            (vocab, h_dim) if grad_weight else (0,), dtype=torch.float32, device=h.device
         )
+        for start in range(0, n, chunk):
+            end = min(n, start + chunk)
+            h_c, t_c = h[start:end], targets[start:end]
+            lse_c, tl_c = lse[start:end], target_logit[start:end]
+            logits = _chunk_logits(h_c, w)
+            dlogits = torch.empty_like(logits, dtype=gemm_dtype) if do_grad else logits
+            if group is None:
+                _launch_rows(
+                    logits, dlogits, t_c, lse_c, tl_c, vocab_start, ignore_index, z_loss,
+                    do_lse=True, do_grad=do_grad,
+                )
+            else:
+                _launch_rows(
+                    logits, dlogits, t_c, lse_c, tl_c, vocab_start, ignore_index, z_loss,
+                    do_lse=True, do_grad=False,
+                )
+                lse_c.copy_(_combine_over_group(lse_c, tl_c, group))
+                if do_grad:
+                    _launch_rows(
+                        logits, dlogits, t_c, lse_c, tl_c, vocab_start, ignore_index,
+                        z_loss, do_lse=False, do_grad=True,
+                    )
+            del logits
+            if grad_hidden:
+                torch.mm(dlogits, w, out=dh[start:end])
+            if grad_weight:
+                _add_weight_grad(dw, dlogits, h_c)
+            del dlogits
+
+        counted = targets != ignore_index
+        ce = torch.where(counted, lse - target_logit, 0.0).sum()
+        z = z_loss * torch.where(counted, lse * lse, 0.0).sum()
+        return ce + z, z, dh, dw
 
 
 @_flce_op.register_fake

@@ -320,7 +320,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "hf-export-writes-heads-as-kv", "swallow_titan/hf/config.py",
-        '"num_key_value_heads": n_kv_heads,', '"num_key_value_heads": args.n_heads,',
+        '"num_key_value_heads": args.n_kv_heads or args.n_heads,', '"num_key_value_heads": args.n_heads,',
         HF, "exported config.json claims as many KV heads as query heads",
     ),
     # ---------------------------------------------------------------------- run log

@@ -68,6 +68,7 @@ class ModelSource:
     tokenizer_path: str
     max_length: int
     step: int | None
+    tokenizer_kind: str = "auto"  # the run's [model] tokenizer_kind
 
 
 def resolve_source(source: str, step: int | None, tokenizer: str | None) -> ModelSource:
@@ -98,11 +99,16 @@ def resolve_source(source: str, step: int | None, tokenizer: str | None) -> Mode
         args = model_args_from_hf_config(record.hf_config, str(record_path))
     except (CheckpointReadError, RunRecordError, HFConfigError) as e:
         raise EvaluateInputError(str(e)) from None
-    seq_len = ((record.job_config or {}).get("training") or {}).get("seq_len")
+    job = record.job_config or {}
+    seq_len = (job.get("training") or {}).get("seq_len")
     tokenizer_path = tokenizer or record.tokenizer_path
     if not tokenizer_path:
         raise EvaluateInputError(f"{record_path} names no tokenizer; pass --tokenizer DIR")
-    return ModelSource("dcp", step_dir, args, tokenizer_path, seq_len or DEFAULT_MAX_LENGTH, found)
+    # A run's tokenizer family as it chose it; another folder (--tokenizer) is read as it is.
+    kind = "auto" if tokenizer else (job.get("model") or {}).get("tokenizer_kind", "auto")
+    return ModelSource(
+        "dcp", step_dir, args, tokenizer_path, seq_len or DEFAULT_MAX_LENGTH, found, kind
+    )
 
 
 def _init_distributed() -> tuple[int, int, torch.device]:
@@ -206,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         return ExitCode.BAD_INPUT
     from lm_eval.utils import make_table
 
-    from swallow_titan.data.tokenizer import Llama3Tokenizer, TokenizerFileError
+    from swallow_titan.data.tokenizer import TokenizerFileError, load_tokenizer
     from swallow_titan.eval.adapter import ModelRunner, SwallowLM
     from swallow_titan.eval.in_loop import run_simple_evaluate
     from swallow_titan.eval.lockstep import run_together
@@ -217,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         if not tasks:
             raise EvaluateInputError("--tasks: name at least one task")
         source = resolve_source(args.source, args.step, args.tokenizer)
-        tokenizer = Llama3Tokenizer(source.tokenizer_path)
+        tokenizer = load_tokenizer(source.tokenizer_path, source.tokenizer_kind)
         max_length = args.max_length or source.max_length
         if not 0 < args.max_gen_toks < max_length:
             raise EvaluateInputError(

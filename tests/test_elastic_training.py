@@ -3,11 +3,9 @@ continues the same global stream, so its losses match an uninterrupted run."""
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 
-from support.runs import run_training
+from support.runs import resume_from, run_training
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -18,12 +16,6 @@ COMMON = [
     # Global batch 8 = local 4 x 2 processes, or x 2 accumulation steps on one.
     "--training.global_batch_size", "8",
 ]
-
-
-def resume_from(checkpoint, folder):
-    """A fresh run folder whose only checkpoint is ``checkpoint``."""
-    shutil.copytree(checkpoint, folder / "checkpoint" / checkpoint.name)
-    return folder
 
 
 def test_resuming_1_to_2_and_2_to_1_processes_continues_the_uninterrupted_run(tmp_path):

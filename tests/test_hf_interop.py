@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import io
 import subprocess
 import json
-import logging
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -20,10 +18,16 @@ from support import TINY_TOKENIZER
 from support.hf import (
     ODD_CONFIG,
     as_transformers4_config,
+    assert_loads_cleanly_in_transformers,
     assert_same_logits,
+    assert_same_tensors,
+    drop_tensor,
     logits_tolerance,
+    safetensors_of,
     save_random_llama,
+    token_ids,
     transformers4_python,
+    transformers_logits,
 )
 from swallow_titan.hf import export as hf_export
 from swallow_titan.hf.atomic import OutputFolderError
@@ -39,21 +43,11 @@ transformers = pytest.importorskip("transformers")
 SEQ_LEN = 48
 
 
-def tokens(vocab: int) -> torch.Tensor:
-    return torch.randint(0, vocab, (2, SEQ_LEN), generator=torch.Generator().manual_seed(1))
-
-
 def our_model(hf_dir: Path) -> Transformer:
     """torchtitan's Llama with the dimensions of an HF folder's config.json, on CPU in fp32."""
     args = model_args_from_hf_config(read_hf_config(hf_dir), "config.json")
     model = Transformer(replace(args, max_seq_len=SEQ_LEN))
     return model.eval()
-
-
-def transformers_logits(folder: Path, ids: torch.Tensor) -> torch.Tensor:
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    with torch.no_grad():
-        return model(ids).logits
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +80,7 @@ def test_logits_after_hf_to_dcp_equal_transformers(hf_fp32, dcp_fp32):
     model = our_model(hf_fp32)
     names = list(model.state_dict())
     model.load_state_dict(DCPCheckpoint(dcp_fp32).read_tensors(names))
-    ids = tokens(ODD_CONFIG["vocab_size"])
+    ids = token_ids(ODD_CONFIG["vocab_size"], SEQ_LEN)
     with torch.no_grad():
         ours = model(ids)
     assert_same_logits(ours, transformers_logits(hf_fp32, ids))
@@ -95,7 +89,7 @@ def test_logits_after_hf_to_dcp_equal_transformers(hf_fp32, dcp_fp32):
 def test_logits_after_the_training_time_hf_load_equal_transformers(hf_fp32):
     model = our_model(hf_fp32)
     load_hf_weights([model], hf_fp32, model.model_args)
-    ids = tokens(ODD_CONFIG["vocab_size"])
+    ids = token_ids(ODD_CONFIG["vocab_size"], SEQ_LEN)
     with torch.no_grad():
         ours = model(ids)
     assert_same_logits(ours, transformers_logits(hf_fp32, ids))
@@ -107,7 +101,7 @@ def test_the_logits_tolerance_catches_a_doubled_rope_scaling_factor(hf_fp32):
     scaling = replace(args.rope_scaling_args, scaling_factor=2 * args.rope_scaling_args.scaling_factor)
     wrong = Transformer(replace(args, rope_scaling_args=scaling, max_seq_len=SEQ_LEN)).eval()
     load_hf_weights([wrong], hf_fp32, wrong.model_args)
-    ids = tokens(ODD_CONFIG["vocab_size"])
+    ids = token_ids(ODD_CONFIG["vocab_size"], SEQ_LEN)
     theirs = transformers_logits(hf_fp32, ids)
     with torch.no_grad():
         difference = (wrong(ids) - theirs).abs().max().item()
@@ -121,17 +115,10 @@ def test_hub_spelling_of_config_json_imports_to_the_same_logits(tmp_path):
     assert "rope_parameters" not in read_hf_config(source)
     model = our_model(source)
     load_hf_weights([model], source, model.model_args)
-    ids = tokens(ODD_CONFIG["vocab_size"])
+    ids = token_ids(ODD_CONFIG["vocab_size"], SEQ_LEN)
     with torch.no_grad():
         ours = model(ids)
     assert_same_logits(ours, transformers_logits(source, ids))
-
-
-def all_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        tensors.update(load_file(file))
-    return tensors
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -140,32 +127,15 @@ def test_hf_to_dcp_to_hf_gives_bit_identical_tensors(tmp_path, dtype):
     source = save_random_llama(tmp_path / "hf", ODD_CONFIG, dtype=dtype)
     converted = convert_hf_to_dcp(source, tmp_path / "dcp")
     exported = export_hf(converted, tmp_path / "back", dtype=name).folder
-    before, after = all_tensors(source), all_tensors(exported)
-    assert sorted(before) == sorted(after)
-    for key in before:
-        assert after[key].dtype == dtype
-        assert torch.equal(before[key], after[key]), key
+    assert_same_tensors(source, exported, dtype=dtype)
 
 
 def test_export_loads_in_transformers_with_no_missing_or_unexpected_keys(export_fp32):
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.setLevel(logging.WARNING)
-    transformers_logger = logging.getLogger("transformers")
-    transformers_logger.addHandler(handler)
-    try:
-        _, info = transformers.AutoModelForCausalLM.from_pretrained(
-            export_fp32, output_loading_info=True
-        )
-    finally:
-        transformers_logger.removeHandler(handler)
-    assert not info["missing_keys"]
-    assert not info["unexpected_keys"] and not info["mismatched_keys"] and not info["error_msgs"]
-    assert stream.getvalue() == ""
+    assert_loads_cleanly_in_transformers(export_fp32)
 
 
 def test_export_gives_the_logits_of_the_model_it_came_from(hf_fp32, export_fp32):
-    ids = tokens(ODD_CONFIG["vocab_size"])
+    ids = token_ids(ODD_CONFIG["vocab_size"], SEQ_LEN)
     # Bit-identical fp32 weights through the same transformers code: equal logits.
     assert torch.equal(transformers_logits(export_fp32, ids), transformers_logits(hf_fp32, ids))
 
@@ -220,9 +190,7 @@ def test_converted_checkpoint_model_card_says_it_was_not_trained_here(export_fp3
 
 def test_missing_tensor_is_named(tmp_path):
     source = save_random_llama(tmp_path / "hf", ODD_CONFIG, max_shard_size="10GB", tokenizer=None)
-    tensors = load_file(source / "model.safetensors")
-    del tensors["model.layers.1.mlp.up_proj.weight"]
-    save_file(tensors, source / "model.safetensors", metadata={"format": "pt"})
+    drop_tensor(source, "model.layers.1.mlp.up_proj.weight")
     with pytest.raises(HFWeightsError, match=r"1 tensors the model needs are missing: model\.layers\.1\.mlp\.up_proj\.weight"):
         convert_hf_to_dcp(source, tmp_path / "dcp")
     assert not (tmp_path / "dcp").exists()
@@ -311,7 +279,7 @@ with torch.no_grad():
 
 
 def test_transformers4_loads_the_export_with_the_same_logits(export_fp32, tmp_path):
-    ids = tokens(ODD_CONFIG["vocab_size"])
+    ids = token_ids(ODD_CONFIG["vocab_size"], SEQ_LEN)
     torch.save(ids, tmp_path / "ids.pt")
     proc = subprocess.run(
         [transformers4_python(), "-c", TRANSFORMERS4_LOAD,
@@ -328,19 +296,12 @@ def test_a_tensor_that_exactly_fills_a_shard_does_not_open_a_new_one():
     assert plan_shards([("a", 50), ("b", 50), ("c", 1)], 100) == [["a", "b"], ["c"]]
 
 
-def _export_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        tensors.update(load_file(file))
-    return tensors
-
-
 def test_bf16_export_is_the_fp32_weights_rounded_and_its_index_counts_bf16_bytes(
     dcp_fp32, export_fp32, tmp_path
 ):
     out = tmp_path / "bf16"
     result = export_hf(dcp_fp32, out, dtype="bfloat16", max_shard_size="100KB")
-    fp32, bf16 = _export_tensors(export_fp32), _export_tensors(out)
+    fp32, bf16 = safetensors_of(export_fp32), safetensors_of(out)
     assert fp32.keys() == bf16.keys()
     for name, tensor in bf16.items():
         assert fp32[name].dtype == torch.float32 and tensor.dtype == torch.bfloat16

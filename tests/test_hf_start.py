@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from support import REPO, TINY_CONFIG
-from support.hf import ODD_CONFIG, TINY_FLAVOR_CONFIG, save_random_llama
+from support.hf import ODD_CONFIG, TINY_FLAVOR_CONFIG, drop_tensor, save_random_llama
 from swallow_titan.components.start_rule import decide_start
 from swallow_titan.components.preflight import check_job_config, check_structure, file_problems
 from swallow_titan.config.manager import ConfigError, load_job_config
@@ -129,11 +129,7 @@ def test_hf_folder_of_another_model_is_a_config_error_naming_field_file_and_valu
 
 def test_hf_folder_missing_a_tensor_is_a_config_error_naming_it(tmp_path):
     hf = save_random_llama(tmp_path / "tiny", TINY_FLAVOR_CONFIG, max_shard_size="10GB", tokenizer=None)
-    from safetensors.torch import load_file, save_file
-
-    tensors = load_file(hf / "model.safetensors")
-    del tensors["lm_head.weight"]
-    save_file(tensors, hf / "model.safetensors", metadata={"format": "pt"})
+    drop_tensor(hf, "lm_head.weight")
     problems = file_problems(tiny(tmp_path / "run", "--hf.load_path", str(hf)), "run.toml")
     assert any("missing: lm_head.weight" in p for p in problems), problems
 

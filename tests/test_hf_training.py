@@ -9,10 +9,15 @@ import re
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from torchtitan.models.llama3.model.model import Transformer
 
-from support.hf import TINY_FLAVOR_CONFIG, assert_same_logits, save_random_llama
+from support.hf import (
+    TINY_FLAVOR_CONFIG,
+    assert_same_logits,
+    assert_same_tensors,
+    safetensors_of,
+    save_random_llama,
+)
 from support.overrides import FSDP2, TP2
 from support.runs import free_port, run_training, series
 from swallow_titan.checkpoint.dcp_reader import DCPCheckpoint
@@ -63,13 +68,6 @@ def hf_run(hf_tiny, tmp_path_factory):
     return dump, result
 
 
-def hf_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for file in folder.glob("*.safetensors"):
-        tensors.update(load_file(file))
-    return tensors
-
-
 def model_from_checkpoint(step_dir: Path) -> Transformer:
     model = Transformer(replace(FLAVORS["tiny"], max_seq_len=64)).eval()
     model.load_state_dict(DCPCheckpoint(step_dir).read_tensors(list(model.state_dict())))
@@ -85,7 +83,7 @@ def test_first_start_loads_the_hf_weights(hf_run, hf_tiny):
     assert f"Loaded 39 tensors of Hugging Face weights from {hf_tiny}" in result.output
     # Two Adam steps move each weight by about 2 x lr: the export is the HF
     # model plus training, not a random initialisation (embeddings ~N(0, 1)).
-    start, end = hf_tensors(hf_tiny), hf_tensors(dump / "hf" / "step-2")
+    start, end = safetensors_of(hf_tiny), safetensors_of(dump / "hf" / "step-2")
     assert sorted(start) == sorted(end)
     for name in start:
         difference = (end[name] - start[name]).abs().max().item()
@@ -147,11 +145,7 @@ def test_two_process_fsdp_run_imports_and_exports_like_one_process(hf_run, hf_ti
     assert "Applied FSDP to the model" in result.output
     assert "loading Hugging Face weights" in result.output
     assert result.losses == pytest.approx(single.losses, rel=1e-4)
-    one = hf_tensors(hf_run[0] / "hf" / "step-2")
-    two = hf_tensors(tmp_path / "fsdp" / "hf" / "step-2")
-    assert sorted(one) == sorted(two)
-    for name in one:
-        torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-5)
+    assert_same_tensors(hf_run[0] / "hf" / "step-2", tmp_path / "fsdp" / "hf" / "step-2", atol=1e-5)
 
 
 @pytest.mark.distributed

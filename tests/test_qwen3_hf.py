@@ -6,9 +6,7 @@ with random weights (norm weights randomised too, see ``save_random_qwen3``).
 
 from __future__ import annotations
 
-import io
 import json
-import logging
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,10 +16,14 @@ import torch
 from support.hf import (
     QWEN3_MOE_TINY_CONFIG,
     QWEN3_TINY_CONFIG,
+    assert_loads_cleanly_in_transformers,
     assert_same_logits,
+    assert_same_tensors,
     logits_tolerance,
     safetensors_of,
     save_random_qwen3,
+    token_ids,
+    transformers_logits,
 )
 from swallow_titan.checkpoint.dcp_reader import DCPCheckpoint
 from swallow_titan.hf.config import (
@@ -100,22 +102,12 @@ QWEN3_06B_HUB = {
 }
 
 
-def tokens(vocab: int) -> torch.Tensor:
-    return torch.randint(0, vocab, (2, SEQ_LEN), generator=torch.Generator().manual_seed(1))
-
-
 def our_model(hf_dir: Path, **changes) -> torch.nn.Module:
     """torchtitan's Qwen3 with the dimensions of an HF folder's config.json, fp32, HF weights."""
     args = model_args_from_hf_config(read_hf_config(hf_dir), "config.json")
     model = QWEN3.model_cls(replace(args, max_seq_len=SEQ_LEN, **changes)).eval()
     load_hf_weights([model], hf_dir, model.model_args)
     return model
-
-
-def transformers_logits(folder: Path, ids: torch.Tensor) -> torch.Tensor:
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    with torch.no_grad():
-        return model(ids).logits
 
 
 @pytest.fixture(scope="module")
@@ -208,7 +200,7 @@ def test_the_test_model_decouples_head_dim_ties_embeddings_and_shards(hf_dense):
 @pytest.mark.parametrize("kind", ["dense", "moe"])
 def test_logits_after_the_training_time_hf_load_equal_transformers(kind, hf_dense, hf_moe):
     folder = hf_dense if kind == "dense" else hf_moe
-    ids = tokens(QWEN3_TINY_CONFIG["vocab_size"])
+    ids = token_ids(QWEN3_TINY_CONFIG["vocab_size"], SEQ_LEN)
     with torch.no_grad():
         ours = our_model(folder)(ids)
     assert_same_logits(ours, transformers_logits(folder, ids))
@@ -218,7 +210,7 @@ def test_logits_after_the_training_time_hf_load_equal_transformers(kind, hf_dens
 def test_the_logits_tolerance_catches_a_wrongly_mapped_field(hf_dense, wrong):
     # theta 1e6 -> 1e4 and eps 1e-6 -> 1e-2: what a dropped or swapped field gives.
     changes = {"rope_theta": 1e4} if wrong == "rope_theta" else {"norm_eps": 1e-2}
-    ids = tokens(QWEN3_TINY_CONFIG["vocab_size"])
+    ids = token_ids(QWEN3_TINY_CONFIG["vocab_size"], SEQ_LEN)
     theirs = transformers_logits(hf_dense, ids)
     with torch.no_grad():
         difference = (our_model(hf_dense, **changes)(ids) - theirs).abs().max().item()
@@ -226,7 +218,7 @@ def test_the_logits_tolerance_catches_a_wrongly_mapped_field(hf_dense, wrong):
 
 
 def test_the_logits_tolerance_catches_swapped_q_and_k_norms(hf_dense):
-    ids = tokens(QWEN3_TINY_CONFIG["vocab_size"])
+    ids = token_ids(QWEN3_TINY_CONFIG["vocab_size"], SEQ_LEN)
     theirs = transformers_logits(hf_dense, ids)
     model = our_model(hf_dense)
     with torch.no_grad():
@@ -246,7 +238,7 @@ def test_logits_after_hf_to_dcp_equal_transformers(kind, hf_dense, hf_moe, tmp_p
     args = model_args_from_hf_config(read_hf_config(folder), "config.json")
     model = QWEN3.model_cls(replace(args, max_seq_len=SEQ_LEN)).eval()
     model.load_state_dict(DCPCheckpoint(converted).read_tensors(list(model.state_dict())))
-    ids = tokens(QWEN3_TINY_CONFIG["vocab_size"])
+    ids = token_ids(QWEN3_TINY_CONFIG["vocab_size"], SEQ_LEN)
     with torch.no_grad():
         ours = model(ids)
     assert_same_logits(ours, transformers_logits(folder, ids))
@@ -260,11 +252,7 @@ def test_hf_to_dcp_to_hf_gives_bit_identical_tensors(tmp_path, kind, dtype):
     source = save_random_qwen3(tmp_path / "hf", config, dtype=dtype)
     converted = convert_hf_to_dcp(source, tmp_path / "dcp")
     exported = export_hf(converted, tmp_path / "back", dtype=str(dtype).removeprefix("torch.")).folder
-    before, after = safetensors_of(source), safetensors_of(exported)
-    assert sorted(before) == sorted(after)
-    for key in before:
-        assert after[key].dtype == dtype
-        assert torch.equal(before[key], after[key]), key
+    assert_same_tensors(source, exported, dtype=dtype)
 
 
 @pytest.mark.parametrize("kind", ["dense", "moe"])
@@ -274,17 +262,6 @@ def test_export_loads_in_transformers_with_no_missing_or_unexpected_keys(kind, h
                          dtype="float32").folder
     config = read_hf_config(exported)
     assert config["architectures"] == read_hf_config(folder)["architectures"]
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.setLevel(logging.WARNING)
-    transformers_logger = logging.getLogger("transformers")
-    transformers_logger.addHandler(handler)
-    try:
-        _, info = transformers.AutoModelForCausalLM.from_pretrained(exported, output_loading_info=True)
-    finally:
-        transformers_logger.removeHandler(handler)
-    assert not info["missing_keys"] and not info["unexpected_keys"]
-    assert not info["mismatched_keys"] and not info["error_msgs"]
-    assert stream.getvalue() == ""
-    ids = tokens(QWEN3_TINY_CONFIG["vocab_size"])
+    assert_loads_cleanly_in_transformers(exported)
+    ids = token_ids(QWEN3_TINY_CONFIG["vocab_size"], SEQ_LEN)
     assert torch.equal(transformers_logits(exported, ids), transformers_logits(folder, ids))

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,7 +12,7 @@ import torch
 from support import REPO
 from support.hf import QWEN3_MOE_TINY_CONFIG, save_random_qwen3
 from support.overrides import KERNELS_ON, TP2
-from support.runs import free_port, run_training, series
+from support.runs import resume_from, run_checks_script, run_training, series
 from swallow_titan.checkpoint.dcp_reader import DCPCheckpoint
 from swallow_titan.model.qwen3 import QWEN3_FLAVORS, SwallowQwen3Model, load_balancing_loss
 
@@ -88,21 +85,7 @@ def test_the_auxiliary_loss_reaches_the_routers_through_its_gradient_only():
 
 @pytest.mark.distributed
 def test_attention_and_router_gradient_under_tensor_parallel_equal_one_process():
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run",
-        "--nnodes", "1", "--nproc_per_node", "2",
-        "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-        str(REPO / "tests" / "qwen3_tp_checks.py"),
-    ]
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
-        "OMP_NUM_THREADS": "1",
-    }
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, output[-6000:]
-    assert output.count("CHECKS PASSED") == 2, output[-6000:]
+    run_checks_script(REPO / "tests" / "qwen3_tp_checks.py")
 
 
 # ------------------------------------------------------------ training runs
@@ -135,24 +118,26 @@ def test_moe_run_logs_per_layer_expert_load_and_the_auxiliary_loss(one_process):
 
 
 # FSDP alone is the dense layouts' test; here experts are split over the 2 ranks
-# (EP 2) and everything else is FSDP-sharded over them; or tensor parallel over
-# the 2 ranks (experts split by their hidden size, the router replicated), both
-# ranks reading the same micro-batches of 4 as the one process.
-LAYOUTS = {
-    "fsdp2_ep2": ("Applied FSDP to the model", ["--parallelism.data_parallel_shard_degree", "2",
-                                                "--parallelism.expert_parallel_degree", "2"]),
-    "tp2": ("Tensor Parallelism to the model", TP2),
-}
+# (EP 2) and everything else is FSDP-sharded over them. It checkpoints at step 2
+# for the elastic resume below.
+FSDP2_EP2 = ["--parallelism.data_parallel_shard_degree", "2",
+             "--parallelism.expert_parallel_degree", "2"]
+CHECKPOINT_AT_2 = ["--checkpoint.enable", "true", "--checkpoint.interval", "2"]
+
+
+@pytest.fixture(scope="module")
+def fsdp2_ep2(hf_moe, tmp_path_factory):
+    dump = tmp_path_factory.mktemp("moe") / "fsdp2_ep2"
+    return dump, run_training(dump, *AUX_RUN, "--hf.load_path", str(hf_moe),
+                              "--training.steps", "3", *FSDP2_EP2, *CHECKPOINT_AT_2,
+                              nproc=2).check()
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.parametrize("layout", sorted(LAYOUTS))
-def test_moe_layouts_give_the_one_process_losses(layout, hf_moe, one_process, tmp_path):
-    applied, overrides = LAYOUTS[layout]
-    result = run_training(tmp_path / layout, *AUX_RUN, "--hf.load_path", str(hf_moe),
-                          "--training.steps", "3", *overrides, nproc=2).check()
-    assert applied in result.output
+def test_fsdp2_ep2_gives_the_one_process_losses(fsdp2_ep2, one_process):
+    _, result = fsdp2_ep2
+    assert "Applied FSDP to the model" in result.output
     # Step 1 is the HF model's loss; later steps differ only in the order of
     # gradient sums (the Llama layouts' bound). Routing is discrete, but a
     # flipped expert choice would move the loss by far more than this.
@@ -160,6 +145,38 @@ def test_moe_layouts_give_the_one_process_losses(layout, hf_moe, one_process, tm
     assert result.losses == pytest.approx(one_process.losses, rel=1e-4)
     assert series(result.history, "moe/aux_loss") == pytest.approx(
         series(one_process.history, "moe/aux_loss"), rel=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_tp2_gives_the_one_process_losses_and_auxiliary_loss(hf_moe, one_process, tmp_path):
+    # Tensor parallel over the 2 ranks (experts split by their hidden size, the
+    # router replicated), both reading the one process's micro-batches of 4.
+    result = run_training(tmp_path / "tp2", *AUX_RUN, "--hf.load_path", str(hf_moe),
+                          "--training.steps", "3", *TP2, nproc=2).check()
+    assert "Tensor Parallelism to the model" in result.output
+    # As FSDP 2 + EP 2 above: the auxiliary gradient, taken once per TP rank on
+    # the same tokens, is counted once.
+    assert result.losses[1] == pytest.approx(one_process.losses[1], rel=1e-6)
+    assert result.losses == pytest.approx(one_process.losses, rel=1e-4)
+    assert series(result.history, "moe/aux_loss") == pytest.approx(
+        series(one_process.history, "moe/aux_loss"), rel=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_the_ep2_checkpoint_resumes_on_one_process(fsdp2_ep2, hf_moe, one_process, tmp_path):
+    # Elastic resume: each rank saved half of every layer's experts (and their
+    # optimizer moments); one process loads them all and continues the same
+    # global stream (global batch 8 = 2 x 4, now 2 accumulation steps of 4).
+    dump, _ = fsdp2_ep2
+    folder = resume_from(dump / "checkpoint" / "step-2", tmp_path / "one")
+    # Same options as the run (the HF start included): the checkpoint wins.
+    resumed = run_training(folder, *AUX_RUN, "--hf.load_path", str(hf_moe),
+                           "--training.steps", "3", *CHECKPOINT_AT_2).check()
+    assert "Loading the checkpoint" in resumed.output
+    assert sorted(resumed.losses) == [3]
+    assert resumed.losses[3] == pytest.approx(one_process.losses[3], rel=1e-4)
 
 
 # Auxiliary-loss-free balancing: the bias is updated before each optimizer

@@ -288,6 +288,12 @@ class Llama3Tokenizer(BaseTokenizer):
     def decode(self, ids: Iterable[int]) -> str:
         return self._encoding.decode(list(ids))
 
+    def decode_text(self, ids: Iterable[int]) -> str:
+        """Text of ``ids`` without the special tokens, as transformers'
+        ``decode(skip_special_tokens=True)`` gives it (every Llama 3 special
+        token is marked special; their ids follow the BPE ranks)."""
+        return self.decode([i for i in ids if i < self.bos_id])
+
     def get_vocab_size(self) -> int:
         return self.n_words
 
@@ -318,6 +324,11 @@ def _split_long_text(text: str) -> Iterable[str]:
 # Qwen2, Qwen2.5 and Qwen3 share one vocabulary: 151,643 byte-level BPE tokens,
 # then the added tokens, the first of which ends a document.
 QWEN_EOS_TOKEN = "<|endoftext|>"
+
+# Where generation ends for Qwen: the end of a document and the end of a chat
+# turn, the ``eos_token_id`` list of Qwen3's (post-trained) generation_config.json,
+# as END_OF_GENERATION_TOKENS takes Llama-3.1-Instruct's.
+QWEN_END_OF_GENERATION_TOKENS = (QWEN_EOS_TOKEN, "<|im_end|>")
 
 TOKENIZER_KINDS = ("llama3", "qwen")
 
@@ -384,6 +395,9 @@ class QwenTokenizer(BaseTokenizer):
             raise TokenizerFileError(f"{self.path}: tokenizers cannot load it ({e})") from e
         self.special_tokens = specials
         self._special_by_id = {i: tok for tok, i in specials.items()}
+        # The added tokens the file marks special (<|endoftext|>, <|im_start|>, ...);
+        # the others (<think>, <tool_call>, <|fim_prefix|>, ...) stay in decoded text.
+        self._marked_special = frozenset(int(tok["id"]) for tok in added if tok.get("special"))
         self.n_ordinary = n_ordinary
         self.n_words = max(n_ordinary, max(specials.values()) + 1)
         self.bos_id: int | None = None
@@ -438,8 +452,19 @@ class QwenTokenizer(BaseTokenizer):
             parts.append(self._hf.decode(run, skip_special_tokens=False))
         return "".join(parts)
 
+    def decode_text(self, ids: Iterable[int]) -> str:
+        """Text of ``ids`` without the tokens the file marks special, as
+        transformers' ``decode(skip_special_tokens=True)`` gives it (ids past
+        the vocabulary, the model's padding rows, give no text either way)."""
+        return self.decode([i for i in ids if i not in self._marked_special])
+
     def get_vocab_size(self) -> int:
         return self.n_words
+
+    @property
+    def end_of_generation_ids(self) -> list[int]:
+        """Ids at which generation stops (:data:`QWEN_END_OF_GENERATION_TOKENS` this vocabulary has)."""
+        return [self.special_tokens[t] for t in QWEN_END_OF_GENERATION_TOKENS if t in self.special_tokens]
 
 
 def _without_lone_surrogates(text: str) -> str:

@@ -47,7 +47,7 @@ from lm_eval.models.utils import (
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from torch.distributed.tensor import DTensor
 
-from swallow_titan.data.tokenizer import BOS_TOKEN, Llama3Tokenizer
+from swallow_titan.data.tokenizer import DocumentTokenizer
 from swallow_titan.eval.lockstep import HeldFailure, world
 
 # Token ids of a (context, continuation) pair, as TemplateLM hands them over.
@@ -96,14 +96,17 @@ class SwallowLM(TemplateLM):
 
     ``max_length``: the longest sequence the model takes (its RoPE table,
     ``training.seq_len``); longer inputs keep their last tokens, as lm-eval's
-    ``hf`` model does. Every context starts with BOS (the model was trained on
-    BOS + document). Generation is greedy, whatever ``do_sample`` asks.
+    ``hf`` model does. Texts are framed as the family's documents were in
+    training: Llama 3 contexts start with BOS (BOS + document); Qwen has no
+    BOS and its contexts start with the text itself, as lm-eval's ``hf`` model
+    encodes them with either family's tokenizer. Generation is greedy,
+    whatever ``do_sample`` asks.
     """
 
     def __init__(
         self,
         runner: ModelRunner,
-        tokenizer: Llama3Tokenizer,
+        tokenizer: DocumentTokenizer,
         *,
         max_length: int,
         batch_size: int = 8,
@@ -117,8 +120,8 @@ class SwallowLM(TemplateLM):
         self._max_length = max_length
         self.batch_size = batch_size
         self.max_gen_toks = max_gen_toks
-        self._n_ordinary = tokenizer.bos_id  # special ids follow the BPE ranks
         self._end_of_generation = frozenset(tokenizer.end_of_generation_ids)
+        self._prefix_text = tokenizer.decode([self.prefix_token_id])
         self._held = HeldFailure()
         # Test hook ([debug] inject_eval_failure_*): the next batch this rank
         # scores or decodes raises RuntimeError(inject_failure).
@@ -132,7 +135,11 @@ class SwallowLM(TemplateLM):
 
     @property
     def prefix_token_id(self) -> int:
-        return self.tokenizer.bos_id
+        """The token an empty context stands for: BOS, or for a family without
+        one (Qwen) the end of the previous document, ``<|endoftext|>`` (lm-eval's
+        ``hf`` model: the tokenizer's BOS, else its EOS)."""
+        bos = self.tokenizer.bos_id
+        return self.tokenizer.eos_id if bos is None else bos
 
     @property
     def max_length(self) -> int:
@@ -145,19 +152,23 @@ class SwallowLM(TemplateLM):
     def tok_encode(
         self, string: str, add_special_tokens: bool | None = None, **kwargs: Any
     ) -> list[int]:
-        """Token ids; BOS first unless ``add_special_tokens`` is False.
+        """Token ids; BOS first (in a family that has one) unless
+        ``add_special_tokens`` is False.
 
-        A string that already starts with the BOS text gets the BOS id for it
-        (and no second BOS), as lm-eval's ``hf`` model does.
+        A string that already starts with the prefix token's text (BOS;
+        Qwen: ``<|endoftext|>``) gets that token's id for it (and no second
+        BOS), as lm-eval's ``hf`` model does.
         """
-        if string.startswith(BOS_TOKEN) and add_special_tokens is None:
-            return [self.tokenizer.bos_id, *self.tokenizer.encode(string[len(BOS_TOKEN):])]
+        prefix = self._prefix_text
+        if string.startswith(prefix) and add_special_tokens is None:
+            return [self.prefix_token_id, *self.tokenizer.encode(string[len(prefix):])]
         add_bos = True if add_special_tokens is None else add_special_tokens
         return self.tokenizer.encode(string, add_bos=add_bos)
 
     def tok_decode(self, ids: list[int]) -> str:
-        """Text of ``ids`` without special tokens."""
-        return self.tokenizer.decode([i for i in ids if i < self._n_ordinary])
+        """Text of ``ids`` without special tokens (lm-eval's ``hf`` model's
+        ``skip_special_tokens=True``)."""
+        return self.tokenizer.decode_text(ids)
 
     # ------------------------------------------------------------ model side
 
@@ -249,9 +260,11 @@ class SwallowLM(TemplateLM):
     def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
         """Log-likelihood of whole texts, in lm-eval's disjoint rolling windows.
 
-        The text is encoded with BOS, as lm-eval's ``hf`` model does for a
-        tokenizer that adds one (Llama 3's): its first window scores BOS
-        after the BOS prefix too, so perplexities compare with published ones.
+        The text is encoded as :meth:`tok_encode` does, as lm-eval's ``hf``
+        model does: with BOS for a tokenizer that adds one (Llama 3's; its first
+        window scores BOS after the BOS prefix too, so perplexities compare
+        with published ones), without for Qwen's (the first window scores the
+        text's first token after ``<|endoftext|>``).
         """
         pieces: list[tuple[Any, list[int], list[int]]] = []
         owners: list[int] = []
@@ -278,7 +291,8 @@ class SwallowLM(TemplateLM):
         tokenizer's end-of-generation tokens (Llama 3.1:
         ``<|end_of_text|>``, ``<|eom_id|>``, ``<|eot_id|>``: the
         ``eos_token_id`` list of Llama-3.1-Instruct's generation config, at
-        which lm-eval's ``hf`` model stops through transformers' ``generate``).
+        which lm-eval's ``hf`` model stops through transformers' ``generate``;
+        Qwen: ``<|endoftext|>``, ``<|im_end|>``, Qwen3's list).
         """
         self._held = HeldFailure()
         eos_text = self.tokenizer.decode([self.eot_token_id])

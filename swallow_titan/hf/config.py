@@ -185,6 +185,24 @@ def require_field(config: dict[str, Any], key: str, source: str, kind: type = in
     return value
 
 
+def attention_shape(config: dict[str, Any], source: str) -> tuple[int, int, int, int]:
+    """``(hidden_size, num_hidden_layers, num_attention_heads, num_key_value_heads)``.
+
+    The first three must be positive integers; the KV heads default to the
+    attention heads (no GQA) and must divide them. Errors name the field.
+    """
+    dim = require_field(config, "hidden_size", source)
+    n_layers = require_field(config, "num_hidden_layers", source)
+    n_heads = require_field(config, "num_attention_heads", source)
+    n_kv_heads = config.get("num_key_value_heads") or n_heads
+    if n_heads % n_kv_heads:
+        raise HFConfigError(
+            f"{source}: num_attention_heads = {n_heads} is not a multiple of "
+            f"num_key_value_heads = {n_kv_heads}"
+        )
+    return dim, n_layers, n_heads, n_kv_heads
+
+
 def model_args_from_hf_config(config: dict[str, Any], source: str) -> Any:
     """Model arguments for a config.json of any family swallow-titan trains.
 
@@ -216,21 +234,13 @@ def _llama_args_from_hf_config(config: dict[str, Any], source: str) -> SwallowMo
     represent (tied embeddings, biases, other activations or RoPE types, a
     head_dim other than hidden/heads).
     """
-    dim = require_field(config, "hidden_size", source)
-    n_layers = require_field(config, "num_hidden_layers", source)
-    n_heads = require_field(config, "num_attention_heads", source)
-    n_kv_heads = config.get("num_key_value_heads") or n_heads
+    dim, n_layers, n_heads, n_kv_heads = attention_shape(config, source)
     vocab_size = require_field(config, "vocab_size", source)
     intermediate_size = require_field(config, "intermediate_size", source)
     norm_eps = float(config.get("rms_norm_eps", 1e-6))
     if dim % n_heads:
         raise HFConfigError(
             f"{source}: hidden_size = {dim} is not divisible by num_attention_heads = {n_heads}"
-        )
-    if n_heads % n_kv_heads:
-        raise HFConfigError(
-            f"{source}: num_attention_heads = {n_heads} is not a multiple of "
-            f"num_key_value_heads = {n_kv_heads}"
         )
     head_dim = config.get("head_dim")
     if head_dim is not None and head_dim != dim // n_heads:
@@ -295,40 +305,51 @@ def hf_config_from_model_args(
     dtype: str = "bfloat16",
     max_position_embeddings: int | None = None,
 ) -> dict[str, Any]:
-    """A ``config.json`` for the model ``args`` describe (Llama-3.1 or Qwen3), for transformers."""
+    """A ``config.json`` for the model ``args`` describe (Llama-3.1 or Qwen3), for transformers.
+
+    The family's own fields (:func:`_llama_hf_fields`,
+    :func:`swallow_titan.hf.qwen3_config.qwen3_hf_fields`), then those every
+    family writes alike from torchtitan's arguments: the dtype as ``dtype`` and
+    ``torch_dtype``, the attention shape, RoPE theta, no biases or dropout.
+    """
     from swallow_titan.model.family import QWEN3, family_of_args
 
     if family_of_args(args) is QWEN3:
-        from swallow_titan.hf.qwen3_config import hf_config_from_qwen3_args
+        from swallow_titan.hf.qwen3_config import qwen3_hf_fields
 
-        return hf_config_from_qwen3_args(
-            args,
-            bos_token_id=bos_token_id,
-            eos_token_id=eos_token_id,
-            dtype=dtype,
-            max_position_embeddings=max_position_embeddings,
-        )
-    return _llama_hf_config(
-        args,
-        bos_token_id=bos_token_id,
-        eos_token_id=eos_token_id,
-        dtype=dtype,
-        max_position_embeddings=max_position_embeddings,
-    )
+        family_fields = qwen3_hf_fields(args, max_position_embeddings)
+    else:
+        family_fields = _llama_hf_fields(args, max_position_embeddings)
+    config = {
+        **family_fields,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "bos_token_id": bos_token_id,
+        "eos_token_id": eos_token_id,
+        "dtype": dtype,
+        "torch_dtype": dtype,
+        "hidden_act": "silu",
+        "hidden_size": args.dim,
+        "initializer_range": 0.02,
+        "num_attention_heads": args.n_heads,
+        "num_hidden_layers": args.n_layers,
+        "num_key_value_heads": args.n_kv_heads or args.n_heads,
+        "rms_norm_eps": args.norm_eps,
+        "rope_theta": float(args.rope_theta),
+        "use_cache": True,
+        "vocab_size": args.vocab_size,
+    }
+    # Sorted by name, as transformers' save_pretrained writes config.json.
+    return dict(sorted(config.items()))
 
 
-def _llama_hf_config(
-    args: SwallowModelArgs,
-    *,
-    bos_token_id: int | None,
-    eos_token_id: int | list[int] | None,
-    dtype: str,
-    max_position_embeddings: int | None,
+def _llama_hf_fields(
+    args: SwallowModelArgs, max_position_embeddings: int | None
 ) -> dict[str, Any]:
-    """A ``config.json`` for ``LlamaForCausalLM`` that transformers 4.4x and 5.x load.
+    """The ``LlamaForCausalLM`` fields of a config.json that transformers 4.4x and 5.x load.
 
     RoPE is written in both spellings (``rope_theta`` + ``rope_scaling`` and
-    ``rope_parameters``), the dtype as ``dtype`` and ``torch_dtype``.
+    ``rope_parameters``).
     """
     scaling = _rope_scaling_entry(args)
     if max_position_embeddings is None:
@@ -339,34 +360,17 @@ def _llama_hf_config(
     rope_parameters = {"rope_theta": float(args.rope_theta), "rope_type": "default"}
     if scaling is not None:
         rope_parameters.update(scaling)
-    n_kv_heads = args.n_kv_heads or args.n_heads
     return {
         "architectures": [ARCHITECTURE],
         "model_type": "llama",
-        "attention_bias": False,
-        "attention_dropout": 0.0,
-        "bos_token_id": bos_token_id,
-        "eos_token_id": eos_token_id,
-        "dtype": dtype,
-        "torch_dtype": dtype,
         "head_dim": args.dim // args.n_heads,
-        "hidden_act": "silu",
-        "hidden_size": args.dim,
-        "initializer_range": 0.02,
         "intermediate_size": ffn_hidden_dim(args),
         "max_position_embeddings": max_position_embeddings,
         "mlp_bias": False,
-        "num_attention_heads": args.n_heads,
-        "num_hidden_layers": args.n_layers,
-        "num_key_value_heads": n_kv_heads,
         "pretraining_tp": 1,
-        "rms_norm_eps": args.norm_eps,
-        "rope_theta": float(args.rope_theta),
         "rope_scaling": scaling,
         "rope_parameters": rope_parameters,
         "tie_word_embeddings": False,
-        "use_cache": True,
-        "vocab_size": args.vocab_size,
     }
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from torchtitan.models.moe import MoEArgs
 
-from swallow_titan.hf.config import HFConfigError, require_field, rope_settings
+from swallow_titan.hf.config import HFConfigError, attention_shape, require_field, rope_settings
 from swallow_titan.model.qwen3 import GROUPED_MM_AVAILABLE, SwallowQwen3ModelArgs
 
 DENSE_MODEL_TYPE = "qwen3"
@@ -97,15 +97,7 @@ def qwen3_args_from_hf_config(config: dict[str, Any], source: str) -> SwallowQwe
     """Model arguments for a ``qwen3`` / ``qwen3_moe`` config.json (any size)."""
     architectures = config.get("architectures") or []
     moe = config.get("model_type") == MOE_MODEL_TYPE or ARCHITECTURES[MOE_MODEL_TYPE] in architectures
-    dim = require_field(config, "hidden_size", source)
-    n_layers = require_field(config, "num_hidden_layers", source)
-    n_heads = require_field(config, "num_attention_heads", source)
-    n_kv_heads = config.get("num_key_value_heads") or n_heads
-    if n_heads % n_kv_heads:
-        raise HFConfigError(
-            f"{source}: num_attention_heads = {n_heads} is not a multiple of "
-            f"num_key_value_heads = {n_kv_heads}"
-        )
+    dim, n_layers, n_heads, n_kv_heads = attention_shape(config, source)
     _check_representable(config, moe, n_layers, source)
     head_dim = config.get("head_dim") or dim // n_heads
     theta, scaling = rope_settings(config, source)
@@ -151,15 +143,12 @@ def qwen3_args_from_hf_config(config: dict[str, Any], source: str) -> SwallowQwe
     return args
 
 
-def hf_config_from_qwen3_args(
-    args: SwallowQwen3ModelArgs,
-    *,
-    bos_token_id: int | None,
-    eos_token_id: int | list[int] | None,
-    dtype: str = "bfloat16",
-    max_position_embeddings: int | None = None,
+def qwen3_hf_fields(
+    args: SwallowQwen3ModelArgs, max_position_embeddings: int | None
 ) -> dict[str, Any]:
-    """A ``config.json`` for ``Qwen3ForCausalLM`` / ``Qwen3MoeForCausalLM`` (transformers 4.5x and 5.x).
+    """The ``Qwen3ForCausalLM`` / ``Qwen3MoeForCausalLM`` fields of a config.json
+    (transformers 4.5x and 5.x); :func:`swallow_titan.hf.config.hf_config_from_model_args`
+    adds those every family shares.
 
     RoPE is written in both spellings (``rope_theta`` and ``rope_parameters``).
     """
@@ -167,35 +156,18 @@ def hf_config_from_qwen3_args(
         raise HFConfigError("Qwen3 model arguments with qk_norm = False have no HF Qwen3 config")
     moe = bool(args.moe_enabled)
     model_type = MOE_MODEL_TYPE if moe else DENSE_MODEL_TYPE
-    theta = float(args.rope_theta)
     config: dict[str, Any] = {
         "architectures": [ARCHITECTURES[model_type]],
         "model_type": model_type,
-        "attention_bias": False,
-        "attention_dropout": 0.0,
-        "bos_token_id": bos_token_id,
-        "eos_token_id": eos_token_id,
-        "dtype": dtype,
-        "torch_dtype": dtype,
         "head_dim": args.head_dim,
-        "hidden_act": "silu",
-        "hidden_size": args.dim,
-        "initializer_range": 0.02,
         "intermediate_size": args.hidden_dim,
         "max_position_embeddings": max_position_embeddings or args.max_seq_len,
         "max_window_layers": args.n_layers,
-        "num_attention_heads": args.n_heads,
-        "num_hidden_layers": args.n_layers,
-        "num_key_value_heads": args.n_kv_heads or args.n_heads,
-        "rms_norm_eps": args.norm_eps,
-        "rope_theta": theta,
         "rope_scaling": None,
-        "rope_parameters": {"rope_theta": theta, "rope_type": "default"},
+        "rope_parameters": {"rope_theta": float(args.rope_theta), "rope_type": "default"},
         "sliding_window": None,
         "tie_word_embeddings": bool(args.enable_weight_tying),
-        "use_cache": True,
         "use_sliding_window": False,
-        "vocab_size": args.vocab_size,
     }
     if moe:
         m = args.moe_args

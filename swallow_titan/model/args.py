@@ -22,9 +22,14 @@ LLAMA3_VOCAB_SIZE = 128_256  # 128,000 BPE ranks + 256 special tokens
 
 
 @dataclass
-class SwallowModelArgs(TransformerModelArgs):
-    """torchtitan's llama3 arguments, updated from swallow-titan's ``[model]``
-    and ``[kernels]``."""
+class PerRunArgs:
+    """The model arguments swallow-titan's TOML sets per run, for every family.
+
+    A mixin, listed before torchtitan's arguments class (``class
+    X(PerRunArgs, TransformerModelArgs)``): its ``update_from_config`` runs
+    torchtitan's, then takes the attention type and mask from ``[model]`` and
+    the kernels from ``[kernels]``.
+    """
 
     rmsnorm_impl: str = "torch"
     """"torch" (nn.RMSNorm) or "triton" (kernels.rms_norm, residual add fused)."""
@@ -43,6 +48,12 @@ class SwallowModelArgs(TransformerModelArgs):
         self.rmsnorm_impl = job_config.kernels.rmsnorm
         self.loss_impl = job_config.kernels.loss
         self.z_loss = job_config.kernels.z_loss
+
+
+@dataclass
+class SwallowModelArgs(PerRunArgs, TransformerModelArgs):
+    """torchtitan's llama3 arguments, updated from swallow-titan's ``[model]``
+    and ``[kernels]`` (:class:`PerRunArgs`)."""
 
 
 def _llama31(**overrides) -> SwallowModelArgs:

@@ -29,8 +29,8 @@ from swallow_titan.config.checks import global_batch_sequences, resolve_layout
 from swallow_titan.config.sections import AUX_LOSS, AUX_LOSS_FREE, FUSED_LOSS, TRITON_NORM
 from swallow_titan.runtime.ranks import job_world_size
 
-# The vocabulary of the tiny tokenizer in assets/tokenizer (see model.args).
-from swallow_titan.model.args import TINY_VOCAB_SIZE
+# TINY_VOCAB_SIZE: the vocabulary of the tiny tokenizer in assets/tokenizer.
+from swallow_titan.model.args import TINY_VOCAB_SIZE, PerRunArgs
 from swallow_titan.model.transformer import (
     FusedLossOutput,
     TritonRMSNorm,
@@ -47,8 +47,10 @@ GROUPED_MM_AVAILABLE = device_type == "cuda"
 
 
 @dataclass
-class SwallowQwen3ModelArgs(Qwen3ModelArgs):
-    """torchtitan's Qwen3 arguments, updated from swallow-titan's ``[model]`` and ``[moe]``."""
+class SwallowQwen3ModelArgs(PerRunArgs, Qwen3ModelArgs):
+    """torchtitan's Qwen3 arguments, updated from swallow-titan's ``[model]`` and
+    ``[kernels]`` (:class:`PerRunArgs`; with ``rmsnorm = "triton"`` the q/k norms
+    too) and ``[moe]``."""
 
     router_aux_loss_coef: float = 0.0
     """Coefficient of the MoE auxiliary load-balancing loss (HF's
@@ -58,22 +60,8 @@ class SwallowQwen3ModelArgs(Qwen3ModelArgs):
     """``router_aux_loss_coef`` x local batch / global batch: the weight of one
     micro-batch's auxiliary loss in the step's gradient (see SwallowQwen3Model)."""
 
-    rmsnorm_impl: str = "torch"
-    """"torch" or "triton": as ``SwallowModelArgs.rmsnorm_impl``, plus the q/k norms."""
-
-    loss_impl: str = "torch"
-    """"torch" or "fused_linear_ce": as ``SwallowModelArgs.loss_impl``."""
-
-    z_loss: float = 0.0
-    """z-loss coefficient the fused output layer applies."""
-
     def update_from_config(self, job_config, **kwargs) -> None:
         super().update_from_config(job_config, **kwargs)
-        self.attn_type = job_config.model.attn_type
-        self.attn_mask_type = job_config.model.attn_mask_type
-        self.rmsnorm_impl = job_config.kernels.rmsnorm
-        self.loss_impl = job_config.kernels.loss
-        self.z_loss = job_config.kernels.z_loss
         if not self.moe_enabled:
             return
         moe = job_config.moe

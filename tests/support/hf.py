@@ -13,7 +13,9 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -72,25 +74,29 @@ ODD_CONFIG = dict(
 )
 
 
-def save_random_llama(
+def save_random_llama(folder: Path, config: dict, **options: Any) -> Path:
+    """A random ``LlamaForCausalLM`` saved by transformers (sharded, with index).
+
+    ``options``: those of :func:`save_random` (dtype, shard size, seed, tokenizer).
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return save_random(lambda: LlamaForCausalLM(LlamaConfig(**config)), folder, **options)
+
+
+def save_random(
+    build: Callable[[], Any],
     folder: Path,
-    config: dict,
     *,
     dtype: torch.dtype = torch.float32,
     max_shard_size: str = "200KB",
     seed: int = 0,
     tokenizer: Path | None = TINY_TOKENIZER,
 ) -> Path:
-    """A random ``LlamaForCausalLM`` saved by transformers (sharded, with index)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+    """The transformers model ``build()`` makes after seeding torch with ``seed``,
+    saved in ``dtype`` (sharded, with index), with the tokenizer file beside it."""
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**config))
-    return _save(model, folder, dtype, max_shard_size, tokenizer)
-
-
-def _save(model, folder: Path, dtype: torch.dtype, max_shard_size: str, tokenizer: Path | None) -> Path:
-    """Save a transformers model in ``dtype`` (sharded), with the tokenizer file beside it."""
+    model = build()
     model.to(dtype).save_pretrained(folder, max_shard_size=max_shard_size)
     if tokenizer is not None:
         shutil.copyfile(tokenizer, folder / tokenizer.name)
@@ -105,6 +111,71 @@ def safetensors_of(folder: Path) -> dict[str, torch.Tensor]:
     for file in sorted(folder.glob("*.safetensors")):
         tensors.update(load_file(file))
     return tensors
+
+
+def drop_tensor(folder: Path, name: str) -> None:
+    """Delete one tensor from a single-file HF folder (``model.safetensors``)."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(folder / "model.safetensors")
+    del tensors[name]
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def assert_same_tensors(
+    one: Path, two: Path, *, atol: float = 0.0, dtype: torch.dtype | None = None,
+    norm_rtol: float | None = None,
+) -> None:
+    """Two HF folders hold tensors of the same names and dtypes, equal to ``atol``
+    (default: bit-identical); with ``dtype``, every one of them in that dtype.
+    With ``norm_rtol``, each tensor instead differs by at most ``norm_rtol`` of
+    its norm (for trained weights, where Adam can move an element whose
+    gradient is rounding noise by up to ~lr)."""
+    a, b = safetensors_of(one), safetensors_of(two)
+    assert sorted(a) == sorted(b)
+    for name in a:
+        if dtype is not None:
+            assert b[name].dtype == dtype, name
+        if norm_rtol is not None:
+            assert (b[name] - a[name]).norm() <= norm_rtol * a[name].norm(), name
+            continue
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+def assert_loads_cleanly_in_transformers(folder: Path) -> None:
+    """transformers loads the folder with no missing, unexpected or mismatched
+    keys, no errors and no warning in its log."""
+    import io
+    import logging
+
+    from transformers import AutoModelForCausalLM
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setLevel(logging.WARNING)
+    transformers_logger = logging.getLogger("transformers")
+    transformers_logger.addHandler(handler)
+    try:
+        _, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)
+    finally:
+        transformers_logger.removeHandler(handler)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert not info["mismatched_keys"] and not info["error_msgs"], info
+    assert stream.getvalue() == "", stream.getvalue()
+
+
+def token_ids(vocab: int, seq_len: int) -> torch.Tensor:
+    """Two rows of ``seq_len`` random token ids below ``vocab`` (the same ones every call)."""
+    return torch.randint(0, vocab, (2, seq_len), generator=torch.Generator().manual_seed(1))
+
+
+def transformers_logits(folder: Path, ids: torch.Tensor) -> torch.Tensor:
+    """The logits transformers' own model of an HF folder gives for ``ids``, in fp32."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(ids).logits
 
 
 def rewrite_config(folder: Path, **changes) -> None:
@@ -230,31 +301,26 @@ QWEN3_MOE_TINY_CONFIG = dict(
 )
 
 
-def save_random_qwen3(
-    folder: Path,
-    config: dict,
-    *,
-    dtype: torch.dtype = torch.float32,
-    max_shard_size: str = "200KB",
-    seed: int = 0,
-    tokenizer: Path | None = TINY_TOKENIZER,
-) -> Path:
+def save_random_qwen3(folder: Path, config: dict, **options: Any) -> Path:
     """A random ``Qwen3ForCausalLM`` (or ``Qwen3MoeForCausalLM`` when ``config``
     has experts) saved by transformers (sharded, with index).
 
     transformers initialises every RMSNorm weight to 1, which would hide a
     mapping that swaps two norms (q_norm / k_norm, input / post-attention):
-    they are drawn from 1 + 0.2 N(0, 1) instead.
+    they are drawn from 1 + 0.2 N(0, 1) instead. ``options``: those of
+    :func:`save_random`.
     """
     from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-    torch.manual_seed(seed)
-    if "num_experts" in config:
-        model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**config))
-    else:
-        model = Qwen3ForCausalLM(Qwen3Config(**config))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1 + 0.2 * torch.randn_like(p))
-    return _save(model, folder, dtype, max_shard_size, tokenizer)
+    def build():
+        if "num_experts" in config:
+            model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**config))
+        else:
+            model = Qwen3ForCausalLM(Qwen3Config(**config))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.copy_(1 + 0.2 * torch.randn_like(p))
+        return model
+
+    return save_random(build, folder, **options)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -129,6 +130,28 @@ def training_env(env: dict[str, str] | None = None) -> dict[str, str]:
     }
 
 
+def run_checks_script(script: Path, *, nproc: int = 2, env: dict[str, str] | None = None) -> str:
+    """Run a script of checks on ``nproc`` processes with torchrun; its output.
+
+    Asserts that it exits with 0 and that every rank printed ``CHECKS PASSED``
+    (the scripts' last line), so a rank that skipped its checks fails too.
+    """
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run",
+        "--nnodes", "1", "--nproc_per_node", str(nproc),
+        "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+        str(script),
+    ]
+    proc = subprocess.run(
+        cmd, cwd=REPO, env=training_env({"OMP_NUM_THREADS": "1", **(env or {})}),
+        capture_output=True, text=True, timeout=300,
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-6000:]
+    assert output.count("CHECKS PASSED") == nproc, output[-6000:]
+    return output
+
+
 def run_training(
     dump_folder: Path,
     *overrides: str,
@@ -165,6 +188,13 @@ def from_seed(seed_checkpoint: Path) -> list[str]:
         "--checkpoint.initial_load_model_only", "true",
         "--checkpoint.load_only", "true",
     ]
+
+
+def resume_from(checkpoint: Path, folder: Path) -> Path:
+    """A fresh run folder whose only checkpoint is ``checkpoint``: a run in it
+    resumes from there (on any number of processes)."""
+    shutil.copytree(checkpoint, folder / "checkpoint" / checkpoint.name)
+    return folder
 
 
 class TrainingProcess:
