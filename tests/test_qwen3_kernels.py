@@ -125,7 +125,7 @@ def test_qwen3_accepts_the_kernels_without_tensor_parallel():
 
 
 def test_qwen3_accepts_the_kernels_with_tensor_parallel():
-    # Verified in 2-process runs: tests/test_qwen3_training.py, tests/test_qwen3_moe.py.
+    # Verified in a 2-process run: tests/test_qwen3_training.py.
     config = load_job_config(TINY_CONFIG, [
         *QWEN3_TINY, *KERNELS_ON,
         "--parallelism.tensor_parallel_degree", "2", "--parallelism.data_parallel_shard_degree", "1",
