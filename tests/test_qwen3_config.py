@@ -61,7 +61,20 @@ def test_what_qwen3_cannot_do_is_refused_naming_the_field(overrides, field, word
     assert f"{TINY_CONFIG}: {field}" in message and words in message, message
 
 
-def test_qwen3_tensor_parallel_with_per_document_positions_is_refused():
-    message = error_of(*QWEN3_RUN, "--parallelism.tensor_parallel_degree", "2",
-                       "--parallelism.data_parallel_shard_degree", "1", world_size=2)
-    assert "data.reset_position_ids" in message
+def test_qwen3_tensor_parallel_with_per_document_positions_is_accepted():
+    config = load_job_config(TINY_CONFIG, [*QWEN3_RUN, "--parallelism.tensor_parallel_degree", "2",
+                                           "--parallelism.data_parallel_shard_degree", "1"])
+    assert config.data.reset_position_ids
+    assert check_job_config(config, 2, str(TINY_CONFIG)).tp == 2
+
+
+def test_experts_split_over_tensor_parallel_ranks_need_one_sequence_per_micro_batch(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # the MoE flavor weighs its auxiliary loss by the layout
+    moe_tp_ep = [*QWEN3_RUN, "--model.flavor", "tiny_moe", "--parallelism.tensor_parallel_degree", "2",
+                 "--parallelism.data_parallel_shard_degree", "1",
+                 "--parallelism.expert_parallel_degree", "2"]
+    message = error_of(*moe_tp_ep, world_size=2)
+    assert f"{TINY_CONFIG}: parallelism.expert_parallel_degree" in message
+    assert "training.local_batch_size = 8" in message, message  # the config's
+    config = load_job_config(TINY_CONFIG, [*moe_tp_ep, "--training.local_batch_size", "1"])
+    assert check_job_config(config, 2, str(TINY_CONFIG)).tp == 2

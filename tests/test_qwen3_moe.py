@@ -11,6 +11,7 @@ import torch
 
 from support import REPO
 from support.hf import QWEN3_MOE_TINY_CONFIG, save_random_qwen3
+from support.overrides import TP2
 from support.runs import resume_from, run_checks_script, run_training, series
 from swallow_titan.checkpoint.dcp_reader import DCPCheckpoint
 from swallow_titan.model.qwen3 import QWEN3_FLAVORS, SwallowQwen3Model, load_balancing_loss
@@ -18,6 +19,11 @@ from swallow_titan.model.qwen3 import QWEN3_FLAVORS, SwallowQwen3Model, load_bal
 transformers = pytest.importorskip("transformers")
 
 MOE_RUN = ["--model.name", "swallow_qwen3", "--model.flavor", "tiny_moe", "--optimizer.lr", "1e-2"]
+# The layout runs use an auxiliary-loss coefficient 100 x Qwen3's: its
+# gradient then moves step 2's loss by about 1e-3 (relative), so counting it
+# twice (as the 2 TP ranks would if each one's were summed) or not at all
+# shows far above the layouts' 1e-4 bound.
+AUX_RUN = [*MOE_RUN, "--moe.aux_loss_coef", "0.1"]
 
 
 # ------------------------------------------------------------ in one process
@@ -78,8 +84,8 @@ def test_the_auxiliary_loss_reaches_the_routers_through_its_gradient_only():
 
 
 @pytest.mark.distributed
-def test_router_gradient_under_tensor_parallel_equals_one_process():
-    run_checks_script(REPO / "tests" / "moe_tp_checks.py")
+def test_attention_and_router_gradient_under_tensor_parallel_equal_one_process():
+    run_checks_script(REPO / "tests" / "qwen3_tp_checks.py")
 
 
 # ------------------------------------------------------------ training runs
@@ -95,7 +101,7 @@ def hf_moe(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def one_process(hf_moe, tmp_path_factory):
     dump = tmp_path_factory.mktemp("moe") / "one"
-    result = run_training(dump, *MOE_RUN, "--hf.load_path", str(hf_moe),
+    result = run_training(dump, *AUX_RUN, "--hf.load_path", str(hf_moe),
                           "--training.steps", "3").check()
     return result
 
@@ -122,7 +128,7 @@ CHECKPOINT_AT_2 = ["--checkpoint.enable", "true", "--checkpoint.interval", "2"]
 @pytest.fixture(scope="module")
 def fsdp2_ep2(hf_moe, tmp_path_factory):
     dump = tmp_path_factory.mktemp("moe") / "fsdp2_ep2"
-    return dump, run_training(dump, *MOE_RUN, "--hf.load_path", str(hf_moe),
+    return dump, run_training(dump, *AUX_RUN, "--hf.load_path", str(hf_moe),
                               "--training.steps", "3", *FSDP2_EP2, *CHECKPOINT_AT_2,
                               nproc=2).check()
 
@@ -137,6 +143,24 @@ def test_fsdp2_ep2_gives_the_one_process_losses(fsdp2_ep2, one_process):
     # flipped expert choice would move the loss by far more than this.
     assert result.losses[1] == pytest.approx(one_process.losses[1], rel=1e-6)
     assert result.losses == pytest.approx(one_process.losses, rel=1e-4)
+    assert series(result.history, "moe/aux_loss") == pytest.approx(
+        series(one_process.history, "moe/aux_loss"), rel=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_tp2_gives_the_one_process_losses_and_auxiliary_loss(hf_moe, one_process, tmp_path):
+    # Tensor parallel over the 2 ranks (experts split by their hidden size, the
+    # router replicated), both reading the one process's micro-batches of 4.
+    result = run_training(tmp_path / "tp2", *AUX_RUN, "--hf.load_path", str(hf_moe),
+                          "--training.steps", "3", *TP2, nproc=2).check()
+    assert "Tensor Parallelism to the model" in result.output
+    # As FSDP 2 + EP 2 above: the auxiliary gradient, taken once per TP rank on
+    # the same tokens, is counted once.
+    assert result.losses[1] == pytest.approx(one_process.losses[1], rel=1e-6)
+    assert result.losses == pytest.approx(one_process.losses, rel=1e-4)
+    assert series(result.history, "moe/aux_loss") == pytest.approx(
+        series(one_process.history, "moe/aux_loss"), rel=1e-4)
 
 
 @pytest.mark.slow
@@ -148,34 +172,62 @@ def test_the_ep2_checkpoint_resumes_on_one_process(fsdp2_ep2, hf_moe, one_proces
     dump, _ = fsdp2_ep2
     folder = resume_from(dump / "checkpoint" / "step-2", tmp_path / "one")
     # Same options as the run (the HF start included): the checkpoint wins.
-    resumed = run_training(folder, *MOE_RUN, "--hf.load_path", str(hf_moe),
+    resumed = run_training(folder, *AUX_RUN, "--hf.load_path", str(hf_moe),
                            "--training.steps", "3", *CHECKPOINT_AT_2).check()
     assert "Loading the checkpoint" in resumed.output
     assert sorted(resumed.losses) == [3]
     assert resumed.losses[3] == pytest.approx(one_process.losses[3], rel=1e-4)
 
 
+# Auxiliary-loss-free balancing: the bias is updated before each optimizer
+# step (upstream #3666: never, with torchtitan 0.2.2's own qwen3 spec).
+BIAS_RUN = [*MOE_RUN, "--moe.load_balance", "aux_loss_free", "--moe.bias_update_rate", "0.01",
+            "--checkpoint.enable", "true", "--checkpoint.interval", "2",
+            "--lr_scheduler.total_steps", "4"]
+BIAS_NAMES = [f"layers.{i}.moe.expert_bias" for i in range(3)]
+
+
+@pytest.fixture(scope="module")
+def expert_bias_run(hf_moe, tmp_path_factory) -> tuple[Path, object]:
+    """Four steps of auxiliary-loss-free balancing in one process, checkpoints at 2 and 4."""
+    dump = tmp_path_factory.mktemp("bias") / "full"
+    result = run_training(dump, *BIAS_RUN, "--hf.load_path", str(hf_moe),
+                          "--training.steps", "4").check()
+    return dump, result
+
+
 @pytest.mark.slow
-def test_expert_bias_moves_and_resume_is_exact_with_moe_state(hf_moe, tmp_path):
-    # Auxiliary-loss-free balancing: the bias is updated before each optimizer
-    # step (upstream #3666: never, with torchtitan 0.2.2's own qwen3 spec).
-    common = [*MOE_RUN, "--hf.load_path", str(hf_moe), "--moe.load_balance", "aux_loss_free",
-              "--moe.bias_update_rate", "0.01",
-              "--checkpoint.enable", "true", "--checkpoint.interval", "2",
-              "--lr_scheduler.total_steps", "4"]
-    full = run_training(tmp_path / "full", *common, "--training.steps", "4").check()
+def test_expert_bias_moves_and_resume_is_exact_with_moe_state(hf_moe, expert_bias_run, tmp_path):
+    full_dir, full = expert_bias_run
+    common = [*BIAS_RUN, "--hf.load_path", str(hf_moe)]
     first = run_training(tmp_path / "resumed", *common, "--training.steps", "2").check()
     second = run_training(tmp_path / "resumed", *common, "--training.steps", "4").check()
     assert "moe/aux_loss" not in full.history[-1]
     assert sorted(second.losses) == [3, 4]
     assert {**first.losses, **second.losses} == pytest.approx(full.losses, rel=1e-6)
 
-    names = [f"layers.{i}.moe.expert_bias" for i in range(3)]
-    after_2 = DCPCheckpoint(tmp_path / "resumed" / "checkpoint" / "step-2").read_tensors(names)
-    straight = DCPCheckpoint(tmp_path / "full" / "checkpoint" / "step-4").read_tensors(names)
-    resumed = DCPCheckpoint(tmp_path / "resumed" / "checkpoint" / "step-4").read_tensors(names)
-    for name in names:
+    after_2 = DCPCheckpoint(tmp_path / "resumed" / "checkpoint" / "step-2").read_tensors(BIAS_NAMES)
+    straight = DCPCheckpoint(full_dir / "checkpoint" / "step-4").read_tensors(BIAS_NAMES)
+    resumed = DCPCheckpoint(tmp_path / "resumed" / "checkpoint" / "step-4").read_tensors(BIAS_NAMES)
+    for name in BIAS_NAMES:
         # Each update moves every expert by +-0.01 (minus the mean): two updates
         # leave it at most 0.04 from zero, and not at zero.
         assert 0 < after_2[name].abs().max().item() <= 0.04 + 1e-6, name
         assert torch.equal(resumed[name], straight[name]), name
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_expert_bias_under_tensor_parallel_moves_as_in_one_process(hf_moe, expert_bias_run, tmp_path):
+    full_dir, full = expert_bias_run
+    result = run_training(tmp_path / "tp2", *BIAS_RUN, "--hf.load_path", str(hf_moe),
+                          "--training.steps", "2", *TP2, nproc=2).check()
+    assert "Tensor Parallelism to the model" in result.output
+    # The same bound as the layouts above; step 2 routes with the moved bias.
+    assert result.losses[1] == pytest.approx(full.losses[1], rel=1e-6)
+    assert result.losses == pytest.approx({s: full.losses[s] for s in (1, 2)}, rel=1e-4)
+    # Both TP ranks count the same tokens per expert: the update is one process's.
+    tp = DCPCheckpoint(tmp_path / "tp2" / "checkpoint" / "step-2").read_tensors(BIAS_NAMES)
+    one = DCPCheckpoint(full_dir / "checkpoint" / "step-2").read_tensors(BIAS_NAMES)
+    for name in BIAS_NAMES:
+        assert tp[name].abs().max().item() > 0 and torch.equal(tp[name], one[name]), name

@@ -1,4 +1,4 @@
-"""Qwen3 dense trains like Llama: HF start, export at the end, FSDP on 2 processes, the same pipeline.
+"""Qwen3 dense trains like Llama: HF start, export at the end, FSDP or TP on 2 processes, the same pipeline.
 
 The run is the tiny CPU config with only ``[model] name = "swallow_qwen3"``
 changed (and an HF folder of transformers' own random Qwen3 to start from):
@@ -16,10 +16,11 @@ import pytest
 import torch
 
 from support.hf import QWEN3_TINY_CONFIG, assert_same_logits, assert_same_tensors, save_random_qwen3
-from support.overrides import FSDP2
+from support.overrides import FSDP2, KERNELS_ON, TP2
 from support.runs import run_training
 from swallow_titan.checkpoint.dcp_reader import DCPCheckpoint
 from swallow_titan.model.family import QWEN3
+from swallow_titan.model.parallelize import CPU_ATTENTION_SHARDING_MESSAGE
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.slow
@@ -90,18 +91,38 @@ def test_export_at_end_gives_the_logits_of_the_trained_checkpoint(hf_run):
     assert "`Qwen3ForCausalLM`" in card and "tied embeddings" in card and "- qwen3" in card
 
 
+# FSDP over 2 processes (2 ranks x local 4), or TP over 2 with both ranks
+# reading the one process's micro-batches (local 4, 2 per step), also with
+# [kernels] on (Triton norms, q/k norms on head-sharded DTensors, the fused
+# loss on the tied, vocabulary-sharded output; Triton's interpreter); all with
+# per-document positions (the tiny config's data.reset_position_ids).
+LAYOUTS = {
+    "fsdp2": ("Applied FSDP to the model", FSDP2),
+    "tp2": ("Tensor Parallelism to the model", TP2),
+    "tp2_kernels": ("Triton kernels: rmsnorm = 'triton', loss = 'fused_linear_ce'",
+                    [*TP2, *KERNELS_ON]),
+}
+
+
 @pytest.mark.distributed
-def test_two_process_fsdp_run_imports_trains_and_exports_like_one_process(hf_run, hf_tiny, tmp_path):
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_two_process_run_imports_trains_and_exports_like_one_process(layout, hf_run, hf_tiny, tmp_path):
+    applied, overrides = LAYOUTS[layout]
     _, single = hf_run
-    result = run_training(
-        tmp_path / "fsdp",
-        *hf_run_args(hf_tiny),
-        *FSDP2,
-        nproc=2,
-    ).check()
-    assert "Applied FSDP to the model" in result.output
+    result = run_training(tmp_path / layout, *hf_run_args(hf_tiny), *overrides, nproc=2,
+                          env={"TRITON_INTERPRET": "1"}).check()
+    assert applied in result.output
+    if layout.startswith("tp2"):
+        # Attention ran on head-sharded DTensors, through our CPU flash-attention
+        # rule (without it torch refuses the kernel: tests/qwen3_tp_checks.py).
+        assert CPU_ATTENTION_SHARDING_MESSAGE in result.output
     # Step 1's loss is the HF model's: the sharded load gives the same model.
     assert result.losses[1] == pytest.approx(single.losses[1], rel=1e-6)
-    # Later steps: only the order of the gradient sums differs (as the Llama layouts).
+    # Later steps: only the order of the gradient sums differs (as the Llama
+    # layouts; the kernels' own bound against eager, 2e-5, is within it).
     assert result.losses == pytest.approx(single.losses, rel=1e-4)
-    assert_same_tensors(hf_run[0] / "hf" / "step-3", tmp_path / "fsdp" / "hf" / "step-3", atol=1e-5)
+    # The export gathers the shards (with TP, the tied embedding stayed tied).
+    # Per tensor, as the losses; a misplaced or missing shard would be off by
+    # the tensor's own size.
+    assert_same_tensors(hf_run[0] / "hf" / "step-3", tmp_path / layout / "hf" / "step-3",
+                        norm_rtol=1e-4)

@@ -164,43 +164,32 @@ def _check_sources(config, source: str) -> None:
 
 def _check_qwen3(config, args: Any, layout: Layout, source: str) -> None:
     """What the Qwen3 family does not (yet) do that Llama does."""
-    k = config.kernels
-    if (k.rmsnorm == TRITON_NORM or k.loss == FUSED_LOSS) and layout.tp > 1:
-        # The Triton q/k norms on DTensors under torchtitan's qwen3 TP plan and
-        # the fused loss on its (tied) vocabulary-sharded output are untested:
-        # Qwen3 TP needs a GPU (below), and no GPU test has run them.
-        raise config_error(
-            source,
-            "kernels",
-            f"rmsnorm = {k.rmsnorm!r}, loss = {k.loss!r} with tensor_parallel_degree "
-            f"{layout.tp}: the Triton kernels serve Qwen3 without tensor parallel only "
-            '(not yet verified with it); use rmsnorm = "torch" and loss = "torch", or '
-            "tensor_parallel_degree = 1",
-        )
     if layout.pp > 1:
         raise config_error(
             source,
             "parallelism.pipeline_parallel_degree",
             f"{layout.pp}: torchtitan's Qwen3 model has no pipeline split; use 1",
         )
-    if layout.tp > 1 and config.data.reset_position_ids:
-        raise config_error(
-            source,
-            "data.reset_position_ids",
-            "true with tensor_parallel_degree > 1: torchtitan 0.2.2's Qwen3 TP plan "
-            "leaves per-document positions unsharded and its RoPE lookup fails on them; "
-            "use false (or tensor_parallel_degree = 1)",
-        )
-    from swallow_titan import DEVICE_TYPE
-
-    if layout.tp > 1 and DEVICE_TYPE == "cpu":
-        raise config_error(
-            source,
-            "parallelism.tensor_parallel_degree",
-            f"{layout.tp}: Qwen3's TP attention runs SDPA on DTensors, and torch has no "
-            "DTensor rule for the CPU kernel; TP for Qwen3 needs a GPU",
-        )
     ep = config.parallelism.expert_parallel_degree
+    etp = config.parallelism.expert_tensor_parallel_degree
+    local_batch = config.training.local_batch_size
+    if layout.tp > 1 and ep > 1 and etp == 1 and local_batch > 1:
+        # torchtitan 0.2.2 (TP borrowed for EP): each TP rank sends an equal
+        # part of the flattened batch x sequence tokens to the experts, but
+        # the MoE input's gradient is kept as replicated and then cut along
+        # the sequence: with more than one sequence per micro-batch, part of
+        # the experts' input gradient is lost (measured: losses off the
+        # one-process ones by 5e-4 after one step; equal with local_batch_size 1).
+        raise config_error(
+            source,
+            "parallelism.expert_parallel_degree",
+            f"{ep} with tensor_parallel_degree {layout.tp} and "
+            f"expert_tensor_parallel_degree 1 (experts split over the TP ranks): "
+            f"torchtitan 0.2.2 gets the gradient below the experts wrong when a "
+            f"micro-batch holds more than one sequence (training.local_batch_size = "
+            f"{local_batch}); use expert parallelism over data-parallel ranks only "
+            "(tensor_parallel_degree 1), or training.local_batch_size = 1",
+        )
     if ep > 1 and not is_moe(args):
         raise config_error(
             source,

@@ -17,9 +17,10 @@ from torch.distributed.fsdp import FSDPModule
 from torchtitan.distributed import ParallelDims
 from torchtitan.models.llama3.infra.parallelize import parallelize_llama
 from torchtitan.models.qwen3 import parallelize_qwen3
+from torchtitan.tools.logging import logger
 from torchtitan.tools.utils import device_type
 
-from swallow_titan.runtime.seams import use_cpu_expert_permutation
+from swallow_titan.runtime.seams import use_cpu_attention_sharding, use_cpu_expert_permutation
 
 
 def uses_gloo() -> bool:
@@ -89,6 +90,31 @@ def sum_router_gradients_over_tp(model: nn.Module, tp_mesh) -> int:
     return count
 
 
+def replicate_positions_over_tp(model: nn.Module, tp_mesh) -> int:
+    """Hand per-document positions to the attention as a replicated DTensor.
+
+    torchtitan 0.2.2's Qwen3 TP plan makes the attention's RoPE cache a
+    replicated DTensor but leaves ``positions`` (``data.reset_position_ids``)
+    a plain tensor unless context parallel is on, and the RoPE lookup then
+    mixes the two and fails. Every TP rank reads the same batch, so the
+    positions are the same on each: a forward pre-hook on each attention,
+    run after torchtitan's input preparation, wraps them as ``Replicate()``,
+    as torchtitan's plan does under context parallel. Returns how many
+    attention modules it hooked.
+    """
+    from torch.distributed.tensor import DTensor, Replicate
+
+    def wrap(module: nn.Module, args: tuple) -> tuple | None:
+        if len(args) < 4 or args[3] is None or isinstance(args[3], DTensor):
+            return None
+        positions = DTensor.from_local(args[3], tp_mesh, [Replicate()], run_check=False)
+        return (*args[:3], positions, *args[4:])
+
+    for block in model.layers.values():
+        block.attention.register_forward_pre_hook(wrap)
+    return len(model.layers)
+
+
 def _detach_tied_ends(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     """Take the tied embedding and output layer out of the model (see below)."""
     ends = (model.tok_embeddings, model.output)
@@ -128,20 +154,33 @@ def _shard_tied_ends(
     embeddings.set_gradient_divide_factor(1.0)
 
 
+# Logged when Qwen3 tensor parallelism runs on CPU (tests look for it).
+CPU_ATTENTION_SHARDING_MESSAGE = (
+    "Tensor parallel attention on CPU: DTensor sharding rule for the CPU flash-attention "
+    "kernel in use (heads sharded)"
+)
+
+
 def parallelize_swallow_qwen3(
     model: nn.Module, parallel_dims: ParallelDims, job_config
 ) -> nn.Module:
     """TrainSpec ``parallelize_fn`` of Qwen3: torchtitan's qwen3 recipe (TP, EP,
     AC, compile, FSDP2), gloo-safe, with the MoE router's TP gradient summed
-    (:func:`sum_router_gradients_over_tp`)."""
+    (:func:`sum_router_gradients_over_tp`) and, on CPU, a DTensor rule for the
+    CPU attention kernel (:func:`~swallow_titan.runtime.seams.use_cpu_attention_sharding`)."""
     if parallel_dims.ep_enabled and device_type == "cpu":
         use_cpu_expert_permutation()
+    if parallel_dims.tp_enabled and device_type == "cpu":
+        # torchtitan's Qwen3 TP plan runs SDPA on DTensors (Llama's hands it local tensors).
+        use_cpu_attention_sharding()
+        logger.info(CPU_ATTENTION_SHARDING_MESSAGE)
     tied = parallel_dims.fsdp_enabled and model.model_args.enable_weight_tying
     ends = _detach_tied_ends(model) if tied else None
     model = parallelize_qwen3(model, parallel_dims, job_config)
     if ends is not None:
         _shard_tied_ends(model, ends, parallel_dims, job_config)
     if parallel_dims.tp_enabled:
+        replicate_positions_over_tp(model, parallel_dims.get_mesh("tp"))
         sum_router_gradients_over_tp(model, parallel_dims.get_mesh("tp"))
     if parallel_dims.fsdp_enabled and uses_gloo():
         force_sum_reduction(model)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 from torchtitan.models.moe import MoEArgs
 from torchtitan.models.qwen3 import Qwen3Model, Qwen3ModelArgs, qwen3_args
 from torchtitan.models.qwen3.model.model import TransformerBlock
@@ -243,8 +244,17 @@ class SwallowQwen3Model(Qwen3Model):
                 layer.moe.router.gate.register_forward_hook(self._keep_router_logits)
 
     def _keep_router_logits(self, module, inputs, logits: torch.Tensor) -> None:
-        if self._router_logits is not None:
-            self._router_logits.append(logits)
+        if self._router_logits is None:
+            return
+        if isinstance(logits, DTensor):
+            # Tensor parallel: this hook runs before torchtitan's (NoParallel)
+            # makes the replicated gate's output local. Every TP rank routes
+            # the same tokens and takes the same auxiliary loss; its gradient
+            # enters the gate once on each rank (a replicated gradient, not
+            # summed over TP as the cross-entropy part is by
+            # sum_router_gradients_over_tp), so it is not counted twice.
+            logits = logits.to_local()
+        self._router_logits.append(logits)
 
     def _forward(self, tokens: torch.Tensor, attention_masks, positions, labels) -> torch.Tensor:
         """torchtitan's forward, or with ``labels`` the fused output layer's loss."""

@@ -19,6 +19,7 @@ import os
 import resource
 import types
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch._utils
@@ -135,3 +136,43 @@ def integer_histc_on_cpu(histc):
 
     wrapper.__wrapped_histc__ = histc
     return wrapper
+
+
+# torch's CPU flash-attention kernel, forward and backward, on DTensors (tensor
+# parallelism on CPU). torch has DTensor rules for the CUDA attention kernels
+# only; every tensor of these ops is [batch, heads, ...] (logsumexp [batch,
+# heads, seq]) and each head is computed on its own, so sharding all of them on
+# the heads dimension is exact, as is replicating all of them.
+
+
+def _heads_or_replicated(outputs: int, inputs: int, attn_mask: Any) -> list[tuple[list, list]]:
+    from torch.distributed.tensor import Replicate, Shard
+
+    # A mask shaped [batch, heads, q, k] is sharded with the heads; a
+    # broadcast one (no heads dimension, or one head) is read whole by each.
+    mask_has_heads = attn_mask is not None and len(attn_mask.shape) == 4 and attn_mask.shape[1] > 1
+
+    def every(placement) -> tuple[list, list]:
+        mask = [] if attn_mask is None else [placement if mask_has_heads else Replicate()]
+        # Placements for the tensor inputs only: the float / bool arguments have none.
+        return [placement] * outputs, [placement] * inputs + mask
+
+    return [every(Shard(1)), every(Replicate())]
+
+
+def cpu_flash_attention_shardings(query, key, value, *scalars, attn_mask=None, **kwargs):
+    """DTensor placements ``aten._scaled_dot_product_flash_attention_for_cpu`` accepts.
+
+    For ``torch.distributed.tensor.experimental.register_sharding``: output and
+    logsumexp with query, key and value (and a per-head mask) all sharded on the
+    heads dimension, or all replicated.
+    """
+    return _heads_or_replicated(outputs=2, inputs=3, attn_mask=attn_mask)
+
+
+def cpu_flash_attention_backward_shardings(
+    grad_out, query, key, value, out, logsumexp, *scalars, attn_mask=None, **kwargs
+):
+    """As :func:`cpu_flash_attention_shardings`, for the backward op: the query, key and
+    value gradients with the six tensor inputs, all on heads or all replicated."""
+    return _heads_or_replicated(outputs=3, inputs=6, attn_mask=attn_mask)

@@ -119,6 +119,40 @@ SEAMS: tuple[Seam, ...] = (
     ),
     # ------------------------------------------------------------ Qwen3 / MoE
     Seam(
+        "torch.distributed.tensor.experimental.register_sharding",
+        "private",
+        "swallow_titan.runtime.seams.use_cpu_attention_sharding",
+        "Experimental DTensor API (in torch since 2.5 with this call; used on CPU "
+        "only): registers our rule for the CPU flash-attention ops below, which "
+        "torch has no rule for, so Qwen3 tensor parallelism runs on CPU.",
+        params=("op",),
+    ),
+    Seam(
+        "torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default",
+        "private",
+        "swallow_titan.runtime.device.cpu_flash_attention_shardings",
+        "SDPA's CPU kernel, which DTensor SDPA reaches on CPU; our rule reads its "
+        "arguments by these names and its outputs as (output, logsumexp), all "
+        "[batch, heads, ...].",
+        params=("query", "key", "value", "dropout_p", "is_causal", "attn_mask", "scale"),
+    ),
+    Seam(
+        "torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default",
+        "private",
+        "swallow_titan.runtime.device.cpu_flash_attention_backward_shardings",
+        "Its backward, read the same way; it returns (grad_query, grad_key, grad_value).",
+        params=("grad_out", "query", "key", "value", "out", "logsumexp", "dropout_p",
+                "is_causal", "attn_mask", "scale"),
+    ),
+    Seam(
+        "torchtitan.models.qwen3.model.model.Attention.forward",
+        "private",
+        "swallow_titan.model.parallelize.replicate_positions_over_tp",
+        "Our pre-hook replaces the 4th positional argument, positions, which "
+        "torchtitan's TP plan leaves a plain tensor beside a DTensor RoPE cache.",
+        params=("self", "x", "rope_cache", "attention_masks", "positions"),
+    ),
+    Seam(
         "torchtitan.models.qwen3.get_train_spec",
         "private",
         "swallow_titan.model.family.QWEN3",
@@ -134,7 +168,7 @@ SEAMS: tuple[Seam, ...] = (
         "swallow_titan.model.parallelize.sum_router_gradients_over_tp",
         "Upstream issue #2387 / PR #2416: the router gate's output is made local "
         "without Partial grad placements, so its TP gradient is never summed; our "
-        "hook sums it. Pinned: when this changes, check (tests/moe_tp_checks.py "
+        "hook sums it. Pinned: when this changes, check (tests/qwen3_tp_checks.py "
         "says so) whether the fix landed and drop ours.",
         source_sha256="2a50c745a0baa6a3",
     ),
@@ -695,8 +729,11 @@ DEVICE_SEAMS: tuple[DeviceSeam, ...] = (
     DeviceSeam(
         "swallow_titan/model/parallelize.py: parallelize_swallow_qwen3",
         "expert parallelism permutes tokens with torchtitan's CPU index fill "
-        "(seams.use_cpu_expert_permutation)",
-        "torchtitan's Triton index-fill kernel",
+        "(seams.use_cpu_expert_permutation); tensor parallelism registers a DTensor "
+        "sharding rule for the CPU flash-attention kernel (seams.use_cpu_attention_sharding, "
+        "rules in device.cpu_flash_attention_shardings)",
+        "torchtitan's Triton index-fill kernel; torch's own DTensor rules for the CUDA "
+        "attention kernels",
         shim=True,
     ),
     DeviceSeam(
@@ -743,10 +780,9 @@ DEVICE_SEAMS: tuple[DeviceSeam, ...] = (
     ),
     DeviceSeam(
         "swallow_titan/components/preflight.py: _check_checkpoint_device, _check_float8, "
-        "_check_kernels_device, _check_qwen3",
+        "_check_kernels_device",
         "refuses pinned-memory async checkpoints, float8 without emulate (or emulated "
-        "with a compiled model), Triton kernels without TRITON_INTERPRET=1, Qwen3 "
-        "tensor parallelism (no DTensor rule for CPU SDPA)",
+        "with a compiled model), Triton kernels without TRITON_INTERPRET=1",
         "no device restriction",
         shim=False,
     ),
@@ -823,6 +859,13 @@ def device_seam_problems(device_seams: tuple[DeviceSeam, ...]) -> list[str]:
     return problems
 
 
+def _parameter_names(obj: Any) -> tuple[str, ...]:
+    """A callable's parameter names; for a torch operator, its schema's arguments."""
+    if isinstance(obj, torch._ops.OpOverload):
+        return tuple(argument.name for argument in obj._schema.arguments)
+    return tuple(inspect.signature(obj).parameters)
+
+
 def seam_problems(
     seams: tuple[Seam, ...] = SEAMS, device_seams: tuple[DeviceSeam, ...] = DEVICE_SEAMS
 ) -> list[str]:
@@ -838,7 +881,7 @@ def seam_problems(
             continue
         if seam.params is not None:
             try:
-                params = tuple(inspect.signature(obj).parameters)
+                params = _parameter_names(obj)
             except (TypeError, ValueError) as e:
                 problems.append(f"{where}: no signature ({e})")
                 continue
@@ -1021,6 +1064,42 @@ def use_cpu_expert_permutation() -> None:
     current = moe_utils.generate_permute_indices
     if not isinstance(current, functools.partial):
         moe_utils.generate_permute_indices = functools.partial(current, use_cpu=True)
+
+
+_CPU_ATTENTION_SHARDING_REGISTERED = False
+
+
+def use_cpu_attention_sharding() -> bool:
+    """Give DTensor a sharding rule for torch's CPU flash-attention kernel.
+
+    torchtitan's Qwen3 tensor-parallel plan keeps q, k and v as DTensors
+    sharded on the heads and calls SDPA on them; on CPU that dispatches to
+    ``aten._scaled_dot_product_flash_attention_for_cpu`` (and its backward),
+    for which torch has no DTensor rule. The rule registered here
+    (:func:`swallow_titan.runtime.device.cpu_flash_attention_shardings`) keeps
+    every tensor on its heads shard, or all replicated. Called by the Qwen3
+    parallelisation when tensor parallelism runs without a GPU (CUDA's kernels
+    have torch's own rules). Idempotent; returns whether this call registered it.
+    """
+    global _CPU_ATTENTION_SHARDING_REGISTERED
+    if _CPU_ATTENTION_SHARDING_REGISTERED:
+        return False
+    from torch.distributed.tensor.experimental import register_sharding
+
+    from swallow_titan.runtime.device import (
+        cpu_flash_attention_backward_shardings,
+        cpu_flash_attention_shardings,
+    )
+
+    aten = torch.ops.aten
+    register_sharding(aten._scaled_dot_product_flash_attention_for_cpu.default)(
+        cpu_flash_attention_shardings
+    )
+    register_sharding(aten._scaled_dot_product_flash_attention_for_cpu_backward.default)(
+        cpu_flash_attention_backward_shardings
+    )
+    _CPU_ATTENTION_SHARDING_REGISTERED = True
+    return True
 
 
 def use_cpu_profiler_in_stock_trainer() -> None:
