@@ -931,32 +931,6 @@ def _fake_process_group(opts: SimulationOptions) -> Iterator[None]:
             dist.destroy_process_group()
 
 
-def _explain_replay_mismatch(error: RuntimeError, config, source: str) -> None:
-    """Turn selective AC's replay mismatch under expert parallelism into a config error.
-
-    With ``selective_ac_option = "op"`` and expert parallelism, the experts'
-    own FSDP group all-gathers inside a block's recomputation but not inside
-    its forward, and torch's selective checkpointing refuses the backward
-    (upstream torchtitan issue #3427). A real run fails the same way (a
-    2-process gloo run of the tiny MoE does), so this is the config's problem,
-    not the simulation's.
-    """
-    ac = config.activation_checkpoint
-    if (
-        "not found in storage" in str(error)
-        and config.parallelism.expert_parallel_degree > 1
-        and ac.mode == "selective"
-    ):
-        raise ConfigError(
-            f"{source}: activation_checkpoint.mode = 'selective' (selective_ac_option = "
-            f"{ac.selective_ac_option!r}) with parallelism.expert_parallel_degree = "
-            f"{config.parallelism.expert_parallel_degree}: the backward fails (selective "
-            "checkpointing cannot replay the experts' FSDP all-gather; torchtitan issue "
-            "#3427; a real run fails the same way). Use activation_checkpoint.mode = 'full' "
-            "or expert_parallel_degree = 1"
-        ) from error
-
-
 def measure(config, opts: SimulationOptions, source: str, layers: int | None) -> SimulationResult:
     """One simulation of ``config`` (with ``layers`` blocks when given); ``config``
     itself is left as it was."""
@@ -1032,11 +1006,7 @@ def measure(config, opts: SimulationOptions, source: str, layers: int | None) ->
                         # the optimizer state).
                         recorder.clear()
                         with recorder, counts:
-                            try:
-                                trainer.train_step(data)
-                            except RuntimeError as e:
-                                _explain_replay_mismatch(e, config, source)
-                                raise
+                            trainer.train_step(data)
                 state = state_bytes(trainer)
                 simulated_accum = trainer.gradient_accumulation_steps
                 loader = trainer.dataloader

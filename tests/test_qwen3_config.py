@@ -78,3 +78,19 @@ def test_experts_split_over_tensor_parallel_ranks_need_one_sequence_per_micro_ba
     assert "training.local_batch_size = 8" in message, message  # the config's
     config = load_job_config(TINY_CONFIG, [*moe_tp_ep, "--training.local_batch_size", "1"])
     assert check_job_config(config, 2, str(TINY_CONFIG)).tp == 2
+
+
+def test_per_op_selective_checkpointing_with_expert_parallelism_is_refused(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    moe_ep = [*QWEN3_RUN, "--model.flavor", "tiny_moe", "--parallelism.data_parallel_shard_degree", "2",
+              "--parallelism.expert_parallel_degree", "2", "--validation.enable", "false"]
+    message = error_of(*moe_ep, "--activation_checkpoint.mode", "selective",
+                       "--activation_checkpoint.selective_ac_option", "op", world_size=2)
+    assert f"{TINY_CONFIG}: activation_checkpoint.selective_ac_option" in message, message
+    assert "expert_parallel_degree = 2" in message and "#3427" in message
+    # What the message offers instead passes: full AC, or every second layer.
+    for ac in (["--activation_checkpoint.mode", "full"],
+               ["--activation_checkpoint.mode", "selective",
+                "--activation_checkpoint.selective_ac_option", "2"]):
+        config = load_job_config(TINY_CONFIG, [*moe_ep, *ac])
+        assert check_job_config(config, 2, str(TINY_CONFIG)).dp_shard == 2

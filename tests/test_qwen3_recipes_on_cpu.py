@@ -22,19 +22,23 @@ from test_recipe_on_cpu import DEVICE_BOUND, SIZES_AND_PATHS, recipe_with_local_
 pytestmark = [pytest.mark.slow]
 
 RECIPES = {
-    # recipe -> (tiny flavor, overrides for a 1-process CPU run)
-    "qwen3_swallow_8b": ("tiny", []),
-    "qwen3_swallow_30b_a3b": ("tiny_moe", ["--parallelism.expert_parallel_degree", "1"]),
+    # recipe -> (tiny flavor, processes, overrides for the CPU run). The MoE
+    # recipe runs on 2 processes with EP 2 (its EP 8 over the processes there
+    # are): its activation checkpointing must work with expert parallelism,
+    # which a 1-process run (EP 1) would not show.
+    "qwen3_swallow_8b": ("tiny", 1, []),
+    "qwen3_swallow_30b_a3b": ("tiny_moe", 2, ["--parallelism.expert_parallel_degree", "2"]),
 }
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_qwen3_recipe_trains_with_only_sizes_paths_and_device_options_changed(tmp_path, name):
-    flavor, overrides = RECIPES[name]
+    flavor, nproc, overrides = RECIPES[name]
     config = recipe_with_local_data(tmp_path, REPO / "train_configs" / f"{name}.toml")
     sizes = [v if v != "tiny" else flavor for v in SIZES_AND_PATHS]
     run = run_training(
         tmp_path / "run", *sizes, *DEVICE_BOUND, *overrides, config=config, fast=False,
+        nproc=nproc,
     ).check()
     assert sorted(run.losses) == [1, 2, 3]
     assert all(math.isfinite(v) for v in run.losses.values())

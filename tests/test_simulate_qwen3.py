@@ -113,12 +113,11 @@ def test_sharded_state_matches_arithmetic(flavor, ngpu, rank, overrides):
 
 # Rank 0's simulated peak in bytes at 8 x 8 (python -m swallow_titan.simulate
 # CONFIG --ngpu 8 --nnodes 8 --layers 1 2 [overrides], docs/simulate.md).
-# Recorded, not rerun here (40 s to 2 minutes each). The shipped 30B-A3B
-# option set (selective op AC with EP 8) does not run in torchtitan 0.2.2
-# (docs/simulate.md), so its row is simulated with full AC.
+# Recorded, not rerun here (40 s to 2 minutes each). The 30B-A3B recipe's
+# full AC (per-op selective AC with EP is refused, docs/simulate.md).
 RECORDED_PEAKS = [
     ("qwen3_swallow_8b.toml", [], 64_194_238_844),
-    ("qwen3_swallow_30b_a3b.toml", ["--activation_checkpoint.mode", "full"], 42_322_171_748),
+    ("qwen3_swallow_30b_a3b.toml", [], 42_322_171_748),
     # Llama's recipe with torchtitan's loss instead of the fused one: the same
     # non-fused loss term as both Qwen3 recipes.
     ("swallow_8b_v05.toml", ["--kernels.loss", "torch"], 57_538_653_732),
@@ -142,9 +141,9 @@ def test_formula_within_3_percent_of_recorded_simulations(recipe, overrides, sim
 
 
 def test_selective_op_ac_with_expert_parallelism_is_refused_naming_the_fields():
-    """The 30B-A3B recipe's AC (selective, per op) with EP fails in backward in
-    torchtitan 0.2.2 -- in a real run too -- and the simulation says so as a
-    config error instead of a replay-mismatch traceback."""
+    """Per-op selective AC with EP fails in backward in torchtitan 0.2.2 -- in a
+    real run too -- and the simulation refuses it up front (the preflight's
+    structure check) instead of a replay-mismatch traceback."""
     from swallow_titan.config.errors import ConfigError
 
     config = _config(

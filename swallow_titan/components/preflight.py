@@ -190,6 +190,23 @@ def _check_qwen3(config, args: Any, layout: Layout, source: str) -> None:
             f"{local_batch}); use expert parallelism over data-parallel ranks only "
             "(tensor_parallel_degree 1), or training.local_batch_size = 1",
         )
+    ac = config.activation_checkpoint
+    if ep > 1 and ac.mode == "selective" and ac.selective_ac_option == "op":
+        # Per-op selective checkpointing replays a block's ops in backward by
+        # count; the experts' own FSDP group all-gathers inside the
+        # recomputation but not inside the forward, so the replay finds an
+        # all-gather it never stored and the backward stops (torchtitan issue
+        # #3427; a 2-process gloo run of tiny_moe with EP 2 fails so). It is
+        # FSDP's hook order, not the device: GPUs are affected the same way.
+        raise config_error(
+            source,
+            "activation_checkpoint.selective_ac_option",
+            f"'op' (activation_checkpoint.mode = 'selective') with "
+            f"parallelism.expert_parallel_degree = {ep}: the backward fails, per-op "
+            "selective checkpointing cannot replay the experts' FSDP all-gather "
+            "(torchtitan issue #3427); use activation_checkpoint.mode = 'full', a "
+            "layer count for selective_ac_option, or expert_parallel_degree = 1",
+        )
     if ep > 1 and not is_moe(args):
         raise config_error(
             source,
