@@ -5,7 +5,8 @@ code (mixture schedule, slot assignment, lane resume state, checkpoint
 integrity and publication, start rule, guard, RMSNorm and fused-loss kernels and
 their autograd, HF weight mapping and RoPE settings, the run log; and the
 edges of the data path, metrics, validation, pre-emption, export and model
-card, in a block of its own) with a
+card, in a block of its own; Qwen3's HF mapping, auxiliary loss, CPU
+attention rule and preflight) with a
 plausible wrong version, in a scratch copy of the repository (never in the
 working tree), and runs the tests that should catch it. A mutation whose tests
 still pass "survived": the table says so and the script exits 1.
@@ -609,6 +610,54 @@ EVAL_MUTATIONS: tuple[Mutation, ...] = (
     ),
 )
 MUTATIONS = MUTATIONS + EVAL_MUTATIONS
+
+# ------------------------------------------------------------ Qwen3 (issue 20)
+QWEN3_HF = ("tests/test_qwen3_hf.py",)
+QWEN3_AUX = ("tests/test_qwen3_moe.py", "-k", "auxiliary_loss_is or reaches_the_routers")
+QWEN3_TP_ATTENTION = ("tests/test_qwen3_moe.py", "-k", "attention_and_router")
+QWEN3_CONFIG = ("tests/test_qwen3_config.py",)
+
+QWEN3_MUTATIONS: tuple[Mutation, ...] = (
+    Mutation(
+        "qwen3-hf-head-dim-from-hidden", "swallow_titan/hf/qwen3_config.py",
+        'head_dim = config.get("head_dim") or dim // n_heads', "head_dim = dim // n_heads",
+        QWEN3_HF, "head_dim derived from hidden / heads (Qwen3 decouples it)",
+    ),
+    Mutation(
+        "qwen3-hf-norm-topk-ignored", "swallow_titan/hf/qwen3_config.py",
+        'route_norm=bool(config.get("norm_topk_prob", False)),', "route_norm=False,",
+        QWEN3_HF, "norm_topk_prob dropped: the top-k routing weights are not renormalised",
+    ),
+    Mutation(
+        "qwen3-export-never-tied", "swallow_titan/hf/qwen3_config.py",
+        '"tie_word_embeddings": bool(args.enable_weight_tying),', '"tie_word_embeddings": False,',
+        QWEN3_HF, "the export of a tied model says untied (transformers then has no lm_head)",
+    ),
+    Mutation(
+        "qwen3-aux-loss-without-expert-factor", "swallow_titan/model/qwen3.py",
+        "return num_experts * (slots * probs.mean(dim=0)).sum()",
+        "return (slots * probs.mean(dim=0)).sum()",
+        QWEN3_AUX, "the auxiliary loss misses transformers' num_experts factor",
+    ),
+    Mutation(
+        "qwen3-aux-gradient-unweighted", "swallow_titan/model/qwen3.py",
+        "aux_grad = torch.full(ctx.aux_shape, ctx.weight,",
+        "aux_grad = torch.full(ctx.aux_shape, 1.0,",
+        QWEN3_AUX, "the auxiliary loss's gradient is not scaled by its coefficient",
+    ),
+    Mutation(
+        "qwen3-cpu-attention-split-on-sequence", "swallow_titan/runtime/device.py",
+        "return [every(Shard(1)), every(Replicate())]", "return [every(Shard(2)), every(Replicate())]",
+        QWEN3_TP_ATTENTION, "TP attention on CPU split by sequence (each rank sees half the keys)",
+    ),
+    Mutation(
+        "qwen3-op-ac-with-ep-accepted", "swallow_titan/components/preflight.py",
+        'if ep > 1 and ac.mode == "selective" and ac.selective_ac_option == "op":',
+        'if ep > 1 and ac.mode == "selective" and ac.selective_ac_option == "ops":',
+        QWEN3_CONFIG, "per-op selective AC with EP (fails in backward) is not refused",
+    ),
+)
+MUTATIONS = MUTATIONS + QWEN3_MUTATIONS
 
 
 def scratch_copy() -> Path:

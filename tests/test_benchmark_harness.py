@@ -12,7 +12,10 @@ from support import REPO
 
 pytestmark = pytest.mark.slow
 
-SMOKE_CONFIGS = "stock,bf16,bf16+kernels,fp8+kernels"
+# Stock torchtitan, ours with kernels, ours with float8 and kernels: each kind
+# of configuration the harness builds (plain "bf16" is "bf16+kernels" with the
+# kernels off; left out to keep CI under 30 minutes).
+SMOKE_CONFIGS = "stock,bf16+kernels,fp8+kernels"
 
 
 def test_cpu_smoke_reports_every_configuration_and_a_profile(tmp_path):
