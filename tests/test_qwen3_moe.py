@@ -125,6 +125,19 @@ FSDP2_EP2 = ["--parallelism.data_parallel_shard_degree", "2",
 CHECKPOINT_AT_2 = ["--checkpoint.enable", "true", "--checkpoint.interval", "2"]
 
 
+def assert_one_process_losses(result, one_process) -> None:
+    """Losses and auxiliary losses of a 2-process layout equal the one process's.
+
+    Step 1 is the HF model's loss; later steps differ only in the order of
+    gradient sums (the Llama layouts' bound). Routing is discrete, but a
+    flipped expert choice would move the loss by far more than this.
+    """
+    assert result.losses[1] == pytest.approx(one_process.losses[1], rel=1e-6)
+    assert result.losses == pytest.approx(one_process.losses, rel=1e-4)
+    assert series(result.history, "moe/aux_loss") == pytest.approx(
+        series(one_process.history, "moe/aux_loss"), rel=1e-4)
+
+
 @pytest.fixture(scope="module")
 def fsdp2_ep2(hf_moe, tmp_path_factory):
     dump = tmp_path_factory.mktemp("moe") / "fsdp2_ep2"
@@ -138,13 +151,7 @@ def fsdp2_ep2(hf_moe, tmp_path_factory):
 def test_fsdp2_ep2_gives_the_one_process_losses(fsdp2_ep2, one_process):
     _, result = fsdp2_ep2
     assert "Applied FSDP to the model" in result.output
-    # Step 1 is the HF model's loss; later steps differ only in the order of
-    # gradient sums (the Llama layouts' bound). Routing is discrete, but a
-    # flipped expert choice would move the loss by far more than this.
-    assert result.losses[1] == pytest.approx(one_process.losses[1], rel=1e-6)
-    assert result.losses == pytest.approx(one_process.losses, rel=1e-4)
-    assert series(result.history, "moe/aux_loss") == pytest.approx(
-        series(one_process.history, "moe/aux_loss"), rel=1e-4)
+    assert_one_process_losses(result, one_process)
 
 
 @pytest.mark.slow
@@ -157,10 +164,7 @@ def test_tp2_gives_the_one_process_losses_and_auxiliary_loss(hf_moe, one_process
     assert "Tensor Parallelism to the model" in result.output
     # As FSDP 2 + EP 2 above: the auxiliary gradient, taken once per TP rank on
     # the same tokens, is counted once.
-    assert result.losses[1] == pytest.approx(one_process.losses[1], rel=1e-6)
-    assert result.losses == pytest.approx(one_process.losses, rel=1e-4)
-    assert series(result.history, "moe/aux_loss") == pytest.approx(
-        series(one_process.history, "moe/aux_loss"), rel=1e-4)
+    assert_one_process_losses(result, one_process)
 
 
 @pytest.mark.slow
