@@ -94,3 +94,14 @@ def test_per_op_selective_checkpointing_with_expert_parallelism_is_refused(monke
                 "--activation_checkpoint.selective_ac_option", "2"]):
         config = load_job_config(TINY_CONFIG, [*moe_ep, *ac])
         assert check_job_config(config, 2, str(TINY_CONFIG)).dp_shard == 2
+    # Without expert parallelism per-op selective AC is the recipes' choice, and kept.
+    config = load_job_config(TINY_CONFIG, [*moe_ep, "--parallelism.expert_parallel_degree", "1",
+                                           "--activation_checkpoint.mode", "selective",
+                                           "--activation_checkpoint.selective_ac_option", "op"])
+    assert check_job_config(config, 2, str(TINY_CONFIG)).dp_shard == 2
+    # A dense flavor with EP is told it has no experts first.
+    dense = error_of(*QWEN3_RUN, "--parallelism.data_parallel_shard_degree", "2",
+                     "--parallelism.expert_parallel_degree", "2", "--validation.enable", "false",
+                     "--activation_checkpoint.mode", "selective",
+                     "--activation_checkpoint.selective_ac_option", "op", world_size=2)
+    assert "is dense" in dense, dense

@@ -190,6 +190,18 @@ def _check_qwen3(config, args: Any, layout: Layout, source: str) -> None:
             f"{local_batch}); use expert parallelism over data-parallel ranks only "
             "(tensor_parallel_degree 1), or training.local_batch_size = 1",
         )
+    if ep > 1 and not is_moe(args):
+        raise config_error(
+            source,
+            "parallelism.expert_parallel_degree",
+            f"{ep}, but flavor {config.model.flavor!r} is dense (no experts); use 1",
+        )
+    if is_moe(args) and args.moe_args.num_experts % ep:
+        raise config_error(
+            source,
+            "parallelism.expert_parallel_degree",
+            f"{ep} does not divide the flavor's {args.moe_args.num_experts} experts",
+        )
     ac = config.activation_checkpoint
     if ep > 1 and ac.mode == "selective" and ac.selective_ac_option == "op":
         # Per-op selective checkpointing replays a block's ops in backward by
@@ -206,18 +218,6 @@ def _check_qwen3(config, args: Any, layout: Layout, source: str) -> None:
             "selective checkpointing cannot replay the experts' FSDP all-gather "
             "(torchtitan issue #3427); use activation_checkpoint.mode = 'full', a "
             "layer count for selective_ac_option, or expert_parallel_degree = 1",
-        )
-    if ep > 1 and not is_moe(args):
-        raise config_error(
-            source,
-            "parallelism.expert_parallel_degree",
-            f"{ep}, but flavor {config.model.flavor!r} is dense (no experts); use 1",
-        )
-    if is_moe(args) and args.moe_args.num_experts % ep:
-        raise config_error(
-            source,
-            "parallelism.expert_parallel_degree",
-            f"{ep} does not divide the flavor's {args.moe_args.num_experts} experts",
         )
 
 
